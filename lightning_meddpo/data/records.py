@@ -1,0 +1,218 @@
+"""Preference records: parsing and validation of the paper's released format (DESIGN.md §5).
+
+A record becomes a `PreferenceRecord`; every problem is a `RecordError` naming the file, the line or
+index, the record id and the field. Nothing is dropped or changed silently: records missing the
+`<image>` placeholder get one inserted and are counted in the `ReadReport`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+IMAGE_TOKEN = "<image>"
+HUMAN_ROLES = {"human", "user"}
+GPT_ROLES = {"gpt", "assistant"}
+
+
+class RecordError(ValueError):
+    """A record that cannot be used, with where it came from and which field is wrong."""
+
+    def __init__(self, source: str, record_id: str | None, field_name: str, problem: str):
+        self.source, self.record_id, self.field_name, self.problem = source, record_id, field_name, problem
+        rid = f" id={record_id!r}" if record_id is not None else ""
+        super().__init__(f"{source}{rid}: field {field_name!r}: {problem}")
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: Literal["human", "gpt"]
+    text: str
+
+
+@dataclass(frozen=True)
+class PreferenceRecord:
+    """One preference pair. `prompt` holds every turn before the final response."""
+
+    id: str
+    image: Path  # absolute path, checked to lie inside the image root
+    prompt: tuple[Turn, ...]
+    chosen: str
+    rejected: str
+    rejected_image: Path | None = None
+    weighted_score: float | None = None
+    pair_type: Literal["text", "image"] = "text"
+    source: str = ""
+    meta: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+
+@dataclass
+class ReadReport:
+    """What reading a file did: counts by outcome, so nothing happens unseen."""
+
+    read: int = 0
+    placeholder_inserted: int = 0
+    skipped: Counter = field(default_factory=Counter)  # reason -> count (only in skip mode)
+    errors: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = [f"{self.read} records read"]
+        if self.placeholder_inserted:
+            parts.append(f"{self.placeholder_inserted} had no {IMAGE_TOKEN} placeholder (inserted)")
+        for reason, n in sorted(self.skipped.items()):
+            parts.append(f"{n} skipped: {reason}")
+        return "; ".join(parts)
+
+
+def load_json_records(path: Path) -> list[tuple[str, Any]]:
+    """Raw records of a JSON array or JSONL file, each with a source label 'file:line' or 'file[i]'."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl" or not text.lstrip().startswith("["):
+        out = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                out.append((f"{path}:{lineno}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                out.append((f"{path}:{lineno}", RecordError(f"{path}:{lineno}", None, "<line>", f"malformed JSON: {e}")))
+        return out
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RecordError(str(path), None, "<file>", f"malformed JSON: {e}") from e
+    if not isinstance(data, list):
+        raise RecordError(str(path), None, "<file>", "expected a JSON array of records or JSONL")
+    return [(f"{path}[{i}]", rec) for i, rec in enumerate(data)]
+
+
+def resolve_image(image_root: Path, value: Any, source: str, record_id: str, field_name: str) -> Path:
+    """An image path inside the image root that exists; anything else is a RecordError."""
+    if not isinstance(value, str) or not value.strip():
+        raise RecordError(source, record_id, field_name, f"expected an image path, got {value!r}")
+    rel = Path(value)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise RecordError(source, record_id, field_name, f"image path {value!r} escapes the image root")
+    path = (image_root / rel).resolve()
+    if not path.is_file():
+        raise RecordError(source, record_id, field_name, f"image file not found: {path}")
+    return path
+
+
+def _parse_turns(raw: Any, source: str, record_id: str, field_name: str) -> list[Turn]:
+    if not isinstance(raw, list) or not raw:
+        raise RecordError(source, record_id, field_name, "expected a non-empty list of turns")
+    turns = []
+    for i, t in enumerate(raw):
+        if not isinstance(t, dict) or "from" not in t or "value" not in t:
+            raise RecordError(source, record_id, f"{field_name}[{i}]", "expected {'from': ..., 'value': ...}")
+        role = str(t["from"]).lower()
+        if role in HUMAN_ROLES:
+            role = "human"
+        elif role in GPT_ROLES:
+            role = "gpt"
+        else:
+            raise RecordError(source, record_id, f"{field_name}[{i}].from", f"unknown role {t['from']!r}")
+        if not isinstance(t["value"], str):
+            raise RecordError(source, record_id, f"{field_name}[{i}].value", "expected a string")
+        turns.append(Turn(role, t["value"]))
+    if turns[-1].role != "gpt":
+        raise RecordError(source, record_id, field_name, "the last turn must be a gpt turn (the response)")
+    if not turns[-1].text.strip():
+        raise RecordError(source, record_id, field_name, "the response (last gpt turn) is empty")
+    if not any(t.role == "human" for t in turns[:-1]):
+        raise RecordError(source, record_id, field_name, "no human turn before the response")
+    return turns
+
+
+def with_image_placeholder(prompt: list[Turn]) -> tuple[tuple[Turn, ...], bool]:
+    """Ensure exactly one `<image>` in the prompt; insert it before the first human turn if absent."""
+    count = sum(t.text.count(IMAGE_TOKEN) for t in prompt)
+    if count > 1:
+        raise ValueError(f"{count} {IMAGE_TOKEN} placeholders; one image per pair is supported")
+    if count == 1:
+        return tuple(prompt), False
+    first = next(i for i, t in enumerate(prompt) if t.role == "human")
+    fixed = list(prompt)
+    fixed[first] = Turn("human", f"{IMAGE_TOKEN}\n{prompt[first].text}")
+    return tuple(fixed), True
+
+
+def parse_paper_record(raw: Any, source: str, image_root: Path) -> tuple[PreferenceRecord, bool]:
+    """Parse one record of the paper's format. Returns the record and whether a placeholder was inserted."""
+    if not isinstance(raw, dict):
+        raise RecordError(source, None, "<record>", f"expected a JSON object, got {type(raw).__name__}")
+    rid = raw.get("id")
+    if rid is None or (isinstance(rid, str) and not rid.strip()):
+        raise RecordError(source, None, "id", "missing")
+    rid = str(rid)
+    for name in ("image", "conversations", "rejected_conversations"):
+        if name not in raw:
+            raise RecordError(source, rid, name, "missing")
+    chosen_turns = _parse_turns(raw["conversations"], source, rid, "conversations")
+    rejected_turns = _parse_turns(raw["rejected_conversations"], source, rid, "rejected_conversations")
+    if [t.text.replace(IMAGE_TOKEN, "").strip() for t in chosen_turns[:-1]] != [
+        t.text.replace(IMAGE_TOKEN, "").strip() for t in rejected_turns[:-1]
+    ]:
+        raise RecordError(source, rid, "rejected_conversations", "its prompt turns differ from conversations'")
+    try:
+        prompt, inserted = with_image_placeholder(chosen_turns[:-1])
+    except ValueError as e:
+        raise RecordError(source, rid, "conversations", str(e)) from e
+    image = resolve_image(image_root, raw["image"], source, rid, "image")
+    rejected_image = None
+    if raw.get("rejected_image") is not None:
+        rejected_image = resolve_image(image_root, raw["rejected_image"], source, rid, "rejected_image")
+    score = raw.get("weighted_score")
+    if score is not None:
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+            raise RecordError(source, rid, "weighted_score", f"expected a finite number, got {score!r}")
+        score = float(score)
+    chosen, rejected = chosen_turns[-1].text, rejected_turns[-1].text
+    pair_type = raw.get("pair_type") or ("image" if rejected_image is not None and chosen == rejected else "text")
+    if pair_type not in ("text", "image"):
+        raise RecordError(source, rid, "pair_type", f"expected 'text' or 'image', got {pair_type!r}")
+    if pair_type == "image" and rejected_image is None:
+        raise RecordError(source, rid, "rejected_image", "an image-rejected pair needs a rejected_image")
+    if chosen.strip() == rejected.strip() and pair_type == "text":
+        raise RecordError(source, rid, "rejected_conversations", "the rejected response equals the chosen one")
+    meta = {k: v for k, v in raw.items() if k not in {
+        "id", "image", "conversations", "rejected_conversations", "rejected_image", "weighted_score", "pair_type"}}
+    record = PreferenceRecord(
+        id=rid, image=image, prompt=prompt, chosen=chosen, rejected=rejected, rejected_image=rejected_image,
+        weighted_score=score, pair_type=pair_type, source=source, meta=meta,
+    )
+    return record, inserted
+
+
+def read_preference_file(
+    path: str | Path, image_root: str | Path | None = None, *, skip_invalid: bool = False
+) -> tuple[list[PreferenceRecord], ReadReport]:
+    """Read and validate a preference file. Errors raise unless skip_invalid, which counts and reports them."""
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    report = ReadReport()
+    records: list[PreferenceRecord] = []
+    seen: dict[str, str] = {}
+    for source, raw in load_json_records(path):
+        try:
+            if isinstance(raw, RecordError):
+                raise raw
+            record, inserted = parse_paper_record(raw, source, root)
+            if record.id in seen:
+                raise RecordError(source, record.id, "id", f"duplicate of the record at {seen[record.id]}")
+            seen[record.id] = source
+        except RecordError as e:
+            if not skip_invalid:
+                raise
+            report.skipped[f"field {e.field_name}: {e.problem.split(':')[0]}"] += 1
+            report.errors.append(str(e))
+            continue
+        report.read += 1
+        report.placeholder_inserted += inserted
+        records.append(record)
+    return records, report
