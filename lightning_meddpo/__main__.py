@@ -1,0 +1,5 @@
+"""`python -m lightning_meddpo ...` runs the CLI."""
+
+from lightning_meddpo.cli import main
+
+main()

@@ -1,0 +1,127 @@
+"""The tiny offline backbone: a real LLaVA-architecture model small enough to train on a laptop CPU.
+
+CLIP vision tower + Llama / Mistral / Qwen2 text model, built from config, with a BPE tokenizer
+trained in-process on the demo corpus and a LlavaProcessor. It is saved to disk and always loaded
+back through `from_pretrained`, so the demo and the tests run the same code path as a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+from lightning_meddpo.backbones.templates import get_chat_template
+
+TINY_SCHEME = "tiny://"
+TEXT_CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+BUILD_VERSION = 1  # bump when the tiny build changes, so cached builds are redone
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("LIGHTNING_MEDDPO_CACHE", Path.home() / ".cache" / "lightning_meddpo"))
+
+
+def train_tokenizer(corpus: list[str], vocab_size: int = 600) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on `corpus`, with `<image>` as a special token."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([*corpus, "USER: ASSISTANT:"], trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        extra_special_tokens=["<image>"], chat_template=get_chat_template("tiny"),
+    )
+
+
+def build_tiny_backbone(
+    out_dir: str | Path,
+    *,
+    text_model: str = "llama",
+    image_size: int = 32,
+    patch_size: int = 8,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    corpus: list[str] | None = None,
+    seed: int = 0,
+) -> Path:
+    """Build, initialise (seeded) and save a tiny LLaVA model and its processor to `out_dir`."""
+    if text_model not in TEXT_CONFIGS:
+        raise ValueError(f"unknown tiny text model {text_model!r}; known: {sorted(TEXT_CONFIGS)}")
+    if corpus is None:
+        from lightning_meddpo.data.synthetic import demo_corpus
+
+        corpus = demo_corpus()
+    tokenizer = train_tokenizer(corpus)
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=get_chat_template("tiny"),
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=image_size, patch_size=patch_size, projection_dim=32,
+    )
+    text = TEXT_CONFIGS[text_model](
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=(image_size // patch_size) ** 2, vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def resolve_tiny(spec: str, cache_dir: str | Path | None = None) -> Path:
+    """Turn `tiny://<text_model>` into a built directory, building it once (atomically) if needed."""
+    text_model = spec.removeprefix(TINY_SCHEME) or "llama"
+    key = hashlib.sha256(json.dumps([BUILD_VERSION, text_model]).encode()).hexdigest()[:10]
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "backbones"
+    target = root / f"tiny-{text_model}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
+    try:
+        build_tiny_backbone(tmp, text_model=text_model)
+        try:
+            os.rename(tmp, target)  # atomic; another process may have won the race
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

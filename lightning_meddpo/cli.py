@@ -1,0 +1,59 @@
+"""LightningCLI entry point: `python -m lightning_meddpo fit|validate|test --config ...`.
+
+The module is chosen by class_path (SFT, DPO, ...); the DataModule by class_path too. The model's
+processor is linked into the DataModule at instantiation, so data and model always agree on the
+tokenizer and image preprocessing.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_meddpo.modules.base import PreferenceModule
+
+TRAINER_DEFAULTS = {
+    "default_root_dir": "runs",
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": "runs", "name": "default"},
+    },
+    "callbacks": [
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {
+                "monitor": "val/rewards/accuracies",
+                "mode": "max",
+                "save_last": True,
+                "save_top_k": 1,
+                "filename": "best-{epoch}-{step}",
+                "auto_insert_metric_name": False,
+            },
+        },
+    ],
+}
+
+
+class MedDPOCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.processor", "data.init_args.processor", apply_on="instantiate")
+
+
+def main(args: list[str] | None = None) -> MedDPOCLI:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return MedDPOCLI(
+        PreferenceModule,
+        None,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        auto_configure_optimizers=False,
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,33 @@
+"""SFT: supervised fine-tuning on the chosen response, the paper's baseline."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from lightning_meddpo.data.batch import PreferenceBatch
+from lightning_meddpo.losses import nll_loss
+from lightning_meddpo.modules.base import PreferenceModule
+
+
+class SFT(PreferenceModule):
+    """Length-normalised NLL of the chosen response. No reference model.
+
+    The rejected response is scored too (same forward) so SFT runs log the same preference
+    accuracy as DPO runs: how often the model prefers chosen to rejected, per token.
+    """
+
+    def __init__(self, *, reference: str = "none", **kwargs):
+        super().__init__(reference=reference, **kwargs)
+
+    def compute_loss(self, batch: PreferenceBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        logps = self.policy.logps(batch, self.views)
+        tokens = self.policy.tokens(batch, self.views)
+        loss = nll_loss(logps["chosen"], tokens["chosen"]).mean()
+        chosen_norm = (logps["chosen"] / tokens["chosen"].clamp(min=1)).detach()
+        rejected_norm = (logps["rejected"] / tokens["rejected"].clamp(min=1)).detach()
+        return loss, {
+            "logps/chosen": logps["chosen"].detach(),
+            "logps/rejected": logps["rejected"].detach(),
+            "rewards/accuracies": (chosen_norm > rejected_norm).float(),
+            "rewards/margins": chosen_norm - rejected_norm,
+        }
