@@ -14,26 +14,9 @@ from lightning.pytorch.cli import LightningCLI
 
 from lightning_meddpo.modules.base import PreferenceModule
 
-TRAINER_DEFAULTS = {
-    "default_root_dir": "runs",
-    "logger": {
-        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": "runs", "name": "default"},
-    },
-    "callbacks": [
-        {
-            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-            "init_args": {
-                "monitor": "val/rewards/accuracies",
-                "mode": "max",
-                "save_last": True,
-                "save_top_k": 1,
-                "filename": "best-{epoch}-{step}",
-                "auto_insert_metric_name": False,
-            },
-        },
-    ],
-}
+# Logger and checkpointing live in the configs (configs/*/base_trainer.yaml) so they stay configurable;
+# without a config, Lightning's own defaults (TensorBoard) write under runs/.
+TRAINER_DEFAULTS = {"default_root_dir": "runs"}
 
 
 class MedDPOCLI(LightningCLI):

@@ -88,7 +88,8 @@ class PreferenceDataModule(L.LightningDataModule):
         val_file: records for validation; if absent, `val_fraction` of train_file is split off (seeded).
         test_file: records for `test`.
         image_root: directory image paths are relative to (default: each file's directory).
-        demo: generate the synthetic demo dataset into the files' directory if it is missing.
+        demo: generate the synthetic demo dataset into the files' directory if it is missing;
+            a dict passes sizes to it (n_train, n_val, n_test, image_pair_fraction, ...).
         max_length: tokens per sequence; responses are truncated from the end, image tokens never.
         corruption: on-the-fly corruption for m' when a record has no rejected_image (e.g. "crop").
         skip_invalid: count and report invalid records instead of raising on the first.
@@ -108,7 +109,7 @@ class PreferenceDataModule(L.LightningDataModule):
         image_placeholder: str | None = None,
         corruption: str | dict | None = None,
         skip_invalid: bool = False,
-        demo: bool = False,
+        demo: bool | dict[str, Any] = False,
         seed: int = 0,
         processor: Any = None,
     ):
@@ -123,7 +124,8 @@ class PreferenceDataModule(L.LightningDataModule):
         if self.hparams.demo:
             from lightning_meddpo.data.synthetic import ensure_demo_dataset
 
-            ensure_demo_dataset(Path(self.hparams.train_file).parent, seed=self.hparams.seed)
+            options = self.hparams.demo if isinstance(self.hparams.demo, dict) else {}
+            ensure_demo_dataset(Path(self.hparams.train_file).parent, **{"seed": self.hparams.seed, **options})
 
     def _read(self, path: str) -> list[PreferenceRecord]:
         records, report = read_preference_file(path, self.hparams.image_root, skip_invalid=self.hparams.skip_invalid)
