@@ -30,12 +30,27 @@ from torch import Tensor
 
 DPO_LOSS_TYPES: dict[str, Callable[..., Tensor]] = {}
 
+# Config name -> loss function of log-probs. DPO-family types are added by `register_dpo_loss` (as
+# `dpo_loss` with `loss_type` bound); the other losses at the end of this module.
+LOSSES: dict[str, Callable[..., Tensor]] = {}
+
+
+def _dpo_with_type(name: str) -> Callable[..., Tensor]:
+    def bound(*args: Tensor, **kwargs: object) -> Tensor:
+        return dpo_loss(*args, loss_type=name, **kwargs)  # type: ignore[arg-type]
+
+    bound.__name__ = bound.__qualname__ = f"dpo_loss[{name}]"
+    bound.__doc__ = f"`dpo_loss(..., loss_type={name!r})`: see `DPO_LOSS_TYPES[{name!r}]`."
+    return bound
+
 
 def register_dpo_loss(name: str) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
-    """Register a DPO-family loss `f(logits, *, beta, ...) -> per-sample loss` under `name`."""
+    """Register a DPO-family loss `f(logits, *, beta, ...) -> per-sample loss` under `name`
+    (and `dpo_loss` with that `loss_type` under the same name in `LOSSES`)."""
 
     def wrap(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
         DPO_LOSS_TYPES[name] = fn
+        LOSSES[name] = _dpo_with_type(name)
         return fn
 
     return wrap
@@ -50,6 +65,21 @@ def _require(value: Tensor | None, name: str, loss_type: str) -> Tensor:
     if value is None:
         raise ValueError(f"loss_type {loss_type!r} needs `{name}` (got None)")
     return value
+
+
+def _log_ratios(
+    loss_type: str,
+    policy_chosen: Tensor | None,
+    policy_rejected: Tensor | None,
+    reference_chosen: Tensor | None,
+    reference_rejected: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """(h_w, h_l) = per-side policy-minus-reference log-ratios, all four inputs required."""
+    pc = _require(policy_chosen, "policy_chosen", loss_type)
+    pr = _require(policy_rejected, "policy_rejected", loss_type)
+    rc = _require(reference_chosen, "reference_chosen", loss_type)
+    rr = _require(reference_rejected, "reference_rejected", loss_type)
+    return pc - rc, pr - rr
 
 
 def _check_label_smoothing(label_smoothing: float, loss_type: str, *, open_upper: bool = False) -> None:
@@ -168,8 +198,8 @@ def nca_pair_loss(
     r = beta h rather than the margin, so the chosen likelihood is not pushed down:
         -log sigma(r_w) - 0.5 log sigma(-r_w) - 0.5 log sigma(-r_l).
     """
-    r_w = beta * (_require(policy_chosen, "policy_chosen", "nca_pair") - _require(reference_chosen, "reference_chosen", "nca_pair"))
-    r_l = beta * (_require(policy_rejected, "policy_rejected", "nca_pair") - _require(reference_rejected, "reference_rejected", "nca_pair"))
+    h_w, h_l = _log_ratios("nca_pair", policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    r_w, r_l = beta * h_w, beta * h_l
     return -F.logsigmoid(r_w) - 0.5 * F.logsigmoid(-r_w) - 0.5 * F.logsigmoid(-r_l)
 
 
@@ -192,8 +222,8 @@ def bco_pair_loss(
     cat(r_w, r_l)); being stateful it is NOT kept here: the caller passes it as `bco_delta`
     (default 0, i.e. no baseline). `bco_batch_reward_mean` gives the per-batch value to accumulate.
     """
-    r_w = beta * (_require(policy_chosen, "policy_chosen", "bco_pair") - _require(reference_chosen, "reference_chosen", "bco_pair"))
-    r_l = beta * (_require(policy_rejected, "policy_rejected", "bco_pair") - _require(reference_rejected, "reference_rejected", "bco_pair"))
+    h_w, h_l = _log_ratios("bco_pair", policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    r_w, r_l = beta * h_w, beta * h_l
     delta = bco_delta.detach() if isinstance(bco_delta, Tensor) else bco_delta
     return -F.logsigmoid(r_w - delta) - F.logsigmoid(-(r_l - delta))
 
@@ -228,8 +258,7 @@ def sppo_hard_loss(
     (scaled by 1/beta, TRL's convention with eta = 1/beta):
         (h_w - 1/(2 beta))^2 + (h_l + 1/(2 beta))^2.
     """
-    h_w = _require(policy_chosen, "policy_chosen", "sppo_hard") - _require(reference_chosen, "reference_chosen", "sppo_hard")
-    h_l = _require(policy_rejected, "policy_rejected", "sppo_hard") - _require(reference_rejected, "reference_rejected", "sppo_hard")
+    h_w, h_l = _log_ratios("sppo_hard", policy_chosen, policy_rejected, reference_chosen, reference_rejected)
     return (h_w - 0.5 / beta) ** 2 + (h_l + 0.5 / beta) ** 2
 
 
@@ -279,8 +308,7 @@ def aot_unpaired_loss(
         delta_(k) = sort(h_w)_(k) - sort(h_l)_(k),  loss_(k) = label-smoothed -log sigma(beta delta_(k)).
     Same caveat as `aot`: entries are quantiles, not pairs. TRL's `aot_unpaired` (formerly `aot_pair`).
     """
-    h_w = _require(policy_chosen, "policy_chosen", "aot_unpaired") - _require(reference_chosen, "reference_chosen", "aot_unpaired")
-    h_l = _require(policy_rejected, "policy_rejected", "aot_unpaired") - _require(reference_rejected, "reference_rejected", "aot_unpaired")
+    h_w, h_l = _log_ratios("aot_unpaired", policy_chosen, policy_rejected, reference_chosen, reference_rejected)
     chosen_sorted, _ = torch.sort(h_w, dim=0)
     rejected_sorted, _ = torch.sort(h_l, dim=0)
     return _smoothed_logistic(beta * (chosen_sorted - rejected_sorted), label_smoothing)
@@ -301,8 +329,7 @@ def apo_zero_loss(
     outputs are better than the model's: raise chosen, lower rejected likelihood, anchored at zero:
         (1 - sigma(beta h_w)) + sigma(beta h_l).
     """
-    h_w = _require(policy_chosen, "policy_chosen", "apo_zero") - _require(reference_chosen, "reference_chosen", "apo_zero")
-    h_l = _require(policy_rejected, "policy_rejected", "apo_zero") - _require(reference_rejected, "reference_rejected", "apo_zero")
+    h_w, h_l = _log_ratios("apo_zero", policy_chosen, policy_rejected, reference_chosen, reference_rejected)
     return 1 - torch.sigmoid(beta * h_w) + torch.sigmoid(beta * h_l)
 
 
@@ -320,7 +347,9 @@ def apo_down_loss(
     away from the reference point):
         sigma(beta h_w) + (1 - sigma(beta D)).
     """
-    h_w = _require(policy_chosen, "policy_chosen", "apo_down") - _require(reference_chosen, "reference_chosen", "apo_down")
+    h_w = _require(policy_chosen, "policy_chosen", "apo_down") - _require(
+        reference_chosen, "reference_chosen", "apo_down"
+    )
     return torch.sigmoid(beta * h_w) + 1 - torch.sigmoid(beta * margin)
 
 
@@ -386,3 +415,235 @@ def dpo_loss(
 def nll_loss(logps: Tensor, tokens: Tensor) -> Tensor:
     """Length-normalised negative log-likelihood -logp(y)/|y| (the SFT baseline and DPO+NLL term)."""
     return -logps / tokens.clamp(min=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference-free losses
+# --------------------------------------------------------------------------------------------------
+
+
+def simpo_loss(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    chosen_tokens: Tensor,
+    rejected_tokens: Tensor,
+    *,
+    beta: float,
+    gamma: float,
+) -> Tensor:
+    """SimPO (Meng et al. 2024): reference-free, the reward is the length-normalised log-prob and a
+    target margin gamma separates the pair:
+        -log sigma(beta (logp(y_w)/|y_w| - logp(y_l)/|y_l|) - gamma).
+    gamma is the paper's margin in reward units; TRL's `simpo_gamma` is gamma/beta instead
+    (gamma here = beta * TRL's simpo_gamma). Paper ranges: beta 2-10, gamma 0.3-1.6.
+    """
+    avg_w = policy_chosen / chosen_tokens.clamp(min=1)
+    avg_l = policy_rejected / rejected_tokens.clamp(min=1)
+    return -F.logsigmoid(beta * (avg_w - avg_l) - gamma)
+
+
+def cpo_loss(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    chosen_tokens: Tensor,
+    *,
+    beta: float = 0.1,
+    nll_weight: float = 1.0,
+) -> Tensor:
+    """CPO (Xu et al. 2024, "Contrastive Preference Optimization"): DPO with the reference dropped
+    (a uniform reference) plus a behaviour-cloning NLL on the chosen response:
+        -log sigma(beta (logp(y_w) - logp(y_l))) + nll_weight * (-logp(y_w)/|y_w|).
+    Summed log-probs in the preference term (as TRL's CPO sigmoid loss); `beta` is CPO's own
+    (default 0.1, TRL's), `nll_weight` is TRL's `cpo_alpha` (default 1.0, the paper's). The NLL
+    here is per sample, length-normalised (TRL averages over all chosen tokens of the batch).
+    """
+    return -F.logsigmoid(beta * (policy_chosen - policy_rejected)) + nll_weight * nll_loss(
+        policy_chosen, chosen_tokens
+    )
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x < 0, accurate at both ends (Maechler 2012): log(-expm1(x)) near 0,
+    log1p(-exp(x)) for x < -log 2. Each branch is evaluated only where it is finite."""
+    near_zero = x > -math.log(2)
+    a = torch.log(-torch.expm1(torch.where(near_zero, x, torch.full_like(x, -1.0))))
+    b = torch.log1p(-torch.exp(torch.where(near_zero, torch.full_like(x, -1.0), x)))
+    return torch.where(near_zero, a, b)
+
+
+def log_odds(logps: Tensor) -> Tensor:
+    """log(p / (1 - p)) = logp - log(1 - exp(logp)) for a (length-normalised) log-prob logp <= 0.
+
+    logp is clamped to <= -eps(dtype) so that p = 1 (odds infinite) stays finite; computed in at least
+    float32.
+    """
+    x = logps.to(torch.promote_types(logps.dtype, torch.float32))
+    x = x.clamp(max=-torch.finfo(x.dtype).eps)
+    return (x - _log1mexp(x)).to(logps.dtype)
+
+
+def orpo_loss(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    chosen_tokens: Tensor,
+    rejected_tokens: Tensor,
+    *,
+    lam: float = 0.1,
+) -> Tensor:
+    """ORPO (Hong et al. 2024, "Monolithic Preference Optimization without Reference Model"):
+    SFT plus an odds-ratio preference term, with p = exp(logp(y)/|y|) the length-normalised
+    likelihood:
+        -logp(y_w)/|y_w| - lam * log sigma(log odds(y_w) - log odds(y_l)),
+        log odds(y) = logp/|y| - log(1 - exp(logp/|y|)).
+    lam is the paper's lambda (TRL's ORPO `beta`), default 0.1. log(1 - exp(.)) is computed with
+    log1mexp care (see `log_odds`), so logp near 0 and very negative are both stable.
+    """
+    avg_w = policy_chosen / chosen_tokens.clamp(min=1)
+    avg_l = policy_rejected / rejected_tokens.clamp(min=1)
+    log_odds_ratio = log_odds(avg_w) - log_odds(avg_l)
+    return -avg_w - lam * F.logsigmoid(log_odds_ratio)
+
+
+# --------------------------------------------------------------------------------------------------
+# Multimodal losses (image-conditional terms; m' is the corrupted image)
+# --------------------------------------------------------------------------------------------------
+
+
+def copo_loss(
+    policy_chosen_m: Tensor,
+    policy_chosen_mprime: Tensor,
+    ref_chosen_m: Tensor,
+    ref_chosen_mprime: Tensor,
+    *,
+    beta: float = 0.1,
+) -> Tensor:
+    """Conditional preference (CoPO, the image term of mDPO, Wang et al. 2024): the same chosen
+    answer should be preferred under the true image m over the corrupted image m':
+        -log sigma(beta (h(y_w, m) - h(y_w, m'))).
+    Needs log-probs really computed under m' (m' = m gives margin 0 and loss log 2).
+    """
+    h_m = policy_chosen_m - ref_chosen_m
+    h_mprime = policy_chosen_mprime - ref_chosen_mprime
+    return -F.logsigmoid(beta * (h_m - h_mprime))
+
+
+def anchor_loss(policy_chosen: Tensor, ref_chosen: Tensor, *, beta: float = 0.1, delta: float = 0.0) -> Tensor:
+    """Anchored preference (mDPO, Wang et al. 2024): keeps the chosen reward above the anchor delta
+    so the chosen likelihood does not fall while the margins grow:
+        -log sigma(beta h(y_w, m) - delta)    (mDPO uses delta = 0).
+    """
+    return -F.logsigmoid(beta * (policy_chosen - ref_chosen) - delta)
+
+
+def mmedpo_loss(
+    policy_chosen: Tensor,
+    policy_rejected_mprime: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected_mprime: Tensor,
+    weights: Tensor | None,
+    *,
+    beta: float = 0.1,
+) -> Tensor:
+    """MMedPO (Zhu et al. 2024, "Clinical-Aware Multimodal Preference Optimization"): DPO where the
+    rejected side is the hallucinated answer under the noised image m', weighted per pair by its
+    clinical relevance w_i (`weighted_score` in the data):
+        w_i * (-log sigma(beta (h(y_w, m) - h(y_l, m')))).
+    The weights are required: None, a shape mismatch, non-finite or negative values raise ValueError
+    (a missing weight must not silently become 1).
+    """
+    if weights is None:
+        raise ValueError("mmedpo_loss needs per-pair clinical-relevance `weights` (got None)")
+    if weights.shape != policy_chosen.shape:
+        raise ValueError(
+            f"mmedpo_loss: `weights` shape {tuple(weights.shape)} != log-prob shape {tuple(policy_chosen.shape)}"
+        )
+    if not bool(torch.isfinite(weights).all()):
+        raise ValueError(f"mmedpo_loss: `weights` must be finite, got {weights.tolist()}")
+    if bool((weights < 0).any()):
+        raise ValueError(f"mmedpo_loss: `weights` must be >= 0, got {weights.tolist()}")
+    margin = (policy_chosen - ref_chosen) - (policy_rejected_mprime - ref_rejected_mprime)
+    return weights.to(margin.dtype) * -F.logsigmoid(beta * margin)
+
+
+# --------------------------------------------------------------------------------------------------
+# KTO (unpaired)
+# --------------------------------------------------------------------------------------------------
+
+
+def kto_kl_baseline(policy_mismatched_logps: Tensor, reference_mismatched_logps: Tensor) -> Tensor:
+    """KTO's reference point z_0: an estimate of KL(pi_theta || pi_ref) from completions paired with
+    the wrong prompts/images (TRL shifts the completions by one within the batch):
+        z_0 = max(0, mean(logp_theta - logp_ref)), detached (no gradient flows through it).
+    Under data parallelism TRL averages the unclamped mean across ranks first; to match, gather the
+    inputs across ranks before calling this.
+    """
+    return (policy_mismatched_logps - reference_mismatched_logps).mean().clamp(min=0).detach()
+
+
+def kto_loss(
+    policy_logps: Tensor,
+    reference_logps: Tensor,
+    desirable: Tensor,
+    kl_baseline: Tensor | float,
+    *,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> Tensor:
+    """KTO (Ethayarajh et al. 2024, "Model Alignment as Prospect Theoretic Optimization"), as TRL
+    implements it. With h = logp_theta - logp_ref and z_0 = `kl_baseline` (see `kto_kl_baseline`):
+        desirable:   desirable_weight   * (1 - sigma(beta (h - z_0)))
+        undesirable: undesirable_weight * (1 - sigma(beta (z_0 - h)))
+    Returned per sample in input order (TRL concatenates the two groups instead). z_0 is detached.
+    The paper advises weights with desirable_weight * n_D / (undesirable_weight * n_U) in [1, 4/3].
+    """
+    if desirable.dtype != torch.bool:
+        raise ValueError(f"kto_loss: `desirable` must be a bool tensor, got dtype {desirable.dtype}")
+    if desirable.shape != policy_logps.shape:
+        raise ValueError(
+            f"kto_loss: `desirable` shape {tuple(desirable.shape)} != log-prob shape {tuple(policy_logps.shape)}"
+        )
+    z0 = kl_baseline.detach() if isinstance(kl_baseline, Tensor) else kl_baseline
+    h = policy_logps - reference_logps
+    desirable_losses = desirable_weight * (1 - torch.sigmoid(beta * (h - z0)))
+    undesirable_losses = undesirable_weight * (1 - torch.sigmoid(beta * (z0 - h)))
+    return torch.where(desirable, desirable_losses, undesirable_losses)
+
+
+# --------------------------------------------------------------------------------------------------
+# Combining terms (MPO style) and the name registry
+# --------------------------------------------------------------------------------------------------
+
+
+def combine(terms: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor:
+    """Weighted sum of per-sample loss terms, sum_k weights[k] * terms[k] (MPO, Wang et al. 2024,
+    mixes DPO/BCO/SFT this way; mDPO is DPO + CoPO + anchor). A term without a weight counts with
+    weight 1; a weight naming no term raises ValueError (a typo in a config must not vanish).
+    """
+    if not terms:
+        raise ValueError("combine: no loss terms given")
+    unknown = sorted(set(weights) - set(terms))
+    if unknown:
+        raise ValueError(f"combine: weights for unknown terms {unknown}; terms are {sorted(terms)}")
+    total: Tensor | None = None
+    for name, value in terms.items():
+        weighted = weights.get(name, 1.0) * value
+        total = weighted if total is None else total + weighted
+    assert total is not None
+    return total
+
+
+LOSSES.update(
+    {
+        "dpo": dpo_loss,
+        "nll": nll_loss,
+        "sft": nll_loss,
+        "simpo": simpo_loss,
+        "cpo": cpo_loss,
+        "orpo": orpo_loss,
+        "copo": copo_loss,
+        "anchor": anchor_loss,
+        "mmedpo": mmedpo_loss,
+        "kto": kto_loss,
+    }
+)
