@@ -20,7 +20,6 @@ Registries:
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Mapping
 
