@@ -7,6 +7,7 @@ tokenizer and image preprocessing.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -24,8 +25,26 @@ class MedDPOCLI(LightningCLI):
         parser.link_arguments("model.processor", "data.init_args.processor", apply_on="instantiate")
 
 
-def main(args: list[str] | None = None) -> MedDPOCLI:
+# Subcommands beside LightningCLI's fit/validate/test/predict: name -> "module:function(argv)".
+EXTRA_COMMANDS = {
+    "build-pairs": "lightning_meddpo.data.pairs:main",
+    "convert": "lightning_meddpo.backbones.convert:main",
+    "export": "lightning_meddpo.export:main",
+    "benchmark": "lightning_meddpo.eval.benchmark:main",
+}
+
+
+def run_extra_command(name: str, argv: list[str]) -> object:
+    """Import the subcommand's module lazily (keeps `fit` start-up lean) and run it."""
+    module_name, function = EXTRA_COMMANDS[name].split(":")
+    return getattr(importlib.import_module(module_name), function)(argv)
+
+
+def main(args: list[str] | None = None) -> MedDPOCLI | object:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in EXTRA_COMMANDS:
+        return run_extra_command(argv[0], argv[1:])
     return MedDPOCLI(
         PreferenceModule,
         None,
@@ -33,7 +52,7 @@ def main(args: list[str] | None = None) -> MedDPOCLI:
         subclass_mode_data=True,
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True},
-        args=args,
+        args=argv,
         auto_configure_optimizers=False,
     )
 
