@@ -85,7 +85,7 @@ class PreferencePolicy(nn.Module):
             raise ValueError(f"unknown reference strategy {reference!r}; use copy, adapter or none")
         if not dropout:
             disable_dropout(model)
-        self.model = model
+        self.model = model.train()  # from_pretrained returns eval mode
         self.reference_strategy = reference
         self.reference: nn.Module | None = None
         if reference == "copy":
