@@ -9,7 +9,8 @@ library only (urllib, json, hashlib, threading): no SDK dependency.
   ``Authorization`` header is then simply not sent.
 - Network errors, timeouts, HTTP 429 and HTTP 5xx are retried with exponential backoff
   (``backoff_base * 2**attempt``, capped at ``backoff_max``; a ``Retry-After`` header is honoured up to
-  the cap). Other HTTP errors fail at once. Every error names the URL and the HTTP status.
+  the cap). Other HTTP errors, and an HTTP 200 whose body is not a chat completion, fail at once.
+  Every error (`LLMError`, with ``.url``, ``.status``, ``.attempts``) names the URL and the status.
 - With ``cache_dir`` set, each reply is stored as one JSON file named by the sha256 of
   (url, model, messages, temperature). Files are written to a temporary name and moved into place with
   ``os.replace`` (atomic on POSIX), so concurrent writers — threads or processes, e.g. several ranks —

@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -199,7 +200,8 @@ class NLIJudge:
         return label, replies
 
     def judge_many(self, preds: Sequence[str], golds: Sequence[str]) -> list[ReportJudgement]:
-        """One `ReportJudgement` per (prediction, gold report), in order."""
+        """One `ReportJudgement` per (prediction, gold report), in order. An `LLMError` (the judge
+        unreachable after the client's retries) propagates: a failed request is not a label."""
         if isinstance(preds, str) or isinstance(golds, str):
             raise TypeError("preds and golds must be lists of strings")
         preds, golds = list(preds), list(golds)
@@ -211,8 +213,6 @@ class NLIJudge:
         bad = [k for k, r in enumerate(first) if parse_label(r) is None]
         results: list[tuple[str | None, list[str]]] = [(parse_label(r), [r]) for r in first]
         if bad and self.max_parse_attempts > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
             with ThreadPoolExecutor(max_workers=max(1, min(self.max_workers, len(bad)))) as pool:
                 fixed = list(pool.map(lambda k: self._label_fact(jobs[k][1], first[k]), bad))
             for k, res in zip(bad, fixed):
