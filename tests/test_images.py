@@ -216,3 +216,15 @@ def test_seed_for_stable():
     assert len({seed_for("rec-1", e, 42) for e in range(5)}) == 5
     assert seed_for("rec-1", 0, 42) != seed_for("rec-2", 0, 42) != seed_for("rec-1", 0, 43)
     assert seed_for("rec-1", 0, 0) == 8867738983419748801  # pinned: SHA-256 never changes across processes
+
+
+def test_reproduce_with_array_mask(image):
+    mask = np.zeros((image.height, image.width), bool)
+    mask[30:60, 30:60] = True
+    out, prov = corrupt(image, {"type": "region_noise", "mask": mask, "std": 0.3}, seed=9)
+    prov = json.loads(json.dumps(prov))
+    with pytest.raises(ValueError, match="pass the mask"):
+        reproduce(image, prov)
+    with pytest.raises(ValueError, match="does not match"):
+        reproduce(image, prov, mask=~mask)
+    assert np.array_equal(np.asarray(reproduce(image, prov, mask=mask)), np.asarray(out))

@@ -205,3 +205,42 @@ def test_malformed_record_named(tmp_path, image_root):
     src = _jsonl(tmp_path / "m.jsonl", [{"id": "z", "image": "images/ct16.png", "question": "?"}])
     with pytest.raises(RecordError, match=r"m.jsonl:1 id='z'"):
         build_pairs(src, image_root, tmp_path / "o.json", progress=False)
+
+
+def test_build_pairs_region_noise_from_record(tmp_path, image_root):
+    W, H = Image.open(image_root / "images" / "retina.png").size
+    mask = np.zeros((H, W), np.uint8)
+    mask[10:30, 40:70] = 255
+    (image_root / "masks").mkdir()
+    Image.fromarray(mask).save(image_root / "masks" / "m.png")
+    rows = [
+        {"id": "box", "image": "images/retina.png", "caption": "Fundus.", "region": {"box": [5, 5, 25, 25]}},
+        {"id": "mask", "image": "images/retina.png", "caption": "Fundus.", "region": {"mask": "masks/m.png"}},
+        {"id": "none", "image": "images/retina.png", "caption": "Fundus."},
+    ]
+    out = tmp_path / "r.jsonl"
+    build_pairs(_jsonl(tmp_path / "in.jsonl", rows), image_root, out, mode="image",
+                corruption={"type": "region_noise", "std": 0.4}, progress=False)
+    recs = {r["source_id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    orig = np.asarray(load_image(image_root / "images" / "retina.png"))
+    for rid, region in [("box", (slice(5, 25), slice(5, 25))), ("mask", (slice(10, 30), slice(40, 70))),
+                        ("none", (slice(H // 4, H // 4 + H // 2), slice(W // 4, W // 4 + W // 2)))]:
+        got = np.asarray(Image.open(image_root / recs[rid]["rejected_image"]).convert("RGB"))
+        inside = np.zeros((H, W), bool)
+        inside[region] = True
+        assert np.array_equal(got[~inside], orig[~inside]) and (got[inside] != orig[inside]).any(), rid
+    assert recs["none"]["corruption"]["resolved"]["region"] == "fallback_centre_half"
+    prov = recs["mask"]["corruption"]
+    assert prov["spec"]["mask"]["file"] == "masks/m.png"
+    from lightning_meddpo.data.images import reproduce
+    again = reproduce(Image.fromarray(orig), prov, mask=mask > 0)
+    assert np.array_equal(np.asarray(again), np.asarray(Image.open(image_root / recs["mask"]["rejected_image"])))
+    bad = _jsonl(tmp_path / "bad.jsonl", [{"id": "x", "image": "images/retina.png", "caption": "c",
+                                           "region": {"box": [500, 500, 600, 600]}}])
+    with pytest.raises(RecordError, match=r"id='x'.*'region'"):
+        build_pairs(bad, image_root, tmp_path / "o.json", mode="image", corruption="region_noise", progress=False)
+
+
+def test_yes_no_only_as_whole_leading_word():
+    assert _all("No evidence of pneumothorax.", "presence") == {"Evidence of pneumothorax."}
+    assert _all("Yes, there is a fracture.", "presence") == {"No, there is a fracture.", "Yes, there is no fracture."}

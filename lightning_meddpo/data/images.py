@@ -180,9 +180,18 @@ def corrupt(image: Image.Image, spec: str | dict[str, Any], seed: int) -> tuple[
     return out, provenance
 
 
-def reproduce(image: Image.Image, provenance: dict[str, Any]) -> Image.Image:
-    """Re-apply a recorded corruption (a mask given as an array must be passed again; see region_noise)."""
-    return corrupt(image, provenance["spec"], provenance["seed"])[0]
+def reproduce(image: Image.Image, provenance: dict[str, Any], *, mask: Any = None) -> Image.Image:
+    """Re-apply a recorded corruption. A region mask that was given as an array is recorded only by its
+    shape, pixel count and hash: pass it again as `mask` (it is checked against the recorded hash)."""
+    spec = dict(provenance["spec"])
+    if isinstance(spec.get("mask"), dict):
+        if mask is None:
+            raise ValueError("this provenance recorded its region mask only by hash; pass the mask: "
+                             "reproduce(image, provenance, mask=mask)")
+        if _describe_mask(mask)["sha256"] != spec["mask"]["sha256"]:
+            raise ValueError("the mask given does not match the recorded one (sha256 differs)")
+        spec["mask"] = mask
+    return corrupt(image, spec, provenance["seed"])[0]
 
 
 # ------------------------------------------------------------------------------------------- corruptions
@@ -256,7 +265,8 @@ def diffusion_noise(
 
 
 def _describe_mask(mask: Any) -> dict[str, Any]:
-    m = np.asarray(mask).astype(bool)
+    m = np.asarray(mask)
+    m = (m.any(axis=-1) if m.ndim == 3 else m).astype(bool)
     return {"shape": list(m.shape), "pixels": int(m.sum()), "sha256": hashlib.sha256(np.packbits(m).tobytes()).hexdigest()}
 
 
@@ -265,6 +275,9 @@ def _region_mask(size: tuple[int, int], box: Any, mask: Any) -> tuple[np.ndarray
     if box is not None and mask is not None:
         raise ValueError("region_noise: give a box or a mask, not both")
     if mask is not None:
+        if isinstance(mask, dict):
+            raise ValueError("region_noise: the mask is a recorded description, not a mask; pass the mask "
+                             "itself (images.reproduce(image, provenance, mask=...))")
         if isinstance(mask, (str, Path)):
             with Image.open(mask) as mim:
                 m = np.asarray(mim.convert("L")) > 0

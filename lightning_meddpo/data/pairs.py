@@ -7,6 +7,9 @@ Input (JSON array or JSONL), one of, per record:
     every turn before it is the prompt;
   * captions / reports: {id, image | image_path (a string or one-element list), caption | report}, with
     the prompt `CAPTION_PROMPT`.
+Any of them may carry a lesion region, {"region": {"box": [x0, y0, x1, y1]}} (pixels) or
+{"region": {"mask": "masks/x.png"}} (relative to the image root, non-zero = region), used by the
+"region_noise" corruption (MMedPO); without one region_noise falls back to the centred half-size box.
 
 Output (JSON array, or JSONL when out_path ends in .jsonl), the paper's format, one record per pair:
   text-rejected:  {"id": "<src>-text", "source_id", "image", "conversations", "rejected_conversations",
@@ -37,6 +40,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import numpy as np
+from PIL import Image
 
 from lightning_meddpo.data.images import corrupt, load_image, normalize_spec, seed_for
 from lightning_meddpo.data.lexicon import LEXICON
@@ -98,8 +102,9 @@ def _compile(entry: dict[str, Any]) -> _Table:
         if not table:
             return None
         alts = "|".join(_term_pattern(c) for c, _ in sorted(table.values(), key=lambda v: -len(v[0])))
-        prefix = r"^\s*" if anchored else r"(?<![\w-])"
-        return re.compile(f"{prefix}({alts})(?![\\w-])", re.IGNORECASE)
+        if anchored:  # a whole leading word followed by punctuation or the end: "No.", "Yes, ..."
+            return re.compile(f"^\\s*({alts})(?=\\s*(?:[.,;:!]|$))", re.IGNORECASE)
+        return re.compile(f"(?<![\\w-])({alts})(?![\\w-])", re.IGNORECASE)
 
     freeze = lambda t: {k: (c, tuple(v)) for k, (c, v) in t.items()}  # noqa: E731
     return _Table(freeze(terms), regex(terms, False), freeze(start), regex(start, True),
@@ -317,6 +322,19 @@ def _ensure_placeholder(turns: list[dict[str, str]]) -> tuple[list[dict[str, str
     return turns, True
 
 
+def _parse_region(region: Any, source: str, rid: str) -> dict[str, Any]:
+    """A record's lesion region for region_noise: {"box": [x0, y0, x1, y1]} (pixels) or {"mask": "rel.png"}."""
+    if isinstance(region, dict) and set(region) == {"box"}:
+        box = region["box"]
+        if (isinstance(box, list) and len(box) == 4
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
+            return {"box": box}
+    elif isinstance(region, dict) and set(region) == {"mask"}:
+        return {"mask": safe_relative_path(region["mask"], source, rid, "region.mask")}
+    raise RecordError(source, rid, "region", f"expected {{'box': [x0, y0, x1, y1]}} or {{'mask': 'path'}}, "
+                      f"got {region!r}")
+
+
 def parse_source_record(raw: Any, source: str) -> SourceItem:
     """One input record (question, conversations or caption format) -> SourceItem; problems raise RecordError."""
     if not isinstance(raw, dict):
@@ -371,6 +389,8 @@ def parse_source_record(raw: Any, source: str) -> SourceItem:
         answer = str(answer)
     if not isinstance(answer, str):
         raise RecordError(source, rid, "answer", f"expected a string, got {type(answer).__name__}")
+    if "region" in raw:
+        extra["region"] = _parse_region(raw["region"], source, rid)
     try:
         prompt, inserted = _ensure_placeholder(prompt)
     except ValueError as e:
@@ -543,7 +563,26 @@ def _image_pair(item, chosen, base, image_path, image_root, rel_dir, spec, seed,
     except ValueError as e:
         summary.skip(f"image: cannot load ({type(e).__name__})", item.id)
         return None
-    bad, prov = corrupt(img, spec, seed_for(item.id, 0, seed))
+    region = item.extra.get("region")
+    mask_file = None
+    if spec["type"] == "region_noise" and region is not None:
+        if "box" in region:
+            spec = {**spec, "box": region["box"], "mask": None}
+        else:
+            mask_file = region["mask"]
+            try:
+                with Image.open(image_root / mask_file) as mim:
+                    mask = np.asarray(mim.convert("L")) > 0
+            except OSError as e:
+                summary.skip(f"image: cannot load the region mask ({type(e).__name__})", item.id)
+                return None
+            spec = {**spec, "box": None, "mask": mask}
+    try:
+        bad, prov = corrupt(img, spec, seed_for(item.id, 0, seed))
+    except ValueError as e:  # e.g. a box outside the image, a mask of the wrong size
+        raise RecordError(item.source, item.id, "region", str(e)) from e
+    if mask_file is not None:
+        prov["spec"]["mask"]["file"] = mask_file  # reproduce(image, prov, mask=<that file loaded, > 0>)
     rel = f"{rel_dir}/{prov['type']}/{_safe_stem(item.id)}.png"
     dest = image_root / rel
     dest.parent.mkdir(parents=True, exist_ok=True)
