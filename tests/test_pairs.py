@@ -92,6 +92,8 @@ def image_root(tmp_path):
     Image.fromarray(skdata.immunohistochemistry()[::8, ::8]).save(root / "images" / "ihc.jpg")
     ct = pydicom.dcmread(os.path.join(os.path.dirname(pydicom.data.__file__), "test_files", "CT_small.dcm"))
     Image.fromarray(ct.pixel_array.astype(np.uint16)).save(root / "images" / "ct16.png")
+    full = (root / "images" / "retina.png").read_bytes()
+    (root / "images" / "truncated.png").write_bytes(full[: len(full) // 2])
     return root
 
 
@@ -108,6 +110,7 @@ LLAVA_MED = [
     {"question_id": 3, "image": "images/ihc.jpg", "text": "What stain is this?",
      "gpt4_answer": "Immunohistochemistry with DAB.", "answer_type": "OPEN"},  # unperturbable
     {"question_id": 4, "image": "images/missing.png", "text": "Q?", "answer": "Left lung."},
+    {"question_id": 5, "image": "images/truncated.png", "text": "Q?", "answer": "Left lung."},
 ]
 
 
@@ -117,8 +120,8 @@ def test_build_pairs_llava_med_both(tmp_path, image_root):
     s = build_pairs(src, image_root, out, mode="both", corruption={"type": "diffusion", "t": 500}, seed=1,
                     progress=False)
     assert isinstance(s, BuildSummary)
-    assert s.read == 4 and s.written == {"text": 2, "image": 3}
-    assert s.skipped == {"image file not found": 1,
+    assert s.read == 5 and s.written == {"text": 2, "image": 3}
+    assert s.skipped == {"image file not found": 1, "image file cannot be decoded": 1,
                          "text: no lexicon term of the requested error types in the answer": 1}
     assert "3" in s.summary() and "image file not found" in s.summary()
     recs = json.loads(out.read_text())
@@ -160,7 +163,7 @@ def test_build_pairs_conversations_text_and_rewriter(tmp_path, image_root):
     src = tmp_path / "conv.json"
     src.write_text(json.dumps(rows))
     out = tmp_path / "conv_pairs.jsonl"
-    s = build_pairs(src, image_root, out, mode="text", error_types=["laterality", "modality"], progress=False)
+    s = build_pairs(src, image_root, out, mode="text", error_types=["laterality", "modality"], progress=True)
     assert s.written == {"text": 2} and s.placeholder_inserted == 1
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     a = next(r for r in recs if r["source_id"] == "a")
@@ -199,6 +202,13 @@ def test_paths_escaping_the_root_are_refused(tmp_path, image_root, bad):
         build_pairs(src, image_root, tmp_path / "o.json", mode="text", progress=False)
     s = build_pairs(src, image_root, tmp_path / "o.json", mode="text", progress=False, skip_invalid=True)
     assert s.skipped == {"invalid record: field image": 1} and json.loads((tmp_path / "o.json").read_text()) == []
+
+
+def test_refuses_to_overwrite_input(tmp_path, image_root):
+    src = _jsonl(tmp_path / "in.jsonl", LLAVA_MED[:1])
+    with pytest.raises(ValueError, match="is the input file"):
+        build_pairs(src, image_root, src, progress=False)
+    assert json.loads(src.read_text().splitlines()[0]) == LLAVA_MED[0]
 
 
 def test_malformed_record_named(tmp_path, image_root):

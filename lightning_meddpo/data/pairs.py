@@ -43,7 +43,7 @@ import numpy as np
 from PIL import Image
 
 from lightning_meddpo.data.images import corrupt, load_image, normalize_spec, seed_for
-from lightning_meddpo.data.lexicon import LEXICON
+from lightning_meddpo.data.lexicon import ERROR_TYPES, LEXICON  # noqa: F401 (ERROR_TYPES re-exported)
 from lightning_meddpo.data.records import GPT_ROLES, HUMAN_ROLES, IMAGE_TOKEN, RecordError
 
 CAPTION_PROMPT = "Describe the findings in this medical image."
@@ -488,6 +488,8 @@ def build_pairs(
     if mode not in ("text", "image", "both"):
         raise ValueError(f"mode must be 'text', 'image' or 'both', got {mode!r}")
     image_root, out_path = Path(image_root), Path(out_path)
+    if out_path.resolve() == Path(input_path).resolve():
+        raise ValueError(f"out_path {out_path} is the input file; write the pairs to another file")
     spec = normalize_spec(corruption) if mode in ("image", "both") else None
     rel_dir = safe_relative_path(rejected_image_dir, "build_pairs", None, "rejected_image_dir")
     error_types = list(error_types) if error_types is not None else None
@@ -516,6 +518,13 @@ def build_pairs(
         if not image_path.is_file():
             summary.skip("image file not found", item.id)
             continue
+        img = None
+        if mode in ("image", "both"):  # decode first: an undecodable image gives no pair of either kind
+            try:
+                img = load_image(image_path, record_id=item.id)
+            except ValueError:
+                summary.skip("image file cannot be decoded", item.id)
+                continue
         chosen = _conversation(item.prompt, item.answer)
         base = {"source_id": item.id, "image": item.image, **item.extra}
         if mode in ("text", "both"):
@@ -523,7 +532,7 @@ def build_pairs(
             if rec is not None:
                 out.append(rec)
         if mode in ("image", "both"):
-            rec = _image_pair(item, chosen, base, image_path, image_root, rel_dir, spec, seed, summary)
+            rec = _image_pair(item, chosen, base, img, image_root, rel_dir, spec, seed, summary)
             if rec is not None:
                 out.append(rec)
     _write_records(out, out_path)
@@ -557,12 +566,7 @@ def _text_pair(item, chosen, base, error_types, seed, rewriter, lexicon, summary
             "pair_type": "text", "error_type": error_type}
 
 
-def _image_pair(item, chosen, base, image_path, image_root, rel_dir, spec, seed, summary) -> dict[str, Any] | None:
-    try:
-        img = load_image(image_path, record_id=item.id)
-    except ValueError as e:
-        summary.skip(f"image: cannot load ({type(e).__name__})", item.id)
-        return None
+def _image_pair(item, chosen, base, img, image_root, rel_dir, spec, seed, summary) -> dict[str, Any] | None:
     region = item.extra.get("region")
     mask_file = None
     if spec["type"] == "region_noise" and region is not None:
