@@ -254,3 +254,13 @@ def test_build_pairs_region_noise_from_record(tmp_path, image_root):
 def test_yes_no_only_as_whole_leading_word():
     assert _all("No evidence of pneumothorax.", "presence") == {"Evidence of pneumothorax."}
     assert _all("Yes, there is a fracture.", "presence") == {"No, there is a fracture.", "Yes, there is no fracture."}
+
+
+def test_answer_field_named_in_errors(tmp_path, image_root):
+    rows = [{"question_id": "q", "image": "images/ct16.png", "text": "Q?", "gpt4_answer": ["a", "b"]}]
+    with pytest.raises(RecordError, match=r"id='q': field 'gpt4_answer'"):
+        build_pairs(_jsonl(tmp_path / "a.jsonl", rows), image_root, tmp_path / "o.json", progress=False)
+    rows = [{"id": "c", "image": "images/ct16.png", "conversations": [
+        {"from": "human", "value": "Q"}, {"from": "gpt", "value": "left"}, {"from": "human", "value": "more?"}]}]
+    with pytest.raises(RecordError, match=r"conversations\[2\]"):
+        build_pairs(_jsonl(tmp_path / "b.jsonl", rows), image_root, tmp_path / "o.json", progress=False)

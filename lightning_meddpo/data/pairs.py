@@ -366,20 +366,22 @@ def parse_source_record(raw: Any, source: str) -> SourceItem:
             raise RecordError(source, rid, "conversations", "no gpt turn (the answer)")
         if not any(t["from"] == "human" for t in turns[:last]):
             raise RecordError(source, rid, "conversations", "no human turn before the answer")
+        if last != len(turns) - 1:
+            raise RecordError(source, rid, f"conversations[{last + 1}]", "turns after the last gpt turn (the answer)")
         prompt, answer = turns[:last], turns[last]["value"]
-        extra = {}
+        answer_field, extra = f"conversations[{last}].value", {}
     elif "text" in raw:
         key = "answer" if "answer" in raw else "gpt4_answer" if "gpt4_answer" in raw else None
         if key is None:
             raise RecordError(source, rid, "answer", "missing (expected 'answer' or 'gpt4_answer')")
-        answer = raw[key]
+        answer, answer_field = raw[key], key
         if not isinstance(raw["text"], str):
             raise RecordError(source, rid, "text", "expected the question as a string")
         prompt = [{"from": "human", "value": raw["text"]}]
         extra = {k: raw[k] for k in ("answer_type",) if k in raw}
     elif "caption" in raw or "report" in raw:
         key = "caption" if "caption" in raw else "report"
-        answer = raw[key]
+        answer, answer_field = raw[key], key
         prompt = [{"from": "human", "value": CAPTION_PROMPT}]
         extra = {}
     else:
@@ -388,7 +390,7 @@ def parse_source_record(raw: Any, source: str) -> SourceItem:
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
         answer = str(answer)
     if not isinstance(answer, str):
-        raise RecordError(source, rid, "answer", f"expected a string, got {type(answer).__name__}")
+        raise RecordError(source, rid, answer_field, f"expected a string, got {type(answer).__name__}")
     if "region" in raw:
         extra["region"] = _parse_region(raw["region"], source, rid)
     try:
