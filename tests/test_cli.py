@@ -47,11 +47,22 @@ def test_fit_logs_metrics_then_resumes_from_last(demo_dir, tmp_path):
     assert min(steps) >= 6  # it continued from the saved step
 
 
-def test_sft_fit_and_validate(demo_dir, tmp_path):
+def test_sft_then_dpo_from_its_checkpoint(demo_dir, tmp_path):
     args = ["--config", "configs/demo/sft.yaml", *small_demo_args(demo_dir, tmp_path)]
     run_cli("fit", *args, "--trainer.max_steps=2", "--trainer.limit_val_batches=1")
     proc = run_cli("validate", *args, "--trainer.limit_val_batches=1")
     assert "val/loss" in proc.stdout + proc.stderr
+    sft_ckpt = _version_dirs(tmp_path, "demo/sft")[0] / "checkpoints" / "last.ckpt"
+
+    from lightning_meddpo.modules import DPO
+
+    module = DPO(init_from=str(sft_ckpt))
+    module.configure_model()
+    saved = torch.load(sft_ckpt, weights_only=True)["state_dict"]
+    for name, param in module.policy.reference.named_parameters():  # the reference IS the SFT result
+        torch.testing.assert_close(param, saved[f"policy.model.{name}"])
+    run_cli("fit", "--config", "configs/demo/dpo.yaml", *small_demo_args(demo_dir, tmp_path),
+            f"--model.init_args.init_from={sft_ckpt}", "--trainer.max_steps=1", "--trainer.limit_val_batches=1")
 
 
 def test_bf16_mixed_run(demo_dir, tmp_path):
