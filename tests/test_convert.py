@@ -118,7 +118,7 @@ def write_original(parts: Parts, path: Path, *, fmt: str = "safetensors", with_v
                tune_mm_mlp_adapter=False, use_mm_proj=True, tokenizer_model_max_length=2048,
                tokenizer_padding_side="right", torch_dtype="float32")
     (path / "config.json").write_text(json.dumps(cfg))
-    assert len(tok) == parts.text_config.vocab_size
+    assert len(tok) <= parts.text_config.vocab_size
     return path
 
 
@@ -127,15 +127,19 @@ def tokenizer_vocab(tmp_path: Path) -> int:
 
 
 def check_logits(parts: Parts, out: Path, report) -> None:
-    model = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    model, info = LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    model.eval()
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     assert model.config.text_config.model_type == parts.text_config.model_type
     assert model.config.vision_feature_layer == -2
     assert model.config.vision_feature_select_strategy == "default"
     assert model.config.projector_hidden_act == "gelu"
     assert model.config.image_seq_length == N_PATCHES
     image_id = model.config.image_token_id
-    assert image_id == report.image_token_id == parts.text_config.vocab_size  # appended to the tokenizer
-    assert model.get_input_embeddings().weight.shape[0] == parts.text_config.vocab_size + 1
+    n_tok = report.image_token_id  # appended to the tokenizer: its id is the old tokenizer length
+    assert image_id == n_tok and n_tok <= parts.text_config.vocab_size
+    # embeddings grow only when the new id does not fit in the existing rows (Qwen2 has spare rows)
+    assert model.get_input_embeddings().weight.shape[0] == max(parts.text_config.vocab_size, n_tok + 1)
     torch.manual_seed(1)
     pixel_values = torch.randn(1, 3, 28, 28)
     ids = torch.tensor([[1, 5, 7, 9] + [image_id] * N_PATCHES + [11, 13, 6, 8]])
@@ -145,13 +149,18 @@ def check_logits(parts: Parts, out: Path, report) -> None:
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("text,fmt", [("mistral", "safetensors"), ("mistral", "bin"), ("qwen2", "safetensors")])
-def test_converted_logits_equal_composition_of_parts(tmp_path, text, fmt):
-    parts = Parts(text, tokenizer_vocab(tmp_path))
+@pytest.mark.parametrize(
+    "text,fmt,spare_rows",
+    [("mistral", "safetensors", 0), ("mistral", "bin", 0), ("qwen2", "safetensors", 0), ("qwen2", "bin", 8)],
+)
+def test_converted_logits_equal_composition_of_parts(tmp_path, text, fmt, spare_rows):
+    parts = Parts(text, tokenizer_vocab(tmp_path) + spare_rows)
     src = write_original(parts, tmp_path / "src", fmt=fmt)
     report = convert_llava_checkpoint(src, tmp_path / "out")
     assert report.added_image_token and report.vision_from == "checkpoint"
-    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    # streamed: one output shard per source shard
+    assert sorted(set(index["weight_map"].values())) == [f"model-0000{i}-of-00002.safetensors" for i in (1, 2)]
     check_logits(parts, tmp_path / "out", report)
 
 
@@ -242,10 +251,13 @@ def test_missing_vision_tower_is_an_error(tmp_path):
 def test_main_cli(tmp_path, capsys):
     parts = Parts("qwen2", tokenizer_vocab(tmp_path))
     src = write_original(parts, tmp_path / "src")
-    assert main(["--src", str(src), "--out", str(tmp_path / "out"), "--dtype", "bfloat16"]) == 0
+    args = ["--src", str(src), "--out", str(tmp_path / "out"), "--dtype", "bfloat16", "--pad-vocab-to-multiple-of", "64"]
+    assert main(args) == 0
     assert '"image_token_id"' in capsys.readouterr().out
     model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "out")
     assert model.config.text_config.model_type == "qwen2"
     assert next(model.parameters()).dtype == torch.bfloat16
+    assert model.get_input_embeddings().weight.shape[0] == 128 == model.config.text_config.vocab_size
+    assert model.get_output_embeddings().weight.shape[0] == 128
     with pytest.raises(SystemExit):
         main(["--src", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")])

@@ -149,6 +149,14 @@ def _find_source(directory: Path) -> _Source:
     )
 
 
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A .bin shard, memory-mapped when it is in torch's zip format (the default since torch 1.6)."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def _shard_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Key -> shape of one shard, reading only the header (safetensors) or a memory map (.bin)."""
     if path.suffix == ".safetensors":
@@ -156,7 +164,7 @@ def _shard_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
         with safe_open(str(path), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    sd = _load_bin(path)
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
     del sd
     return shapes
@@ -171,7 +179,7 @@ def _iter_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             for k in f.keys():
                 yield k, f.get_tensor(k)
     else:
-        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        sd = _load_bin(path)
         for k in list(sd):
             yield k, sd.pop(k)
 
@@ -412,6 +420,9 @@ def convert_llava_checkpoint(
                 ignored.append(k)
                 continue
             tk = _map_llava_key(k)
+            if tk == "lm_head.weight" and config.tie_word_embeddings:
+                ignored.append(k)  # tied to embed_tokens: the saved copy is redundant
+                continue
             if tk is None or tk not in expected:
                 unexpected.append(f"{shard.name}: {k}" + (f" (-> {tk})" if tk else ""))
                 continue
