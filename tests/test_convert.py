@@ -67,12 +67,14 @@ class Parts:
         self.clip = CLIPVisionModel(CLIPVisionConfig(**VISION)).eval()
         self.proj = torch.nn.Sequential(torch.nn.Linear(24, HIDDEN), torch.nn.GELU(), torch.nn.Linear(HIDDEN, HIDDEN))
 
-    def original_state_dict(self, with_vision: bool) -> dict[str, torch.Tensor]:
+    def original_state_dict(self, with_vision: bool,
+                            vision_prefix: str = "model.vision_tower.vision_tower.vision_model.") -> dict[str, torch.Tensor]:
         sd = {k: v.clone() for k, v in self.lm.state_dict().items()}  # model.layers.*, model.embed_tokens, lm_head
         sd.update({f"model.mm_projector.{k}": v.clone() for k, v in self.proj.state_dict().items()})
         if with_vision:
-            sd.update({f"model.vision_tower.vision_tower.vision_model.{k}": v.clone()
-                       for k, v in self.clip.state_dict().items()})
+            sd.update({f"{vision_prefix}{k}": v.clone() for k, v in self.clip.state_dict().items()})
+        # an old checkpoint's persistent buffer, recomputed by current modules: dropped silently
+        sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.zeros(4)
         return sd
 
     @torch.no_grad()
@@ -88,13 +90,14 @@ class Parts:
 
 def write_original(parts: Parts, path: Path, *, fmt: str = "safetensors", with_vision: bool = True,
                    vision_tower: str | None = None, extra: dict | None = None,
-                   drop: tuple[str, ...] = ()) -> Path:
+                   drop: tuple[str, ...] = (), vision_prefix: str = "model.vision_tower.vision_tower.vision_model.",
+                   ) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     if vision_tower is None:  # a local CLIP directory holding only the (tiny) config, as mm_vision_tower
         parts.clip.config.save_pretrained(path.parent / "clip_config_only")
         vision_tower = str(path.parent / "clip_config_only")
     tok = make_tokenizer(path)
-    sd = parts.original_state_dict(with_vision)
+    sd = parts.original_state_dict(with_vision, vision_prefix)
     sd.update(extra or {})
     for k in drop:
         sd.pop(k)
@@ -261,3 +264,23 @@ def test_main_cli(tmp_path, capsys):
     assert model.get_output_embeddings().weight.shape[0] == 128
     with pytest.raises(SystemExit):
         main(["--src", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")])
+
+
+def test_vision_tower_key_variants(tmp_path):
+    """Some LLaVA derivatives store the tower as vision_model.* at top level."""
+    parts = Parts("qwen2", tokenizer_vocab(tmp_path))
+    src = write_original(parts, tmp_path / "src", vision_prefix="vision_model.")
+    report = convert_llava_checkpoint(src, tmp_path / "out")
+    assert report.vision_from == "checkpoint"
+    assert "model.layers.0.self_attn.rotary_emb.inv_freq" in report.ignored_keys
+    check_logits(parts, tmp_path / "out", report)
+
+
+def test_unsupported_llava_settings_are_named(tmp_path):
+    parts = Parts("mistral", tokenizer_vocab(tmp_path))
+    src = write_original(parts, tmp_path / "src")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(mm_projector_type="linear", image_aspect_ratio="anyres")
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConversionError, match="mm_projector_type='linear'.*image_aspect_ratio='anyres'"):
+        convert_llava_checkpoint(src, tmp_path / "out")

@@ -218,6 +218,8 @@ def _check_llava_fields(src_cfg: dict) -> None:
     if src_cfg.get("image_aspect_ratio", "pad") not in ("pad", "square", None):
         problems.append(f"image_aspect_ratio={src_cfg.get('image_aspect_ratio')!r} (anyres is LLaVA-NeXT, "
                         "not LlavaForConditionalGeneration; expected 'pad' or 'square')")
+    if str(src_cfg.get("mm_patch_merge_type", "flat")) != "flat":
+        problems.append(f"mm_patch_merge_type={src_cfg.get('mm_patch_merge_type')!r} (only 'flat')")
     if src_cfg.get("mm_use_im_start_end"):
         problems.append("mm_use_im_start_end=true (image start/end tokens are not supported)")
     if problems:
@@ -252,7 +254,7 @@ def _vision_config(src_cfg: dict, vdir: Path | None):
 
 # ---------------------------------------------------------------------------------------------- key mapping
 
-_LLAVA_VISION_PREFIX = "model.vision_tower.vision_tower."
+_LLAVA_VISION_PREFIXES = ("model.vision_tower.vision_tower.", "model.vision_tower.", "vision_tower.", "vision_model.")
 
 
 def _map_llava_key(key: str) -> str | None:
@@ -261,8 +263,9 @@ def _map_llava_key(key: str) -> str | None:
         return "model.multi_modal_projector.linear_1." + key[len("model.mm_projector.0."):]
     if key.startswith("model.mm_projector.2."):
         return "model.multi_modal_projector.linear_2." + key[len("model.mm_projector.2."):]
-    if key.startswith(_LLAVA_VISION_PREFIX):
-        return _map_clip_key(key[len(_LLAVA_VISION_PREFIX):])
+    for prefix in _LLAVA_VISION_PREFIXES:  # the tower under model.vision_tower.vision_tower (LLaVA) or variants
+        if key.startswith(prefix):
+            return _map_clip_key(key if prefix == "vision_model." else key[len(prefix):])
     if key == "lm_head.weight":
         return key
     if key.startswith("model."):
