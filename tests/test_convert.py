@@ -134,6 +134,8 @@ def check_logits(parts: Parts, out: Path, report) -> None:
     model.eval()
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     assert model.config.text_config.model_type == parts.text_config.model_type
+    text_keys = model.config.text_config.to_dict()
+    assert not [k for k in text_keys if "mm_" in k or k in ("image_aspect_ratio", "tokenizer_padding_side")]
     assert model.config.vision_feature_layer == -2
     assert model.config.vision_feature_select_strategy == "default"
     assert model.config.projector_hidden_act == "gelu"

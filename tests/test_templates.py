@@ -77,6 +77,12 @@ EXPECTED = {
         "<|im_start|>user\n<image>\nWhat is shown?<|im_end|>\n"
         "<|im_start|>assistant\n",
     ),
+    "huatuo": (
+        "<|user|>\n<image>\nWhat is shown?\n<|assistant|>\nA chest X-ray.</s>\n",
+        "<|user|>\n<image>\nWhat is shown?\n<|assistant|>\nA chest X-ray.</s>\n"
+        "<|user|>\nAny effusion?\n<|assistant|>\nNo.</s>\n",
+        "<|user|>\n<image>\nWhat is shown?\n<|assistant|>\n",
+    ),
     "tiny": (
         "USER: <image>\nWhat is shown?\nASSISTANT: A chest X-ray.</s>\n",
         "USER: <image>\nWhat is shown?\nASSISTANT: A chest X-ray.</s>\nUSER: Any effusion?\nASSISTANT: No.</s>\n",
@@ -133,6 +139,8 @@ def test_registry_api():
     assert TEMPLATE_INFO["v1"].image_placeholder == "<image>"
     assert TEMPLATE_INFO["qwen_2"].image_placeholder == "<image>"  # HuatuoGPT-Vision is a LLaVA-style model
     assert TEMPLATE_INFO["qwen2_vl"].image_placeholder == "<|vision_start|><|image_pad|><|vision_end|>"
+    assert TEMPLATE_INFO["huatuo"].stops("<|endoftext|>") == ["<|endoftext|>"]
+    assert TEMPLATE_INFO["mistral_instruct"].stops("</s>") == ["</s>"]
     with pytest.raises(ValueError, match="unknown chat template"):
         get_chat_template("nope")
     with pytest.raises(ValueError, match="unknown chat template"):

@@ -79,6 +79,7 @@ _LLAVA_ONLY_KEYS = {
     "image_grid_pinpoints", "tune_mm_mlp_adapter", "freeze_mm_mlp_adapter", "use_mm_proj",
     "tokenizer_model_max_length", "tokenizer_padding_side", "unfreeze_mm_vision_tower", "mm_tunable_parts",
     "image_crop_resolution", "image_split_resolution", "vision_tower", "mm_hidden_size",
+    "freeze_mm_vision_resampler", "tune_mm_vision_resampler", "unfreeze_mm_vision_resampler",
 }
 # Buffers that old checkpoints saved and current modules recompute: dropped, not reported.
 _IGNORED_SUFFIXES = (".position_ids", "rotary_emb.inv_freq")
@@ -203,8 +204,12 @@ def _text_model_type(src_cfg: dict) -> str:
 def _text_config(src_cfg: dict, model_type: str):
     from transformers import CONFIG_MAPPING
 
-    kwargs = {k: v for k, v in src_cfg.items() if not k.startswith("mm_") and k not in _LLAVA_ONLY_KEYS}
-    return CONFIG_MAPPING[model_type](**kwargs)
+    def llava_only(k: str) -> bool:
+        return "mm_" in k or k in _LLAVA_ONLY_KEYS or k.startswith("s2")
+
+    dropped = sorted(k for k in src_cfg if llava_only(k))
+    log.info("config.json: LLaVA fields not carried into text_config: %s", dropped)
+    return CONFIG_MAPPING[model_type](**{k: v for k, v in src_cfg.items() if not llava_only(k)})
 
 
 def _check_llava_fields(src_cfg: dict) -> None:

@@ -34,7 +34,13 @@ Sources of the formats (checked against the original code; strings reproduced, c
   "<|im_start|>system\\n...<|im_end|>\\n<|im_start|>user\\nq<|im_end|>\\n<|im_start|>assistant\\na<|im_end|>\\n".
   NOTE: FreedomIntelligence/HuatuoGPT-Vision's released cli.py (HuatuoChatbot.preprocess_huatuo) feeds the
   LLaVA-Qwen2 7B model "<|user|>\\n{q}\\n<|assistant|>\\n" instead (history turns "<|assistant|>\\n{a} \\n");
-  that format is not registered here (see the gaps in the issue note).
+  that format is registered as "huatuo" (below); "qwen_2" stays the ChatML variant.
+- "huatuo": HuatuoGPT-Vision cli.py's prompt format exactly: "<|user|>\n{q.strip()}\n" per user turn,
+  "<|assistant|>\n" as the generation prompt, no system prompt. Its assistant turns are rendered here as
+  "<|assistant|>\n{a}" + eos_token + "\n": cli.py stops generation at eos_token_id (so answers ended with
+  EOS in training) while its chat *history* writes "{a} \n" without EOS; the training format itself is not
+  released, so this end marker is our inference from the stopping rule. A system message, if given, is
+  written as "{system}\n" first (cli.py has none).
 - "qwen2_vl": the same ChatML with the Qwen2-VL image placeholder
   "<|vision_start|><|image_pad|><|vision_end|>" (the Qwen2/2.5-VL processors' template, as used by the
   Qwen2.5-VL HuatuoGPT-Vision training script).
@@ -128,6 +134,19 @@ CHATML = (
 )
 
 
+# HuatuoGPT-Vision cli.py (HuatuoChatbot.preprocess_huatuo): "<|user|>\n{q}\n<|assistant|>\n".
+HUATUO = (
+    _split_system("")
+    + "{% if system %}{{ system + '\n' }}{% endif %}"
+    "{% for m in turns %}"
+    "{% if m['role'] == 'user' %}{{ '<|user|>\n' + (m['content'] | trim) + '\n' }}"
+    "{% elif m['role'] == 'assistant' %}{{ '<|assistant|>\n' + m['content'] + eos_token + '\n' }}"
+    "{% else %}" + _BAD_ROLE + "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
 @dataclass(frozen=True)
 class TemplateInfo:
     """A chat template and what a collator / generator needs to know about it.
@@ -150,6 +169,10 @@ class TemplateInfo:
     def end_marker(self, eos_token: str | None = None) -> str:
         return self.end_of_turn.replace("{eos_token}", eos_token or "")
 
+    def stops(self, eos_token: str | None = None) -> list[str]:
+        """`stop_strings` with "{eos_token}" filled in."""
+        return [x.replace("{eos_token}", eos_token or "") for x in self.stop_strings if x.replace("{eos_token}", eos_token or "")]
+
     def assistant_suffix(self, response: str, eos_token: str | None = None) -> str:
         """What follows the generation prompt when the assistant answers `response` (with its end marker)."""
         return self.assistant_prefix + response + self.end_marker(eos_token)
@@ -164,6 +187,7 @@ TEMPLATE_INFO: dict[str, TemplateInfo] = {
     "qwen2_vl": TemplateInfo(
         "qwen2_vl", CHATML, "<|vision_start|><|image_pad|><|vision_end|>", "", "<|im_end|>\n", False, ("<|im_end|>",)
     ),
+    "huatuo": TemplateInfo("huatuo", HUATUO, "<image>", "", "{eos_token}\n", False, ("{eos_token}",)),
 }
 TEMPLATE_INFO["vicuna_v1"] = TemplateInfo(**{**TEMPLATE_INFO["v1"].__dict__, "name": "vicuna_v1"})
 
