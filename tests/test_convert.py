@@ -240,6 +240,8 @@ def test_unexpected_and_missing_keys_are_listed(tmp_path):
     assert "model.mm_projector.4.weight" in msg and "unexpected" in msg
     assert "model.language_model.layers.1.mlp.up_proj.weight" in msg and "missing" in msg
     assert not (tmp_path / "out").exists()  # nothing written
+    with pytest.raises(ConversionError, match="must differ"):
+        convert_llava_checkpoint(src, src)
 
 
 def test_missing_vision_tower_is_an_error(tmp_path):

@@ -361,6 +361,8 @@ def convert_llava_checkpoint(
     from .templates import get_chat_template
 
     src, out = Path(src_dir), Path(out_dir)
+    if out.resolve() == src.resolve():
+        raise ConversionError(f"{out}: the output directory must differ from the source (shards would be overwritten)")
     src_cfg = _read_json(src / "config.json")
     _check_llava_fields(src_cfg)
     text_type = _text_model_type(src_cfg)
