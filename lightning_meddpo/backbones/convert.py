@@ -387,7 +387,11 @@ def convert_llava_checkpoint(
 
     if dtype is None:
         dtype = src_cfg.get("torch_dtype") or src_cfg.get("dtype")
+    if dtype == "auto":
+        dtype = None
     if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ConversionError(f"dtype={dtype!r}: expected float32, float16 or bfloat16")
         dtype = getattr(torch, dtype)
 
     strategy = "full" if src_cfg.get("mm_vision_select_feature", "patch") == "cls_patch" else "default"
