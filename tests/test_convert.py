@@ -238,7 +238,8 @@ def test_unexpected_and_missing_keys_are_listed(tmp_path):
         convert_llava_checkpoint(src, tmp_path / "out")
     msg = str(e.value)
     assert "model.mm_projector.4.weight" in msg and "unexpected" in msg
-    assert "model.language_model.layers.1.mlp.up_proj.weight" in msg and "missing" in msg
+    assert "model.layers.1.mlp.up_proj.weight (-> model.language_model.layers.1.mlp.up_proj.weight)" in msg
+    assert "missing keys (1)" in msg
     assert not (tmp_path / "out").exists()  # nothing written
     with pytest.raises(ConversionError, match="must differ"):
         convert_llava_checkpoint(src, src)

@@ -287,6 +287,22 @@ def _map_clip_key(key: str) -> str | None:
     return "model.vision_tower." + key
 
 
+def _source_name(runtime_key: str, vision_in_checkpoint: bool) -> str:
+    """For error messages: the original-LLaVA name a missing runtime key would have had."""
+    k = runtime_key
+    if k.startswith("model.multi_modal_projector.linear_"):
+        idx = {"1": "0", "2": "2"}[k[len("model.multi_modal_projector.linear_")]]
+        src = f"model.mm_projector.{idx}." + k.split(".", 3)[3]
+    elif k.startswith("model.vision_tower."):
+        rest = k[len("model.vision_tower."):]
+        src = ("model.vision_tower.vision_tower.vision_model." if vision_in_checkpoint else "vision_model.") + rest
+    elif k.startswith("model.language_model."):
+        src = "model." + k[len("model.language_model."):]
+    else:
+        src = k
+    return src if src == k else f"{src} (-> {k})"
+
+
 def _is_ignored(key: str) -> bool:
     return key.endswith(_IGNORED_SUFFIXES)
 
@@ -443,6 +459,9 @@ def convert_llava_checkpoint(
             want = expected[tk]
             if shape != want and not (tk in resized and shape == (orig_vocab,) + want[1:]):
                 bad_shape.append(f"{shard.name}: {k}: {list(shape)}, expected {list(want)}")
+            if tk in seen:
+                unexpected.append(f"{shard.name}: {k} (duplicate of {seen[tk]})")
+                continue
             has_vision |= tk.startswith("model.vision_tower.")
             mapping[k] = tk
             seen[tk] = k
@@ -473,7 +492,7 @@ def convert_llava_checkpoint(
     if missing or unexpected or bad_shape:
         parts = []
         if missing:
-            parts.append(f"missing keys ({len(missing)}): {missing}")
+            parts.append(f"missing keys ({len(missing)}): {[_source_name(k, has_vision) for k in missing]}")
         if unexpected:
             parts.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
         if bad_shape:
