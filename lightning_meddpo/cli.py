@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
@@ -60,6 +61,9 @@ def run_extra_command(name: str, argv: list[str]) -> object:
 
 def main(args: list[str] | None = None) -> MedDPOCLI | object:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The frozen reference model is in eval mode on purpose; Lightning's warning about it is noise.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] in EXTRA_COMMANDS:
         return run_extra_command(argv[0], argv[1:])
