@@ -27,6 +27,7 @@ gets one inserted before its first user turn, and is counted.
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -96,12 +97,24 @@ def load_hf_dataset(path: Path, split: str | None = None):
 
 
 def dataset_rows(ds: Any, label: str, batch_size: int = 256) -> list[Row]:
-    """Rows of a `datasets.Dataset` as plain dicts, image features undecoded ({"bytes", "path"})."""
+    """Rows of a `datasets.Dataset` as plain dicts, image features undecoded ({"bytes", "path"}).
+
+    Columns of the `Json` feature (what load_dataset makes of a JSON column whose rows mix strings and
+    message lists) are stored as JSON text in Arrow and are decoded here."""
+    json_cols = [name for name, f in (ds.features or {}).items() if type(f).__name__ == "Json"]
     rows: list[Row] = []
     arrow = ds.with_format("arrow")
     for start in range(0, len(ds), batch_size):
         for j, r in enumerate(arrow[start:start + batch_size].to_pylist()):
-            rows.append((f"{label}[{start + j}]", r))
+            source = f"{label}[{start + j}]"
+            try:
+                for name in json_cols:
+                    if isinstance(r.get(name), str):
+                        r[name] = json.loads(r[name])
+            except json.JSONDecodeError as e:
+                rows.append((source, RecordError(source, None, name, f"malformed JSON: {e}")))
+                continue
+            rows.append((source, r))
     return rows
 
 
@@ -341,7 +354,7 @@ def read_records(
     if format == "hf_dataset":
         label = f"{path}[{split}]" if split else str(path)
         rows = dataset_rows(load_hf_dataset(path, split), label)
-        return _parse_rows(rows, detect_schema(rows, label), root, label, skip_invalid)
+        return _parse_rows(rows, detect_schema(rows, label), root, path.stem if path.is_file() else path.name, skip_invalid)
     if path.is_dir():
         raise RecordError(str(path), None, "<file>", f"a directory; use format 'hf_dataset' (not {format!r})")
     rows = _file_rows(path)
@@ -352,5 +365,5 @@ def read_records(
 def _parse_rows(rows: list[Row], schema: str, root: Path, stem: str, skip_invalid: bool):
     if schema == "paper":
         return collect(rows, lambda raw, src, i: parse_paper_record(raw, src, root), skip_invalid)
-    stem = Path(stem).name.split("[")[0] or "row"
+    stem = stem or "row"
     return collect(rows, lambda raw, src, i: parse_trl_record(raw, src, root, f"{stem}-{i}"), skip_invalid)
