@@ -122,7 +122,9 @@ def resolve_image(image_root: Path, value: Any, source: str, record_id: str, fie
         raise RecordError(source, record_id, field_name, f"expected an image path, got {value!r}")
     rel = Path(value)
     if rel.is_absolute() or ".." in rel.parts:
-        raise RecordError(source, record_id, field_name, f"image path {value!r} escapes the image root")
+        raise RecordError(source, record_id, field_name, f"image path {value!r} escapes the image root "
+                          "(absolute paths and '..' are not allowed)",
+                          reason=f"field {field_name}: image path escapes the image root")
     path = (image_root / rel).resolve()
     if not path.is_file():
         raise RecordError(source, record_id, field_name, f"image file not found: {path}")
