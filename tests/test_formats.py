@@ -187,3 +187,16 @@ def test_unknown_fields_and_bad_format(root, tiny_processor):
     paper = _jsonl(root / "paper_as_trl.jsonl", [{"id": "p", "image": "images/retina.png", "conversations": []}])
     with pytest.raises(RecordError, match="field 'chosen': missing"):
         read_records(paper, format="trl")
+
+
+def test_dataset_images_stay_encoded_in_records(root, tiny_processor):
+    ds, imgs = _image_dataset(root, n=2)
+    path = root / "hf_lazy"
+    ds.save_to_disk(str(path))
+    dm = PreferenceDataModule(test_file=str(path), processor=tiny_processor, max_length=128)
+    dm.setup("test")  # decodes every image once to validate it...
+    rec = dm.datasets["test"].records[0]
+    assert rec.image._im is None  # ...but the record keeps only the encoded bytes, not the pixels
+    from lightning_meddpo.data.datamodule import load_record_image
+
+    assert np.array_equal(np.asarray(load_record_image(rec)), np.asarray(imgs[0].convert("RGB")))

@@ -11,6 +11,7 @@ Truncated responses are counted and logged.
 
 from __future__ import annotations
 
+import io
 import logging
 from collections import Counter
 from pathlib import Path
@@ -52,6 +53,9 @@ def load_record_image(record: PreferenceRecord, field_name: str = "image",
                           reason=f"field {field_name}: image larger than max_pixels")
     try:
         if isinstance(value, Image.Image):
+            fp = getattr(value, "fp", None)
+            if isinstance(fp, io.BytesIO):  # opened from a dataset's bytes: decode a copy, so the record
+                value = Image.open(io.BytesIO(fp.getvalue()))  # keeps only the encoded bytes in memory
             value.load()
             return to_rgb8(value)
         return load_image(value, record_id=record.id, field_name=field_name, max_pixels=None)
