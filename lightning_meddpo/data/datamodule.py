@@ -1,12 +1,17 @@
 """PreferenceDataModule: preference files -> validated records -> tokenised pairs -> PreferenceBatch.
 
 It gets the backbone's processor from the module (linked by the CLI), so the data layer never
-imports a LightningModule. Every record is validated and encoded once in `setup`: bad records raise
-(or, with skip_invalid, are counted and reported), and truncated responses are counted and logged.
+imports a LightningModule. Files of any format in formats.py are read (`format=`). Every record is
+then validated and encoded once in `setup`: each image (and rejected image) is fully decoded (truncated
+or unreadable files, images over `max_pixels`), and a prompt whose image tokens alone exceed
+`max_length` is a `PromptTooLongError`. Bad records raise, naming the file, row, record id and field;
+with skip_invalid they are removed, counted by reason in `dm.reports[file]` (a ReadReport) and logged.
+Truncated responses are counted and logged.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 from collections import Counter
 from pathlib import Path
@@ -14,20 +19,59 @@ from typing import Any
 
 import lightning as L
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_meddpo.data.collate import EncodedPair, PairEncoder, PreferenceCollator
-from lightning_meddpo.data.images import load_image
-from lightning_meddpo.data.records import PreferenceRecord, ReadReport, read_preference_file
+from lightning_meddpo.data.collate import EncodedPair, PairEncoder, PreferenceCollator, PromptTooLongError
+from lightning_meddpo.data.formats import FORMATS, read_records
+from lightning_meddpo.data.images import DEFAULT_MAX_PIXELS, load_image, to_rgb8
+from lightning_meddpo.data.records import PreferenceRecord, ReadReport, RecordError
 
 log = logging.getLogger(__name__)
+
+PROMPT_TOO_LONG = "prompt with image tokens exceeds max_length"
+
+
+def load_record_image(record: PreferenceRecord, field_name: str = "image",
+                      max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode a record's image (a path or a PIL image) to 8-bit RGB; failures are RecordErrors."""
+    value = getattr(record, field_name)
+    label = "a PIL image" if isinstance(value, Image.Image) else str(value)
+    try:
+        if isinstance(value, Image.Image):
+            size = value.size
+        else:
+            with Image.open(value) as im:
+                size = im.size
+    except (OSError, UnidentifiedImageError, SyntaxError) as e:
+        raise RecordError(record.source, record.id, field_name, f"cannot decode image {label}: {e}",
+                          reason=f"field {field_name}: image cannot be decoded") from e
+    if max_pixels is not None and size[0] * size[1] > max_pixels:
+        raise RecordError(record.source, record.id, field_name,
+                          f"image {label} is {size[0]}x{size[1]} = {size[0] * size[1]} pixels, more than "
+                          f"max_pixels={max_pixels} (raise data.max_pixels to allow it)",
+                          reason=f"field {field_name}: image larger than max_pixels")
+    try:
+        if isinstance(value, Image.Image):
+            fp = getattr(value, "fp", None)
+            if isinstance(fp, io.BytesIO):  # opened from a dataset's bytes: decode a copy, so the record
+                value = Image.open(io.BytesIO(fp.getvalue()))  # keeps only the encoded bytes in memory
+            value.load()
+            return to_rgb8(value)
+        return load_image(value, record_id=record.id, field_name=field_name, max_pixels=None)
+    except (OSError, SyntaxError, ValueError) as e:
+        cause = e.__cause__ or e
+        raise RecordError(record.source, record.id, field_name, f"cannot decode image {label}: {cause}",
+                          reason=f"field {field_name}: image cannot be decoded") from e
 
 
 class PreferenceDataset(Dataset):
     """Encodes one record per item: chosen and rejected on image m, plus m' when there is one."""
 
-    def __init__(self, records: list[PreferenceRecord], encoder: PairEncoder, corruption: Any = None, seed: int = 0):
+    def __init__(self, records: list[PreferenceRecord], encoder: PairEncoder, corruption: Any = None, seed: int = 0,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
         self.records, self.encoder, self.corruption, self.seed = records, encoder, corruption, seed
+        self.max_pixels = max_pixels
         self.epoch = 0  # set by EpochSampler; seeds on-the-fly corruption
 
     def __len__(self) -> int:
@@ -35,7 +79,7 @@ class PreferenceDataset(Dataset):
 
     def rejected_image(self, record: PreferenceRecord, image):
         if record.rejected_image is not None:
-            mprime = load_image(record.rejected_image, record_id=record.id, field_name="rejected_image")
+            mprime = load_record_image(record, "rejected_image", self.max_pixels)
         elif self.corruption is not None:
             from lightning_meddpo.data.images import corrupt, seed_for
 
@@ -46,9 +90,12 @@ class PreferenceDataset(Dataset):
 
     def __getitem__(self, index: int) -> EncodedPair:
         record = self.records[index]
-        image = load_image(record.image, record_id=record.id)
-        chosen, images = self.encoder.encode(record.prompt, record.chosen, image, record.id)
-        rejected, _ = self.encoder.encode(record.prompt, record.rejected, image, record.id)
+        image = load_record_image(record, "image", self.max_pixels)
+        try:
+            chosen, images = self.encoder.encode(record.prompt, record.chosen, image, record.id)
+            rejected, _ = self.encoder.encode(record.prompt, record.rejected, image, record.id)
+        except PromptTooLongError as e:
+            raise PromptTooLongError(f"{record.source}: field 'prompt': {e} (raise data.max_length)") from e
         mprime = self.rejected_image(record, image)
         return EncodedPair(
             id=record.id,
@@ -81,18 +128,23 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 class PreferenceDataModule(L.LightningDataModule):
-    """Image-text preference pairs in the paper's format (JSON array or JSONL, DESIGN.md §5).
+    """Image-text preference pairs (DESIGN.md §5): the paper's format, TRL's, or a `datasets` dataset.
 
     Args:
-        train_file: preference records for training.
+        train_file: preference records for training (a file, or a `datasets` save_to_disk directory).
         val_file: records for validation; if absent, `val_fraction` of train_file is split off (seeded).
         test_file: records for `test`.
+        format: "auto" (directory: hf_dataset; file: paper or trl by its fields), "paper", "trl" or
+            "hf_dataset" (see data/formats.py). For a DatasetDict the split "train" / "validation" (or
+            "val") / "test" is used, or the only split.
         image_root: directory image paths are relative to (default: each file's directory).
+        max_pixels: images with more pixels are refused (an error, or a skip with skip_invalid).
         demo: generate the synthetic demo dataset into the files' directory if it is missing;
             a dict passes sizes to it (n_train, n_val, n_test, image_pair_fraction, ...).
         max_length: tokens per sequence; responses are truncated from the end, image tokens never.
         corruption: on-the-fly corruption for m' when a record has no rejected_image (e.g. "crop").
-        skip_invalid: count and report invalid records instead of raising on the first.
+        skip_invalid: count and report invalid records instead of raising on the first. Reading and
+            validation skips are counted by reason in `reports[file]` (see also `skipped`) and logged.
     """
 
     def __init__(
@@ -112,13 +164,26 @@ class PreferenceDataModule(L.LightningDataModule):
         demo: bool | dict[str, Any] = False,
         seed: int = 0,
         processor: Any = None,
+        format: str = "auto",
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ):
         super().__init__()
+        if format not in FORMATS:
+            raise ValueError(f"data.format must be one of {FORMATS}, got {format!r}")
         self.save_hyperparameters(ignore=["processor"])
         self.processor = processor
         self.datasets: dict[str, PreferenceDataset] = {}
         self.reports: dict[str, ReadReport] = {}
         self.truncated: Counter = Counter()
+        self._origin: dict[int, str] = {}  # id(record) -> the file it was read from (its report's key)
+
+    @property
+    def skipped(self) -> Counter:
+        """Skipped records by reason, over every file read."""
+        total: Counter = Counter()
+        for report in self.reports.values():
+            total.update(report.skipped)
+        return total
 
     def prepare_data(self) -> None:
         if self.hparams.demo:
@@ -127,9 +192,19 @@ class PreferenceDataModule(L.LightningDataModule):
             options = self.hparams.demo if isinstance(self.hparams.demo, dict) else {}
             ensure_demo_dataset(Path(self.hparams.train_file).parent, **{"seed": self.hparams.seed, **options})
 
-    def _read(self, path: str) -> list[PreferenceRecord]:
-        records, report = read_preference_file(path, self.hparams.image_root, skip_invalid=self.hparams.skip_invalid)
+    def _read(self, path: str, split: str = "train") -> list[PreferenceRecord]:
+        h = self.hparams
+        hf_split = None
+        if Path(path).is_dir():
+            import datasets
+
+            if (Path(path) / datasets.config.DATASETDICT_JSON_FILENAME).is_file():
+                names = datasets.load_from_disk(path).keys()
+                wanted = {"train": ["train"], "val": ["validation", "val", "valid"], "test": ["test"]}[split]
+                hf_split = next((n for n in wanted if n in names), None)
+        records, report = read_records(path, h.image_root, format=h.format, skip_invalid=h.skip_invalid, split=hf_split)
         self.reports[path] = report
+        self._origin.update({id(r): path for r in records})
         log.info("%s: %s", path, report.summary())
         for err in report.errors[:20]:
             log.warning("skipped %s", err)
@@ -139,24 +214,47 @@ class PreferenceDataModule(L.LightningDataModule):
         if self.processor is None:
             raise ValueError("PreferenceDataModule needs the backbone's processor (the CLI links it from the model)")
         encoder = PairEncoder(self.processor, self.hparams.max_length, self.hparams.image_placeholder)
-        dataset = PreferenceDataset(records, encoder, self.hparams.corruption, self.hparams.seed)
+        dataset = PreferenceDataset(records, encoder, self.hparams.corruption, self.hparams.seed, self.hparams.max_pixels)
         self._check_lengths(split, dataset)
         return dataset
 
     def _check_lengths(self, split: str, dataset: PreferenceDataset) -> None:
-        """Encode every pair once: fail early on prompts that cannot fit, count truncated responses."""
+        """Decode and encode every pair once: images that cannot be decoded (or are over max_pixels) and
+        prompts that cannot fit raise, or with skip_invalid are removed and counted; truncated responses
+        are counted."""
+        kept: list[PreferenceRecord] = []
+        skipped: Counter = Counter()
         for i, record in enumerate(dataset.records):
-            pair = dataset[i]
+            try:
+                pair = dataset[i]
+            except (RecordError, PromptTooLongError) as e:
+                if not self.hparams.skip_invalid:
+                    raise
+                if isinstance(e, PromptTooLongError):
+                    e = RecordError(record.source, record.id, "prompt", str(e), reason=PROMPT_TOO_LONG)
+                report = self.reports.setdefault(self._origin.get(id(record), split), ReadReport())
+                report.skip(e)
+                report.read -= 1  # read, but not usable
+                skipped[e.reason] += 1
+                log.warning("skipped %s", e)
+                continue
+            kept.append(record)
             self.truncated[split] += int(pair.chosen.truncated) + int(pair.rejected.truncated)
+        dataset.records = kept
+        if skipped:
+            log.warning("%s: %d records skipped in validation: %s", split, sum(skipped.values()),
+                        "; ".join(f"{n} {reason}" for reason, n in sorted(skipped.items())))
+        if not kept:
+            raise ValueError(f"{split}: no usable records left ({'; '.join(f'{r.summary()} in {p}' for p, r in self.reports.items())})")
         if self.truncated[split]:
             log.warning("%s: %d responses truncated to max_length=%d", split, self.truncated[split], self.hparams.max_length)
 
     def setup(self, stage: str | None = None) -> None:
         h = self.hparams
         if stage in ("fit", "validate", None) and "train" not in self.datasets and h.train_file:
-            train = self._read(h.train_file)
+            train = self._read(h.train_file, "train")
             if h.val_file:
-                val = self._read(h.val_file)
+                val = self._read(h.val_file, "val")
             else:
                 g = torch.Generator().manual_seed(h.seed)
                 order = torch.randperm(len(train), generator=g).tolist()
@@ -166,7 +264,7 @@ class PreferenceDataModule(L.LightningDataModule):
             self.datasets["train"] = self._dataset("train", train)
             self.datasets["val"] = self._dataset("val", val)
         if stage in ("test", None) and h.test_file and "test" not in self.datasets:
-            self.datasets["test"] = self._dataset("test", self._read(h.test_file))
+            self.datasets["test"] = self._dataset("test", self._read(h.test_file, "test"))
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:

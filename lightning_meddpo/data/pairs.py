@@ -32,6 +32,7 @@ import json
 import os
 import random
 import re
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ from PIL import Image
 
 from lightning_meddpo.data.images import corrupt, load_image, normalize_spec, seed_for
 from lightning_meddpo.data.lexicon import ERROR_TYPES, LEXICON  # noqa: F401 (ERROR_TYPES re-exported)
-from lightning_meddpo.data.records import GPT_ROLES, HUMAN_ROLES, IMAGE_TOKEN, RecordError
+from lightning_meddpo.data.records import GPT_ROLES, HUMAN_ROLES, IMAGE_TOKEN, RecordError, load_json_records
 
 CAPTION_PROMPT = "Describe the findings in this medical image."
 Rng = np.random.Generator | random.Random
@@ -278,23 +279,10 @@ class SourceItem:
 
 
 def read_json_or_jsonl(path: str | Path) -> list[tuple[str, Any]]:
-    """Raw records with a source label ('file:line' for JSONL, 'file[i]' for a JSON array)."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if path.suffix != ".jsonl" and text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise RecordError(str(path), None, "<file>", f"malformed JSON: {e}") from e
-        return [(f"{path}[{i}]", r) for i, r in enumerate(data)]
-    out = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                out.append((f"{path}:{lineno}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise RecordError(f"{path}:{lineno}", None, "<line>", f"malformed JSON: {e}") from e
-    return out
+    """Raw records with a source label ('file:line' for JSONL, 'file[i]' for a JSON array). A malformed
+    JSONL line becomes a RecordError in its place (raised, or counted with skip_invalid, by build_pairs);
+    a malformed JSON array raises at once."""
+    return load_json_records(Path(path))
 
 
 def safe_relative_path(value: Any, source: str, record_id: str | None, field_name: str) -> str:
@@ -502,6 +490,8 @@ def build_pairs(
     raws = read_json_or_jsonl(input_path)
     for source, raw in tqdm(raws, desc="build pairs", unit="record", disable=not progress):
         try:
+            if isinstance(raw, RecordError):  # a malformed JSONL line
+                raise raw
             item = parse_source_record(raw, source)
             if item.id in seen:
                 raise RecordError(source, item.id, "id", f"duplicate of the record at {seen[item.id]}")
@@ -546,6 +536,10 @@ def _text_pair(item, chosen, base, error_types, seed, rewriter, lexicon, summary
         try:
             result = rewriter(item.question, item.answer)
         except Exception as e:
+            rw = sys.modules.get("lightning_meddpo.data.rewriter")  # not imported: cannot be its RewriteError
+            if rw is not None and isinstance(e, rw.RewriteError):  # the LLM answered, never usably: skip this one
+                summary.skip("text: rewriter gave no rewrite that differs from the answer", item.id)
+                return None
             raise RuntimeError(f"{item.source} id={item.id!r}: the rewriter failed: {e}") from e
         rejected, error_type = result if isinstance(result, tuple) else (result, "rewriter")
         if not isinstance(rejected, str) or not rejected.strip():
@@ -596,3 +590,112 @@ def _image_pair(item, chosen, base, img, image_root, rel_dir, spec, seed, summar
     summary.written["image"] += 1
     return {"id": f"{item.id}-image", **base, "rejected_image": rel, "conversations": chosen,
             "rejected_conversations": [dict(t) for t in chosen], "pair_type": "image", "corruption": prov}
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+
+
+def _parse_corruption(value: str) -> str | dict[str, Any]:
+    """A corruption name ("crop") or a JSON spec ('{"type": "diffusion", "t": 500}'), checked now."""
+    spec: str | dict[str, Any] = value
+    if value.lstrip().startswith("{"):
+        try:
+            spec = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--corruption: not valid JSON: {e}") from e
+    normalize_spec(spec)  # unknown names / parameters fail here, before any work
+    return spec
+
+
+def _parse_error_types(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    names = [n.strip() for v in values for n in v.split(",") if n.strip()]
+    _tables(None, names)  # unknown names fail here
+    return names
+
+
+def make_parser():
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m lightning_meddpo build-pairs",
+        description="Build text- and/or image-rejected preference pairs (the paper's format) from a VQA, "
+                    "conversation or caption file (JSON array or JSONL).",
+    )
+    p.add_argument("--input", required=True, help="source records: LLaVA-Med questions, conversations or captions")
+    p.add_argument("--image-root", default=None,
+                   help="directory image paths are relative to; rejected images are written under it "
+                        "(default: the input file's directory)")
+    p.add_argument("--out", required=True, help="output file (.json array, or .jsonl)")
+    p.add_argument("--mode", choices=("text", "image", "both"), default="both",
+                   help="text-rejected pairs, image-rejected pairs, or one of each per record (default: both)")
+    p.add_argument("--corruption", default="crop",
+                   help='image corruption: a name (crop, diffusion, region_noise, black, rotate) or a JSON spec, '
+                        'e.g. \'{"type": "diffusion", "t": 500}\' (default: crop)')
+    p.add_argument("--error-types", nargs="+", default=None, metavar="TYPE",
+                   help=f"lexicon error types to inject (space or comma separated; default: all of {list(ERROR_TYPES)})")
+    p.add_argument("--seed", type=int, default=0, help="base seed; each record's draws derive from it and its id")
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="count and report malformed records instead of stopping at the first")
+    p.add_argument("--rejected-image-dir", default="rejected_images",
+                   help="folder under the image root for corrupted images (default: rejected_images)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("LLM rewriter (text pairs from an OpenAI-compatible model instead of the lexicon)")
+    g.add_argument("--rewriter-url", default=None, help="API base, e.g. http://127.0.0.1:8000/v1")
+    g.add_argument("--rewriter-model", default="gpt-4o", help="model name (default: gpt-4o)")
+    g.add_argument("--rewriter-api-key-env", default="OPENAI_API_KEY",
+                   help="NAME of the environment variable holding the API key (default: OPENAI_API_KEY; "
+                        "unset is fine for local servers)")
+    g.add_argument("--rewriter-cache-dir", default=None, help="reply cache: a rerun sends no request")
+    g.add_argument("--rewriter-max-attempts", type=int, default=3,
+                   help="requests per answer before giving up on it (default: 3)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> BuildSummary:
+    """`python -m lightning_meddpo build-pairs ...`: prints what was written and skipped, and why."""
+    parser = make_parser()
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    rewriter_flags = [f for f in ("rewriter_model", "rewriter_cache_dir") if getattr(args, f) != parser.get_default(f)]
+    if args.rewriter_url is None and rewriter_flags:
+        parser.error(f"--{rewriter_flags[0].replace('_', '-')} needs --rewriter-url")
+    if args.rewriter_url is not None and args.mode == "image":
+        parser.error("--rewriter-url makes text pairs; it has no effect with --mode image")
+    try:
+        corruption = _parse_corruption(args.corruption)
+        error_types = _parse_error_types(args.error_types)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.rewriter_url is not None and error_types is not None:
+        parser.error("--error-types selects lexicon perturbations; the LLM rewriter (--rewriter-url) replaces them")
+    input_path = Path(args.input)
+    if not input_path.is_file():
+        parser.error(f"--input {input_path}: no such file")
+    image_root = Path(args.image_root) if args.image_root is not None else input_path.parent
+    if not image_root.is_dir():
+        parser.error(f"--image-root {image_root}: no such directory")
+
+    rewriter = client = None
+    if args.rewriter_url is not None:
+        from lightning_meddpo.data.rewriter import LLMRewriter
+        from lightning_meddpo.llm import LLMClient
+
+        client = LLMClient(args.rewriter_url, args.rewriter_model, api_key_env=args.rewriter_api_key_env,
+                           cache_dir=args.rewriter_cache_dir)
+        rewriter = LLMRewriter(client, max_attempts=args.rewriter_max_attempts)
+    try:
+        summary = build_pairs(
+            input_path, image_root, args.out, mode=args.mode, corruption=corruption, error_types=error_types,
+            seed=args.seed, rewriter=rewriter, progress=not args.no_progress,
+            rejected_image_dir=args.rejected_image_dir, skip_invalid=args.skip_invalid,
+        )
+    except (RecordError, ValueError, RuntimeError, OSError) as e:
+        hint = "" if args.skip_invalid or not isinstance(e, RecordError) else " (--skip-invalid counts such records and goes on)"
+        print(f"build-pairs: error: {e}{hint}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(summary.summary())
+    if client is not None:
+        st = client.stats
+        print(f"  rewriter {client.model} at {client.url}: {st['requests']} requests, {st['cache_hits']} cache hits")
+    return summary

@@ -3,6 +3,10 @@
 A record becomes a `PreferenceRecord`; every problem is a `RecordError` naming the file, the line or
 index, the record id and the field. Nothing is dropped or changed silently: records missing the
 `<image>` placeholder get one inserted and are counted in the `ReadReport`.
+
+Other input formats (TRL conversational preference rows, `datasets` datasets) live in formats.py and
+map to the same `PreferenceRecord`; there `image` may be a PIL image (a `datasets` Image feature)
+instead of a path.
 """
 
 from __future__ import annotations
@@ -12,7 +16,10 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 IMAGE_TOKEN = "<image>"
 HUMAN_ROLES = {"human", "user"}
@@ -22,10 +29,20 @@ GPT_ROLES = {"gpt", "assistant"}
 class RecordError(ValueError):
     """A record that cannot be used, with where it came from and which field is wrong."""
 
-    def __init__(self, source: str, record_id: str | None, field_name: str, problem: str):
+    def __init__(self, source: str, record_id: str | None, field_name: str, problem: str, *, reason: str | None = None):
         self.source, self.record_id, self.field_name, self.problem = source, record_id, field_name, problem
+        self._reason = reason
         rid = f" id={record_id!r}" if record_id is not None else ""
         super().__init__(f"{source}{rid}: field {field_name!r}: {problem}")
+
+    @property
+    def reason(self) -> str:
+        """A short, value-free reason for skip counts, e.g. "field image: image file not found"."""
+        if self._reason is None:
+            problem = self.problem.split(":")[0].split(", got ")[0]
+            field_name = self.field_name.split("[")[0].split(".")[0]
+            return f"field {field_name}: {problem}"
+        return self._reason
 
 
 @dataclass(frozen=True)
@@ -39,11 +56,11 @@ class PreferenceRecord:
     """One preference pair. `prompt` holds every turn before the final response."""
 
     id: str
-    image: Path  # absolute path, checked to lie inside the image root
+    image: Path | Image.Image  # an absolute path inside the image root, or an image from a `datasets` dataset
     prompt: tuple[Turn, ...]
     chosen: str
     rejected: str
-    rejected_image: Path | None = None
+    rejected_image: Path | Image.Image | None = None
     weighted_score: float | None = None
     pair_type: Literal["text", "image"] = "text"
     source: str = ""
@@ -58,6 +75,15 @@ class ReadReport:
     placeholder_inserted: int = 0
     skipped: Counter = field(default_factory=Counter)  # reason -> count (only in skip mode)
     errors: list[str] = field(default_factory=list)
+
+    def skip(self, err: RecordError) -> None:
+        """Count a skipped record under its reason and keep its full message."""
+        self.skipped[err.reason] += 1
+        self.errors.append(str(err))
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(self.skipped.values())
 
     def summary(self) -> str:
         parts = [f"{self.read} records read"]
@@ -96,7 +122,9 @@ def resolve_image(image_root: Path, value: Any, source: str, record_id: str, fie
         raise RecordError(source, record_id, field_name, f"expected an image path, got {value!r}")
     rel = Path(value)
     if rel.is_absolute() or ".." in rel.parts:
-        raise RecordError(source, record_id, field_name, f"image path {value!r} escapes the image root")
+        raise RecordError(source, record_id, field_name, f"image path {value!r} escapes the image root "
+                          "(absolute paths and '..' are not allowed)",
+                          reason=f"field {field_name}: image path escapes the image root")
     path = (image_root / rel).resolve()
     if not path.is_file():
         raise RecordError(source, record_id, field_name, f"image file not found: {path}")
@@ -142,6 +170,37 @@ def with_image_placeholder(prompt: list[Turn]) -> tuple[tuple[Turn, ...], bool]:
     return tuple(fixed), True
 
 
+PAPER_FIELDS = frozenset({"id", "image", "conversations", "rejected_conversations", "rejected_image",
+                          "weighted_score", "pair_type"})
+
+
+def check_score(score: Any, source: str, rid: str) -> float | None:
+    """weighted_score: absent/None, or a finite number (not a bool, not a string, not NaN/inf)."""
+    if score is None:
+        return None
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+        raise RecordError(source, rid, "weighted_score", f"expected a finite number, got {score!r}")
+    return float(score)
+
+
+def finish_record(raw: dict[str, Any], source: str, rid: str, image: Any, prompt: tuple[Turn, ...], chosen: str,
+                  rejected: str, rejected_image: Any, rejected_field: str, known: frozenset[str]) -> PreferenceRecord:
+    """Checks shared by every format (score, pair type, chosen != rejected) and the record itself."""
+    score = check_score(raw.get("weighted_score"), source, rid)
+    pair_type = raw.get("pair_type") or ("image" if rejected_image is not None and chosen == rejected else "text")
+    if pair_type not in ("text", "image"):
+        raise RecordError(source, rid, "pair_type", f"expected 'text' or 'image', got {pair_type!r}")
+    if pair_type == "image" and rejected_image is None:
+        raise RecordError(source, rid, "rejected_image", "an image-rejected pair needs a rejected_image")
+    if chosen.strip() == rejected.strip() and pair_type == "text":
+        raise RecordError(source, rid, rejected_field, "the rejected response equals the chosen one")
+    meta = {k: v for k, v in raw.items() if k not in known}
+    return PreferenceRecord(
+        id=rid, image=image, prompt=prompt, chosen=chosen, rejected=rejected, rejected_image=rejected_image,
+        weighted_score=score, pair_type=pair_type, source=source, meta=meta,
+    )
+
+
 def parse_paper_record(raw: Any, source: str, image_root: Path) -> tuple[PreferenceRecord, bool]:
     """Parse one record of the paper's format. Returns the record and whether a placeholder was inserted."""
     if not isinstance(raw, dict):
@@ -167,25 +226,8 @@ def parse_paper_record(raw: Any, source: str, image_root: Path) -> tuple[Prefere
     rejected_image = None
     if raw.get("rejected_image") is not None:
         rejected_image = resolve_image(image_root, raw["rejected_image"], source, rid, "rejected_image")
-    score = raw.get("weighted_score")
-    if score is not None:
-        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
-            raise RecordError(source, rid, "weighted_score", f"expected a finite number, got {score!r}")
-        score = float(score)
-    chosen, rejected = chosen_turns[-1].text, rejected_turns[-1].text
-    pair_type = raw.get("pair_type") or ("image" if rejected_image is not None and chosen == rejected else "text")
-    if pair_type not in ("text", "image"):
-        raise RecordError(source, rid, "pair_type", f"expected 'text' or 'image', got {pair_type!r}")
-    if pair_type == "image" and rejected_image is None:
-        raise RecordError(source, rid, "rejected_image", "an image-rejected pair needs a rejected_image")
-    if chosen.strip() == rejected.strip() and pair_type == "text":
-        raise RecordError(source, rid, "rejected_conversations", "the rejected response equals the chosen one")
-    meta = {k: v for k, v in raw.items() if k not in {
-        "id", "image", "conversations", "rejected_conversations", "rejected_image", "weighted_score", "pair_type"}}
-    record = PreferenceRecord(
-        id=rid, image=image, prompt=prompt, chosen=chosen, rejected=rejected, rejected_image=rejected_image,
-        weighted_score=score, pair_type=pair_type, source=source, meta=meta,
-    )
+    record = finish_record(raw, source, rid, image, prompt, chosen_turns[-1].text, rejected_turns[-1].text,
+                           rejected_image, "rejected_conversations", PAPER_FIELDS)
     return record, inserted
 
 
@@ -209,8 +251,7 @@ def read_preference_file(
         except RecordError as e:
             if not skip_invalid:
                 raise
-            report.skipped[f"field {e.field_name}: {e.problem.split(':')[0]}"] += 1
-            report.errors.append(str(e))
+            report.skip(e)
             continue
         report.read += 1
         report.placeholder_inserted += inserted
