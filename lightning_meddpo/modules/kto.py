@@ -27,18 +27,17 @@ def mismatched_text(text: EncodedText, shift: int = 1) -> EncodedText:
     """Row i = the prompt of row (i+shift) % B followed by the response of row i.
 
     The prompt is the leading unlabelled part of a row (with its image tokens), the response the
-    labelled tokens; per-token extras (e.g. mm_token_type_ids) are spliced the same way. A row is
-    cut to the longer of its two source rows, so it never exceeds the data's max_length.
+    labelled tokens; per-token extras (e.g. mm_token_type_ids) are spliced the same way. A row longer
+    than the batch's padded width loses the end of its response (so it never exceeds max_length).
     """
     lengths = text.attention_mask.sum(-1)
     labelled = text.labels != IGNORE_INDEX
     prompt_len = torch.where(labelled.any(-1), labelled.int().argmax(-1), lengths)
     rows: dict[str, list[Tensor]] = {"input_ids": [], "labels": [], **{k: [] for k in text.extra}}
-    batch = text.input_ids.shape[0]
+    batch, limit = text.input_ids.shape
     for i in range(batch):
         j = (i + shift) % batch
         p, r0, r1 = int(prompt_len[j]), int(prompt_len[i]), int(lengths[i])
-        limit = max(int(lengths[i]), int(lengths[j]))
         response = text.input_ids[i, r0:r1]
         pieces = {
             "input_ids": (text.input_ids[j, :p], response),
