@@ -128,14 +128,29 @@ def test_demo_config_fits(runs, config):
     assert any(name.startswith("best-") for name in ckpts), ckpts
 
 
-def test_demo_config_through_python_dash_m(runs, tmp_path):
+def test_demo_config_through_python_dash_m_logs_every_term(runs, tmp_path):
+    """mDPO through the real entry point, with its TensorBoard logger: every term and the
+    image-conditioning rewards are logged for train and val (read back from the event files)."""
+    from lightning_meddpo.eval.tensorboard import read_scalars
+
     config = CONFIGS / "demo" / "mdpo.yaml"
+    args = [a for a in fit_args(config, runs["root"] / "data", tmp_path) if a != "--trainer.logger=false"]
+    args += [f"--trainer.logger.init_args.save_dir={tmp_path / 'tb'}", "--trainer.log_every_n_steps=1"]
     proc = subprocess.run(
-        [sys.executable, "-m", "lightning_meddpo", *fit_args(config, runs["root"] / "data", tmp_path)],
+        [sys.executable, "-m", "lightning_meddpo", *args],
         cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "mdpo" / "checkpoints" / "last.ckpt").exists()
+    (version,) = (tmp_path / "tb").glob("*/version_*")
+    assert (version / "checkpoints" / "last.ckpt").exists()
+    tags = set(read_scalars(version))
+    for stage in ("train", "val"):
+        suffix = "_epoch" if stage == "train" else ""
+        for key in ("loss", "loss/dpo", "loss/copo", "loss/anchor", "rewards/accuracies", "rewards/margins",
+                    "rewards_img/chosen_m", "rewards_img/chosen_mprime", "rewards_img/margins",
+                    "rewards_img/accuracies"):
+            assert f"{stage}/{key}{suffix}" in tags, (stage, key, sorted(tags))
+    assert "train/loss/copo_step" in tags
 
 
 @pytest.mark.parametrize("config", PAPER, ids=[f"{c.parent.name}-{c.stem}" for c in PAPER])
