@@ -75,17 +75,18 @@ FORMULATIONS = (
 )
 TERMS = {DPO: ["loss/dpo"], MMedPO: ["loss/mmedpo"], KTO: ["loss/kto"], SFT: []}
 MULTIMODAL_TERMS = {"copo": ["loss/copo"], "mdpo": ["loss/dpo", "loss/copo", "loss/anchor"], "targeted": ["loss/dpo", "loss/copo"]}
-_CACHE: dict[type, object] = {}
+_CACHE: dict[tuple, object] = {}
 
 
 def shared(cls, **kwargs):
     """One built, perturbed module per family, reused across its formulations: a formulation is
     the module's hparams, which compute_loss reads on every call (keeps the suite fast)."""
-    if cls not in _CACHE:
-        module = build(cls)
+    key = (cls, kwargs.get("loss_type") == "bco_pair")  # bco_pair's module has its baseline buffers
+    if key not in _CACHE:
+        module = build(cls, **({"loss_type": "bco_pair"} if key[1] else {}))
         perturb(module)
-        _CACHE[cls] = module
-    module = _CACHE[cls]
+        _CACHE[key] = module
+    module = _CACHE[key]
     defaults = {"loss_type": "sigmoid", "label_smoothing": 0.0, "nll_weight": 0.0} if cls is DPO else {}
     module.hparams.update({**defaults, **kwargs})
     module.zero_grad()
@@ -286,7 +287,10 @@ def test_kto_loss_matches_the_published_form(batch):
         pol = module.policy.logps(batch, ("chosen", "rejected"))
         ref = module.policy.reference_logps(batch, ("chosen", "rejected"))
         kl_batch = mismatched_batch(batch)
-        z0 = kto_kl_baseline(module.policy.logps(kl_batch, ("chosen",))["chosen"], module.policy.reference_logps(kl_batch, ("chosen",))["chosen"])
+        z0 = kto_kl_baseline(
+            module.policy.logps(kl_batch, ("chosen",))["chosen"],
+            module.policy.reference_logps(kl_batch, ("chosen",))["chosen"],
+        )
     desirable = torch.cat([torch.ones(len(batch)), torch.zeros(len(batch))]).bool()
     expected = kto_loss(
         torch.cat([pol["chosen"], pol["rejected"]]), torch.cat([ref["chosen"], ref["rejected"]]), desirable, z0,
@@ -304,6 +308,7 @@ def test_bco_pair_running_mean_is_a_buffer(batch):
     module = build(DPO, loss_type="bco_pair", beta=0.5)
     perturb(module)
     assert "bco_reward_mean" in module.state_dict()
+    assert "bco_reward_mean" not in DPO(backbone=BACKBONE).state_dict()
     module.train()
     _, first = module.compute_loss(batch)
     _, second = module.compute_loss(batch)

@@ -64,7 +64,8 @@ class DPO(PreferenceModule):
     bco_pair's baseline delta is the running mean (over training steps, every step's batch mean
     reduced across ranks, equal weight per step, as TRL's RunningMoments) of the rewards
     cat(beta h_w, beta h_l); it is updated before use on training steps only and kept in the buffers
-    `bco_reward_mean` / `bco_reward_count`, so it is saved in checkpoints.
+    `bco_reward_mean` / `bco_reward_count` (registered only for bco_pair), so it is saved in
+    checkpoints.
     """
 
     def __init__(
@@ -78,8 +79,9 @@ class DPO(PreferenceModule):
     ):
         super().__init__(**kwargs)
         self.save_hyperparameters()
-        self.register_buffer("bco_reward_mean", torch.zeros(()))
-        self.register_buffer("bco_reward_count", torch.zeros((), dtype=torch.long))
+        if loss_type == "bco_pair":  # only then, so other runs' checkpoints keep their keys
+            self.register_buffer("bco_reward_mean", torch.zeros(()))
+            self.register_buffer("bco_reward_count", torch.zeros((), dtype=torch.long))
 
     def _bco_delta(self, logps: dict[str, Tensor], ref: dict[str, Tensor]) -> Tensor:
         if self.training:
@@ -113,6 +115,8 @@ class DPO(PreferenceModule):
             loss = loss + h.nll_weight * nll.mean()
         if "bco_delta" in extra:
             metrics["bco/delta"] = extra["bco_delta"]
-        metrics.update(reward_metrics(rewards(logps["chosen"], ref["chosen"], h.beta), rewards(logps["rejected"], ref["rejected"], h.beta)))
+        metrics.update(reward_metrics(
+            rewards(logps["chosen"], ref["chosen"], h.beta), rewards(logps["rejected"], ref["rejected"], h.beta)
+        ))
         metrics.update(logps_metrics(logps))
         return loss, metrics

@@ -110,6 +110,8 @@ class KTO(PreferenceModule):
             beta=h.beta, desirable_weight=h.desirable_weight, undesirable_weight=h.undesirable_weight,
         )
         metrics = {"loss/kto": per_example.detach(), "kl": z0}
-        metrics.update(reward_metrics(rewards(logps["chosen"], ref["chosen"], h.beta), rewards(logps["rejected"], ref["rejected"], h.beta)))
+        metrics.update(reward_metrics(
+            rewards(logps["chosen"], ref["chosen"], h.beta), rewards(logps["rejected"], ref["rejected"], h.beta)
+        ))
         metrics.update(logps_metrics(logps))
         return per_example.mean(), metrics

@@ -38,8 +38,12 @@ class MMedPO(PreferenceModule):
         logps = self.policy.logps(batch, self.views)
         ref = self.policy.reference_logps(batch, self.views)
         weights = batch.weights.to(logps["chosen"].device)
-        per_pair = mmedpo_loss(logps["chosen"], logps["rejected_mprime"], ref["chosen"], ref["rejected_mprime"], weights, beta=beta)
+        per_pair = mmedpo_loss(
+            logps["chosen"], logps["rejected_mprime"], ref["chosen"], ref["rejected_mprime"], weights, beta=beta
+        )
         metrics = {"loss/mmedpo": per_pair.detach(), "weights": weights}
-        metrics.update(reward_metrics(rewards(logps["chosen"], ref["chosen"], beta), rewards(logps["rejected_mprime"], ref["rejected_mprime"], beta)))
+        metrics.update(reward_metrics(
+            rewards(logps["chosen"], ref["chosen"], beta), rewards(logps["rejected_mprime"], ref["rejected_mprime"], beta)
+        ))
         metrics.update(logps_metrics(logps))
         return per_pair.mean(), metrics
