@@ -141,7 +141,7 @@ def test_demo_config_through_python_dash_m_logs_every_term(runs, tmp_path):
         cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (version,) = (tmp_path / "tb").glob("*/version_*")
+    (version,) = (tmp_path / "tb").rglob("version_*")  # tb/<name>/version_N, name may be nested
     assert (version / "checkpoints" / "last.ckpt").exists()
     tags = set(read_scalars(version))
     for stage in ("train", "val"):
