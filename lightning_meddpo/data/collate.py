@@ -75,7 +75,10 @@ class PairEncoder:
 
     def encode(self, prompt: tuple[Turn, ...], response: str, image: Image.Image, record_id: str) -> tuple[EncodedResponse, EncodedImages]:
         prompt_text, response_text = self.render(prompt, response)
-        enc = self.processor(text=[prompt_text], images=[image], return_tensors="pt")
+        bos = self.tokenizer.bos_token
+        # Templates that render BOS themselves (LLaVA's) must not get a second one from the tokenizer.
+        add_special = not (bos and prompt_text.startswith(bos))
+        enc = self.processor(text=[prompt_text], images=[image], return_tensors="pt", add_special_tokens=add_special)
         prompt_ids = enc.pop("input_ids")[0]
         enc.pop("attention_mask", None)
         pixel_values = enc.pop("pixel_values")

@@ -117,6 +117,14 @@ class PreferenceModule(L.LightningModule):
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return self._step(batch, "train")
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for p in self.policy.model.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads)
+            if hasattr(norm, "full_tensor"):  # sharded (FSDP2 DTensor) gradients
+                norm = norm.full_tensor()
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+
     def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor:
         return self._step(batch, "val")
 

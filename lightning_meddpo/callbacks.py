@@ -1,0 +1,44 @@
+"""Lightning callbacks: resumable checkpoints and throughput logging."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_meddpo.data.batch import PreferenceBatch
+
+
+class ResumableCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose `--ckpt_path last` finds the newest last.ckpt of ANY version of the run.
+
+    Lightning only looks in the new run's own version directory, so a resumed run would silently
+    start from scratch; runs are identified by the logger's save_dir and name instead.
+    """
+
+    def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
+        found = super()._find_last_checkpoints(trainer)
+        if self.dirpath is None and trainer.loggers and trainer.loggers[0].save_dir:
+            root = Path(trainer.loggers[0].save_dir) / str(trainer.loggers[0].name)
+            found |= {str(p) for p in root.glob("*/checkpoints/last*.ckpt")}
+        return found
+
+
+class Throughput(L.Callback):
+    """Logs train/pairs_per_sec and train/tokens_per_sec (all sequences of the step, padding excluded)."""
+
+    def __init__(self) -> None:
+        self._start: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch: PreferenceBatch, batch_idx: int) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch: PreferenceBatch, batch_idx: int) -> None:
+        if self._start is None:
+            return
+        seconds = max(time.perf_counter() - self._start, 1e-9)
+        tokens = int(batch.chosen.attention_mask.sum() + batch.rejected.attention_mask.sum())
+        pl_module.log("train/pairs_per_sec", len(batch) / seconds, on_step=True, on_epoch=False, batch_size=len(batch))
+        pl_module.log("train/tokens_per_sec", tokens / seconds, on_step=True, on_epoch=False, batch_size=len(batch))

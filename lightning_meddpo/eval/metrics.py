@@ -1,0 +1,347 @@
+"""Text metrics for medical VQA and report generation, as torchmetrics `Metric`s.
+
+Every metric takes ``update(preds: list[str], golds: list[str])`` and keeps only summed tensor states
+(``dist_reduce_fx="sum"``), so ``compute()`` gives the same value on every rank after a DDP/FSDP sync
+as a single process would on the whole data. Sums are float64 (exact for counts and stable for
+thousands of per-sample scores). With no samples, ``compute()`` returns NaN (not 0).
+
+Normalisation (`normalize_answer`, `tokens`), shared by all metrics, follows LLaVA-Med's
+``normalize_word`` in spirit: lower-case; apostrophes dropped ("patient's" -> "patients"); thousands
+commas in numbers removed; a period is kept only between digits ("2.5"); every other punctuation mark
+becomes a space; number words zero..ten become digits; the articles a/an/the are dropped; whitespace
+collapsed. Unlike LLaVA-Med, "none" is not mapped to "0".
+
+VQA metrics:
+- `ClosedAccuracy` — LLaVA-Med's reported closed-question accuracy: a hit when the normalised gold
+  answer is a *substring* of the normalised prediction. Faithful quirk: gold "no" hits prediction
+  "nodule seen". (LLaVA-Med's script additionally requires "yes" or "no" to occur somewhere in the
+  prediction, which zeroes non-yes/no closed answers such as "lung"; pass ``require_yes_no=True`` to
+  reproduce that too. Default False.)
+- `StrictClosedAccuracy` — yes/no gold: the first token of the prediction that is "yes" or "no"
+  decides (none: miss); other gold: normalised exact match.
+- `OpenRecall` — LLaVA-Med's reported open-question "recall": share of gold tokens that occur in the
+  prediction (multiset-clipped), averaged over questions.
+- `ExactMatch` — normalised string equality. `TokenF1` — SQuAD-style token F1 (multiset overlap).
+
+Report metrics (on `tokens(text, answer_mode=False)`: lower-cased, punctuation removed, articles and
+number words kept — so scores are comparable between runs of this toolkit, not with papers that
+tokenise with punctuation):
+- `BLEU` — corpus BLEU-N (default 4) with brevity penalty (Papineni et al.), uniform weights, no
+  smoothing: any empty n-gram order gives 0. Several references per prediction are allowed (a gold
+  may be a list of strings; closest reference length is used for the brevity penalty).
+- `RougeL` — sentence-level ROUGE-L F-measure (LCS; beta = 1, as rouge-score), averaged over samples.
+
+Pure per-sample helpers (`closed_hit`, `strict_closed_hit`, `token_recall`, `exact_match`,
+`token_f1`, `rouge_l`, `bleu_stats`, `corpus_bleu`) are exported for analysis notebooks.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Sequence
+
+import torch
+from torchmetrics import Metric
+
+__all__ = [
+    "normalize_answer", "tokens", "closed_hit", "strict_closed_hit", "token_recall", "exact_match",
+    "token_f1", "lcs_length", "rouge_l", "bleu_stats", "corpus_bleu",
+    "ClosedAccuracy", "StrictClosedAccuracy", "OpenRecall", "ExactMatch", "TokenF1", "BLEU", "RougeL",
+]
+
+_ARTICLES = frozenset({"a", "an", "the"})
+_NUMBERS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+            "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_YES_NO = frozenset({"yes", "no"})
+_APOSTROPHES = re.compile(r"['\u2018\u2019`]")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+_DECIMAL = re.compile(r"(?<=\d)\.(?=\d)")
+_NON_WORD = re.compile(r"[^\w\s]|_")
+_DOT_PLACEHOLDER = "\u2024"  # one-dot leader: protects decimal points while punctuation is removed
+
+
+# ------------------------------------------------------------------ normalisation
+def normalize_answer(text: str, *, answer_mode: bool = True) -> str:
+    """Canonical form of an answer (see module docstring). `normalize_answer("The LEFT lung.") == "left lung"`.
+
+    ``answer_mode=False`` (used by the report metrics BLEU and ROUGE-L) keeps articles and number
+    words: only case, apostrophes, punctuation and whitespace are normalised."""
+    if not isinstance(text, str):
+        raise TypeError(f"expected a string, got {type(text).__name__}: {text!r:.100}")
+    s = unicodedata.normalize("NFKC", text).lower()
+    s = _APOSTROPHES.sub("", s)
+    s = _THOUSANDS.sub("", s)
+    s = _DECIMAL.sub(_DOT_PLACEHOLDER, s)
+    s = _NON_WORD.sub(lambda m: m.group() if m.group() == _DOT_PLACEHOLDER else " ", s)
+    s = s.replace(_DOT_PLACEHOLDER, ".")
+    if not answer_mode:
+        return " ".join(s.split())
+    words = [_NUMBERS.get(w, w) for w in s.split()]
+    return " ".join(w for w in words if w not in _ARTICLES)
+
+
+def tokens(text: str, *, answer_mode: bool = True) -> list[str]:
+    """Word tokens of the normalised text (see `normalize_answer`)."""
+    return normalize_answer(text, answer_mode=answer_mode).split()
+
+
+def _gold(gold: str, index: int | None = None, *, answer_mode: bool = True) -> str:
+    g = normalize_answer(gold, answer_mode=answer_mode)
+    if not g:
+        where = f" at index {index}" if index is not None else ""
+        raise ValueError(f"gold answer{where} is empty after normalisation: {gold!r}")
+    return g
+
+
+# ------------------------------------------------------------------ per-sample scores
+def closed_hit(pred: str, gold: str, *, require_yes_no: bool = False) -> bool:
+    """LLaVA-Med containment: normalised gold is a substring of the normalised prediction."""
+    g, p = _gold(gold), normalize_answer(pred)
+    if require_yes_no and "yes" not in p and "no" not in p:
+        return False
+    return g in p
+
+
+def strict_closed_hit(pred: str, gold: str) -> bool:
+    """Yes/no gold: the first yes/no token of the prediction decides. Otherwise normalised exact match."""
+    g, p = _gold(gold), normalize_answer(pred)
+    if g in _YES_NO:
+        first = next((t for t in p.split() if t in _YES_NO), None)
+        return first == g
+    return p == g
+
+
+def exact_match(pred: str, gold: str) -> bool:
+    return normalize_answer(pred) == _gold(gold)
+
+
+def _overlap(pred_toks: list[str], gold_toks: list[str]) -> int:
+    return sum((Counter(pred_toks) & Counter(gold_toks)).values())
+
+
+def token_recall(pred: str, gold: str) -> float:
+    """Share of gold tokens found in the prediction (each gold token matched at most as often as it occurs)."""
+    g = _gold(gold).split()
+    return _overlap(tokens(pred), g) / len(g)
+
+
+def token_f1(pred: str, gold: str) -> float:
+    """SQuAD-style token F1 on normalised tokens; 0 for an empty prediction."""
+    g, p = _gold(gold).split(), tokens(pred)
+    common = _overlap(p, g)
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest common subsequence (O(len(a) * len(b)) time, O(len(b)) memory)."""
+    if len(a) < len(b):
+        a, b = b, a
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(pred: str, gold: str, beta: float = 1.0) -> float:
+    """ROUGE-L F-measure: P = LCS/|pred|, R = LCS/|gold|, F = (1+b^2)PR/(R + b^2 P); 0 if either is empty."""
+    p, g = tokens(pred, answer_mode=False), tokens(gold, answer_mode=False)
+    if not p or not g:
+        return 0.0
+    lcs = lcs_length(p, g)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(p), lcs / len(g)
+    return (1 + beta**2) * precision * recall / (recall + beta**2 * precision)
+
+
+def _ngrams(toks: list[str], n: int) -> Counter:
+    return Counter(tuple(toks[i:i + n]) for i in range(len(toks) - n + 1))
+
+
+def bleu_stats(pred: str, refs: str | Sequence[str], n_gram: int = 4) -> tuple[list[int], list[int], int, int]:
+    """Sufficient statistics of one sample: clipped n-gram matches and totals for n = 1..n_gram,
+    prediction length and the closest reference length (ties: the shorter)."""
+    refs = [refs] if isinstance(refs, str) else list(refs)
+    if not refs:
+        raise ValueError("at least one reference is needed")
+    p = tokens(pred, answer_mode=False)
+    r_toks = [tokens(r, answer_mode=False) for r in refs]
+    matches, totals = [], []
+    for n in range(1, n_gram + 1):
+        pc = _ngrams(p, n)
+        max_ref: Counter = Counter()
+        for r in r_toks:
+            max_ref |= _ngrams(r, n)
+        matches.append(sum((pc & max_ref).values()))
+        totals.append(max(len(p) - n + 1, 0))
+    ref_len = min((len(r) for r in r_toks), key=lambda rl: (abs(rl - len(p)), rl))
+    return matches, totals, len(p), ref_len
+
+
+def _bleu_from_stats(matches: Sequence[float], totals: Sequence[float], pred_len: float, ref_len: float) -> float:
+    if pred_len == 0 or any(m == 0 for m in matches) or any(t == 0 for t in totals):
+        return 0.0
+    log_p = sum(math.log(m / t) for m, t in zip(matches, totals)) / len(matches)
+    bp = 1.0 if pred_len > ref_len else math.exp(1 - ref_len / pred_len)
+    return bp * math.exp(log_p)
+
+
+def corpus_bleu(preds: Sequence[str], golds: Sequence[str | Sequence[str]], n_gram: int = 4) -> float:
+    """Corpus BLEU of lists (the pure-Python counterpart of `BLEU`)."""
+    m, t, pl, rl = [0] * n_gram, [0] * n_gram, 0, 0
+    for pred, gold in zip(preds, golds, strict=True):
+        sm, st, spl, srl = bleu_stats(pred, gold, n_gram)
+        m = [a + b for a, b in zip(m, sm)]
+        t = [a + b for a, b in zip(t, st)]
+        pl, rl = pl + spl, rl + srl
+    return _bleu_from_stats(m, t, pl, rl)
+
+
+# ------------------------------------------------------------------ torchmetrics wrappers
+def _check_lists(preds: Sequence, golds: Sequence) -> tuple[list, list]:
+    if isinstance(preds, str) or isinstance(golds, str):
+        raise TypeError("preds and golds must be lists of strings, not single strings")
+    preds, golds = list(preds), list(golds)
+    if len(preds) != len(golds):
+        raise ValueError(f"got {len(preds)} predictions but {len(golds)} gold answers")
+    for i, p in enumerate(preds):
+        if not isinstance(p, str):
+            raise TypeError(f"preds[{i}] is {type(p).__name__}, expected str")
+    return preds, golds
+
+
+class _MeanScore(Metric):
+    """Mean of a per-sample score: states `total` (sum of scores) and `count`, both summed across ranks."""
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+    answer_mode = True  # normalisation used to reject empty golds
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def score(self, pred: str, gold: str) -> float:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def update(self, preds: Sequence[str], golds: Sequence[str]) -> None:
+        preds, golds = _check_lists(preds, golds)
+        s = 0.0
+        for i, (p, g) in enumerate(zip(preds, golds)):
+            if not isinstance(g, str):
+                raise TypeError(f"golds[{i}] is {type(g).__name__}, expected str")
+            _gold(g, i, answer_mode=self.answer_mode)
+            s += float(self.score(p, g))
+        self.total += s
+        self.count += len(preds)
+
+    def compute(self) -> torch.Tensor:
+        if self.count == 0:
+            return torch.tensor(float("nan"), dtype=torch.float64, device=self.total.device)
+        return self.total / self.count
+
+
+class ClosedAccuracy(_MeanScore):
+    """LLaVA-Med closed-question accuracy (containment; see module docstring)."""
+
+    def __init__(self, require_yes_no: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.require_yes_no = require_yes_no
+
+    def score(self, pred: str, gold: str) -> float:
+        return float(closed_hit(pred, gold, require_yes_no=self.require_yes_no))
+
+
+class StrictClosedAccuracy(_MeanScore):
+    """Closed accuracy without containment quirks: first yes/no word decides, else exact match."""
+
+    def score(self, pred: str, gold: str) -> float:
+        return float(strict_closed_hit(pred, gold))
+
+
+class OpenRecall(_MeanScore):
+    """LLaVA-Med open-question recall: mean share of gold tokens present in the prediction."""
+
+    def score(self, pred: str, gold: str) -> float:
+        return token_recall(pred, gold)
+
+
+class ExactMatch(_MeanScore):
+    def score(self, pred: str, gold: str) -> float:
+        return float(exact_match(pred, gold))
+
+
+class TokenF1(_MeanScore):
+    def score(self, pred: str, gold: str) -> float:
+        return token_f1(pred, gold)
+
+
+class RougeL(_MeanScore):
+    """Mean sentence-level ROUGE-L F-measure. An empty gold report is an error, not a zero."""
+
+    answer_mode = False
+
+    def __init__(self, beta: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.beta = beta
+
+    def score(self, pred: str, gold: str) -> float:
+        return rouge_l(pred, gold, self.beta)
+
+
+class BLEU(Metric):
+    """Corpus BLEU-N with brevity penalty. States: clipped matches and totals per order, prediction
+    and reference lengths — all summed across ranks, so the corpus score is exact under DDP."""
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, n_gram: int = 4, **kwargs):
+        super().__init__(**kwargs)
+        if n_gram < 1:
+            raise ValueError(f"n_gram must be >= 1, got {n_gram}")
+        self.n_gram = n_gram
+        f64 = torch.float64
+        self.add_state("matches", default=torch.zeros(n_gram, dtype=f64), dist_reduce_fx="sum")
+        self.add_state("totals", default=torch.zeros(n_gram, dtype=f64), dist_reduce_fx="sum")
+        self.add_state("pred_len", default=torch.tensor(0.0, dtype=f64), dist_reduce_fx="sum")
+        self.add_state("ref_len", default=torch.tensor(0.0, dtype=f64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0.0, dtype=f64), dist_reduce_fx="sum")
+
+    def update(self, preds: Sequence[str], golds: Sequence[str | Sequence[str]]) -> None:
+        preds, golds = _check_lists(preds, golds)
+        m, t = [0] * self.n_gram, [0] * self.n_gram
+        pl = rl = 0
+        for i, (p, g) in enumerate(zip(preds, golds)):
+            refs = [g] if isinstance(g, str) else list(g)
+            for r in refs:
+                _gold(r, i, answer_mode=False)
+            sm, st, spl, srl = bleu_stats(p, refs, self.n_gram)
+            m = [a + b for a, b in zip(m, sm)]
+            t = [a + b for a, b in zip(t, st)]
+            pl, rl = pl + spl, rl + srl
+        self.matches += torch.tensor(m, dtype=torch.float64, device=self.matches.device)
+        self.totals += torch.tensor(t, dtype=torch.float64, device=self.totals.device)
+        self.pred_len += pl
+        self.ref_len += rl
+        self.count += len(preds)
+
+    def compute(self) -> torch.Tensor:
+        dev = self.matches.device
+        if self.count == 0:
+            return torch.tensor(float("nan"), dtype=torch.float64, device=dev)
+        value = _bleu_from_stats(self.matches.tolist(), self.totals.tolist(),
+                                 float(self.pred_len), float(self.ref_len))
+        return torch.tensor(value, dtype=torch.float64, device=dev)

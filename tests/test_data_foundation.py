@@ -1,0 +1,110 @@
+"""Records, the collator and the DataModule on real files: masking, placeholders, errors, truncation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_meddpo.data.collate import IGNORE_INDEX, PairEncoder, PreferenceCollator, PromptTooLongError
+from lightning_meddpo.data.datamodule import PreferenceDataModule, PreferenceDataset
+from lightning_meddpo.data.records import RecordError, read_preference_file
+
+
+def _copy_demo(demo_dir: Path, tmp_path: Path, edit) -> Path:
+    """A copy of the demo train file (images linked) with `edit(records)` applied."""
+    records = json.loads((demo_dir / "train.json").read_text())[:6]
+    edit(records)
+    (tmp_path / "images").symlink_to(demo_dir / "images")
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_labels_mask_prompt_and_image_tokens(demo_dir, tiny_processor):
+    records, _ = read_preference_file(demo_dir / "train.json")
+    encoder = PairEncoder(tiny_processor, max_length=256)
+    dataset = PreferenceDataset(records[:4], encoder)
+    batch = PreferenceCollator(tiny_processor.tokenizer.pad_token_id)([dataset[i] for i in range(4)])
+    image_id = tiny_processor.tokenizer.convert_tokens_to_ids("<image>")
+    for side, record_text in ((batch.chosen, [r.chosen for r in records[:4]]), (batch.rejected, [r.rejected for r in records[:4]])):
+        ids, labels = side.input_ids, side.labels
+        assert ((ids == image_id).sum(-1) == 16).all()  # every image token present: (32/8)^2
+        assert not (labels == image_id).any()  # no image token scored
+        for row in range(4):
+            scored = labels[row][labels[row] != IGNORE_INDEX]
+            text = tiny_processor.tokenizer.decode(scored, skip_special_tokens=False)
+            assert text == " " + record_text[row] + tiny_processor.tokenizer.eos_token  # exactly the response + EOS
+            first = int((labels[row] != IGNORE_INDEX).nonzero()[0])
+            prompt = tiny_processor.tokenizer.decode(ids[row][:first])
+            assert prompt.endswith("ASSISTANT:") and "USER:" in prompt  # the whole prompt is masked
+    assert batch.rejected_images is not None and batch.weights is not None
+
+
+def test_record_without_placeholder_gets_one_and_is_counted(demo_dir, tmp_path, tiny_processor):
+    def drop_placeholder(records):
+        for conv in ("conversations", "rejected_conversations"):
+            records[0][conv][0]["value"] = records[0][conv][0]["value"].replace("<image>\n", "")
+
+    path = _copy_demo(demo_dir, tmp_path, drop_placeholder)
+    records, report = read_preference_file(path)
+    assert report.placeholder_inserted == 1 and "1 had no <image> placeholder" in report.summary()
+    assert records[0].prompt[0].text.startswith("<image>\n")
+    pair = PreferenceDataset(records[:1], PairEncoder(tiny_processor, 256))[0]
+    image_id = tiny_processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert int((pair.chosen.input_ids == image_id).sum()) == 16  # the image is really used
+
+
+def test_missing_image_names_record_and_path(demo_dir, tmp_path):
+    path = _copy_demo(demo_dir, tmp_path, lambda r: r[2].__setitem__("image", "images/nope.png"))
+    with pytest.raises(RecordError) as err:
+        read_preference_file(path)
+    assert "synth-train-00002" in str(err.value) and "nope.png" in str(err.value) and "'image'" in str(err.value)
+
+
+def test_skip_invalid_counts_instead_of_raising(demo_dir, tmp_path):
+    path = _copy_demo(demo_dir, tmp_path, lambda r: r[1].pop("conversations"))
+    records, report = read_preference_file(path, skip_invalid=True)
+    assert len(records) == 5 and sum(report.skipped.values()) == 1 and "synth-train-00001" in report.errors[0]
+
+
+def test_truncation_keeps_image_tokens_and_cuts_the_response_end(demo_dir, tiny_processor):
+    records, _ = read_preference_file(demo_dir / "train.json")
+    full = PairEncoder(tiny_processor, 512).encode(records[0].prompt, records[0].chosen, _img(records[0]), "x")[0]
+    prompt_len = int((full.labels == IGNORE_INDEX).sum())
+    cut = PairEncoder(tiny_processor, prompt_len + 2).encode(records[0].prompt, records[0].chosen, _img(records[0]), "x")[0]
+    assert cut.truncated and cut.input_ids.numel() == prompt_len + 2
+    assert torch.equal(cut.input_ids, full.input_ids[: prompt_len + 2])  # prefix kept, end of response cut
+    with pytest.raises(PromptTooLongError, match="record id='x'"):
+        PairEncoder(tiny_processor, prompt_len).encode(records[0].prompt, records[0].chosen, _img(records[0]), "x")
+
+
+def test_datamodule_counts_truncated_pairs(demo_dir, tiny_processor, caplog):
+    dm = PreferenceDataModule(
+        train_file=str(demo_dir / "train.json"), val_file=str(demo_dir / "val.json"),
+        max_length=40, batch_size=4, processor=tiny_processor,
+    )
+    with caplog.at_level("WARNING"):
+        dm.setup("fit")
+    assert dm.truncated["train"] > 0 and "truncated to max_length=40" in caplog.text
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.chosen.input_ids.shape[1] <= 40 and len(batch) == 4
+
+
+def test_seeded_split_when_no_val_file(demo_dir, tiny_processor):
+    def split():
+        dm = PreferenceDataModule(train_file=str(demo_dir / "train.json"), val_fraction=0.25, processor=tiny_processor)
+        dm.setup("fit")
+        return [r.id for r in dm.datasets["train"].records], [r.id for r in dm.datasets["val"].records]
+
+    train, val = split()
+    assert len(val) == 12 and not set(train) & set(val) and (train, val) == split()
+
+
+def _img(record):
+    from lightning_meddpo.data.images import load_image
+
+    return load_image(record.image)
