@@ -1,16 +1,22 @@
-"""DPO family: sigmoid DPO, cDPO (label smoothing), IPO, hinge, robust, ... and DPO+NLL (RPO)."""
+"""DPO family: sigmoid DPO, cDPO (label smoothing), IPO, hinge, robust, ... and DPO+NLL (RPO).
+
+Also the metric helpers every family shares (`reward_metrics`, `image_reward_metrics`,
+`logps_metrics`) and the cross-rank mean (`global_mean`), so modules stay thin.
+"""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from lightning_meddpo.data.batch import PreferenceBatch
-from lightning_meddpo.losses import dpo_loss, nll_loss, rewards
+from lightning_meddpo.losses import DISCOPOP_DEFAULT_TAU, bco_batch_reward_mean, dpo_loss, nll_loss, rewards
 from lightning_meddpo.modules.base import PreferenceModule
 
 
 def reward_metrics(chosen: Tensor, rejected: Tensor, prefix: str = "rewards") -> dict[str, Tensor]:
-    """Implicit-reward metrics every reference-based family logs."""
+    """Implicit-reward metrics every family logs (`rewards/accuracies` is the checkpoint monitor key)."""
+    chosen, rejected = chosen.detach(), rejected.detach()
     return {
         f"{prefix}/chosen": chosen,
         f"{prefix}/rejected": rejected,
@@ -19,29 +25,87 @@ def reward_metrics(chosen: Tensor, rejected: Tensor, prefix: str = "rewards") ->
     }
 
 
+def image_reward_metrics(chosen_m: Tensor, chosen_mprime: Tensor) -> dict[str, Tensor]:
+    """How much the preferred answer depends on the true image: beta*h(y_w, m) vs beta*h(y_w, m')."""
+    chosen_m, chosen_mprime = chosen_m.detach(), chosen_mprime.detach()
+    return {
+        "rewards_img/chosen_m": chosen_m,
+        "rewards_img/chosen_mprime": chosen_mprime,
+        "rewards_img/margins": chosen_m - chosen_mprime,
+        "rewards_img/accuracies": (chosen_m > chosen_mprime).float(),
+    }
+
+
+def logps_metrics(logps: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`logps/<view>` for every scored view (summed response log-probs of the policy)."""
+    return {f"logps/{view}": value.detach() for view, value in logps.items()}
+
+
+def global_mean(module: PreferenceModule, value: Tensor) -> Tensor:
+    """Mean of a scalar over all ranks (itself on one process); detached."""
+    value = value.detach().float()
+    trainer = module._trainer
+    if trainer is not None and trainer.world_size > 1:
+        value = module.all_gather(value).mean()
+    return value
+
+
 class DPO(PreferenceModule):
     """Pairwise preference loss against a reference, optionally plus a length-normalised NLL.
 
     Args:
         beta: temperature of the implicit reward.
-        loss_type: a name from losses.DPO_LOSS_TYPES (sigmoid, ipo, hinge, robust, ...).
-        label_smoothing: cDPO / robust-DPO noise rate.
+        loss_type: a name from losses.DPO_LOSS_TYPES (sigmoid, ipo, hinge, robust, exo_pair, nca_pair,
+            bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop).
+        label_smoothing: cDPO / robust-DPO noise rate (exo_pair's epsilon, aot's smoothing).
         nll_weight: weight of the NLL on the chosen response (DPO+NLL / RPO; the paper uses 1.0).
+        discopop_tau: DiscoPOP's mixing temperature.
+
+    bco_pair's baseline delta is the running mean (over training steps, every step's batch mean
+    reduced across ranks, equal weight per step, as TRL's RunningMoments) of the rewards
+    cat(beta h_w, beta h_l); it is updated before use on training steps only and kept in the buffers
+    `bco_reward_mean` / `bco_reward_count` (registered only for bco_pair), so it is saved in
+    checkpoints.
     """
 
-    def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0, nll_weight: float = 0.0, **kwargs):
+    def __init__(
+        self,
+        beta: float = 0.1,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        nll_weight: float = 0.0,
+        discopop_tau: float = DISCOPOP_DEFAULT_TAU,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.save_hyperparameters()
+        if loss_type == "bco_pair":  # only then, so other runs' checkpoints keep their keys
+            self.register_buffer("bco_reward_mean", torch.zeros(()))
+            self.register_buffer("bco_reward_count", torch.zeros((), dtype=torch.long))
+
+    def _bco_delta(self, logps: dict[str, Tensor], ref: dict[str, Tensor]) -> Tensor:
+        if self.training:
+            batch_mean = bco_batch_reward_mean(
+                logps["chosen"], logps["rejected"], ref["chosen"], ref["rejected"], beta=self.hparams.beta
+            )
+            batch_mean = global_mean(self, batch_mean).to(self.bco_reward_mean.device)
+            self.bco_reward_count += 1
+            self.bco_reward_mean += (batch_mean - self.bco_reward_mean) / self.bco_reward_count
+        return self.bco_reward_mean.clone()
 
     def compute_loss(self, batch: PreferenceBatch) -> tuple[Tensor, dict[str, Tensor]]:
         h = self.hparams
         logps = self.policy.logps(batch, self.views)
         ref = self.policy.reference_logps(batch, self.views)
         tokens = self.policy.tokens(batch, self.views)
+        extra = {}
+        if h.loss_type == "bco_pair":
+            extra["bco_delta"] = self._bco_delta(logps, ref)
         per_pair = dpo_loss(
             logps["chosen"], logps["rejected"], ref["chosen"], ref["rejected"],
             beta=h.beta, loss_type=h.loss_type, label_smoothing=h.label_smoothing,
             chosen_tokens=tokens["chosen"], rejected_tokens=tokens["rejected"],
+            discopop_tau=h.discopop_tau, **extra,
         )
         metrics = {"loss/dpo": per_pair.detach()}
         loss = per_pair.mean()
@@ -49,7 +113,10 @@ class DPO(PreferenceModule):
             nll = nll_loss(logps["chosen"], tokens["chosen"])
             metrics["loss/nll"] = nll.detach()
             loss = loss + h.nll_weight * nll.mean()
-        metrics.update(reward_metrics(rewards(logps["chosen"], ref["chosen"], h.beta), rewards(logps["rejected"], ref["rejected"], h.beta)))
-        metrics["logps/chosen"] = logps["chosen"].detach()
-        metrics["logps/rejected"] = logps["rejected"].detach()
+        if "bco_delta" in extra:
+            metrics["bco/delta"] = extra["bco_delta"]
+        metrics.update(reward_metrics(
+            rewards(logps["chosen"], ref["chosen"], h.beta), rewards(logps["rejected"], ref["rejected"], h.beta)
+        ))
+        metrics.update(logps_metrics(logps))
         return loss, metrics

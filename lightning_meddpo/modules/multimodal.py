@@ -1,0 +1,120 @@
+"""Image-conditional preference: CoPO, mDPO (DPO + CoPO + anchor) and the paper's targeted mix.
+
+All image-side terms are computed from log-probs really scored under the corrupted image m'
+(view "chosen_mprime"); m' comes from the record's rejected_image or the DataModule's corruption.
+(The paper's released mDPO re-ran its text term instead; this does not.)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_meddpo.data.batch import PreferenceBatch
+from lightning_meddpo.losses import anchor_loss, combine, copo_loss, dpo_loss, rewards
+from lightning_meddpo.modules.base import PreferenceModule
+from lightning_meddpo.modules.dpo import image_reward_metrics, logps_metrics, reward_metrics
+
+MULTIMODAL_LOSSES = ("copo", "mdpo", "targeted")
+
+
+class Multimodal(PreferenceModule):
+    """Preference terms on the image: the same chosen answer should be likelier under m than under m'.
+
+    Args:
+        loss: "copo": -log sigma(beta (h(y_w,m) - h(y_w,m'))) alone;
+            "mdpo": dpo_weight * DPO + copo_weight * CoPO + anchor_weight * anchor, each term computed
+            separately and combined with `losses.combine`;
+            "targeted": the paper's mix: each pair is a text-rejected pair (DPO term, on m) or an
+            image-rejected pair (CoPO term, y_w on m vs on m'), as `batch.image_rejected` says.
+        beta: temperature of the implicit reward (all terms).
+        dpo_weight, copo_weight, anchor_weight: term weights (mdpo; targeted uses dpo/copo weights).
+        delta: the anchor's threshold, -log sigma(beta h(y_w,m) - delta) (mDPO uses 0).
+
+    Logged: `loss/<term>` per term (for targeted, each term's contribution to the loss: zero on pairs
+    of the other kind, so loss/dpo + loss/copo = loss); `rewards/*`: for mdpo the text pair
+    (y_w vs y_l on m); for copo the image pair (y_w on m vs on m'); for targeted each pair's own
+    rejected side (y_l on m, or y_w on m'). `rewards_img/*` (copo, mdpo): beta h(y_w,m) vs
+    beta h(y_w,m'), how much the preferred answer depends on the true image.
+    """
+
+    def __init__(
+        self,
+        loss: str = "mdpo",
+        beta: float = 0.1,
+        dpo_weight: float = 1.0,
+        copo_weight: float = 1.0,
+        anchor_weight: float = 1.0,
+        delta: float = 0.0,
+        **kwargs,
+    ):
+        if loss not in MULTIMODAL_LOSSES:
+            raise ValueError(f"Multimodal: unknown loss {loss!r}; use one of {MULTIMODAL_LOSSES}")
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+
+    def views_for(self, batch: PreferenceBatch) -> tuple[str, ...]:
+        """The views this loss needs for this batch ("chosen_mprime" only for image-side terms)."""
+        loss = self.hparams.loss
+        if loss == "copo":
+            return ("chosen", "chosen_mprime")
+        if loss == "mdpo":
+            return ("chosen", "rejected", "chosen_mprime")
+        image_pairs = _image_rejected(batch)
+        views = ("chosen",)
+        if not bool(image_pairs.all()):
+            views += ("rejected",)
+        if bool(image_pairs.any()):
+            views += ("chosen_mprime",)
+        return views
+
+    def compute_loss(self, batch: PreferenceBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        h = self.hparams
+        views = self.views_for(batch)
+        logps = self.policy.logps(batch, views)
+        ref = self.policy.reference_logps(batch, views)
+        reward = {v: rewards(logps[v], ref[v], h.beta) for v in views}
+        if h.loss == "targeted":
+            return self._targeted(batch, logps, ref, reward)
+        metrics = logps_metrics(logps)
+        terms = {"copo": copo_loss(logps["chosen"], logps["chosen_mprime"], ref["chosen"], ref["chosen_mprime"], beta=h.beta)}
+        weights = {"copo": h.copo_weight}
+        if h.loss == "mdpo":
+            terms["dpo"] = dpo_loss(logps["chosen"], logps["rejected"], ref["chosen"], ref["rejected"], beta=h.beta)
+            terms["anchor"] = anchor_loss(logps["chosen"], ref["chosen"], beta=h.beta, delta=h.delta)
+            weights.update(dpo=h.dpo_weight, anchor=h.anchor_weight)
+            metrics.update(reward_metrics(reward["chosen"], reward["rejected"]))
+        else:
+            metrics.update(reward_metrics(reward["chosen"], reward["chosen_mprime"]))
+        metrics.update({f"loss/{name}": value.detach() for name, value in terms.items()})
+        metrics.update(image_reward_metrics(reward["chosen"], reward["chosen_mprime"]))
+        return combine(terms, weights).mean(), metrics
+
+    def _targeted(self, batch, logps, ref, reward) -> tuple[Tensor, dict[str, Tensor]]:
+        """Per pair: DPO (text-rejected) or CoPO (image-rejected). The logged keys do not depend on
+        the batch's mix (ranks must log the same keys); `*/rejected` is each pair's rejected side."""
+        h = self.hparams
+        image_pairs = _image_rejected(batch).to(logps["chosen"].device)
+        zeros = torch.zeros_like(logps["chosen"])
+        dpo = copo = zeros
+        if "rejected" in logps:
+            dpo = dpo_loss(logps["chosen"], logps["rejected"], ref["chosen"], ref["rejected"], beta=h.beta)
+        if "chosen_mprime" in logps:
+            copo = copo_loss(logps["chosen"], logps["chosen_mprime"], ref["chosen"], ref["chosen_mprime"], beta=h.beta)
+        terms = {"dpo": torch.where(image_pairs, zeros, dpo), "copo": torch.where(image_pairs, copo, zeros)}
+        per_pair = combine(terms, {"dpo": h.dpo_weight, "copo": h.copo_weight})
+        rejected_side = torch.where(image_pairs, reward.get("chosen_mprime", zeros), reward.get("rejected", zeros))
+        metrics = {f"loss/{name}": value.detach() for name, value in terms.items()}
+        metrics.update(reward_metrics(reward["chosen"], rejected_side))
+        metrics["logps/chosen"] = logps["chosen"].detach()
+        metrics["logps/rejected"] = torch.where(
+            image_pairs, logps.get("chosen_mprime", zeros), logps.get("rejected", zeros)
+        ).detach()
+        metrics["pairs/image_rejected"] = image_pairs.float()
+        return per_pair.mean(), metrics
+
+
+def _image_rejected(batch: PreferenceBatch) -> Tensor:
+    if batch.image_rejected is None:
+        raise ValueError(f"the targeted loss needs `image_rejected` per pair (records {batch.ids[:4]}...)")
+    return batch.image_rejected.bool()

@@ -1,0 +1,173 @@
+"""The shipped configs: every demo config fits a few steps through the CLI; the LLaVA-Med and
+HuatuoGPT-Vision configs parse (`--print_config`, which does not instantiate the model) with the
+paper's settings.
+
+Speed: importing lightning's CLI costs ~10 s of CPU per process, so the demo fits run as two CLI
+subprocesses (each calls `lightning_meddpo.cli.main` once per config, exactly as
+`python -m lightning_meddpo fit --config ...` does, and records the outcome per config) plus one
+subprocess for all the `--print_config` runs, all started together and read by parametrized tests.
+One config is also run through `python -m lightning_meddpo` itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+SMALL_DEMO = {"n_train": 16, "n_val": 8, "n_test": 8}
+FIT_ARGS = [
+    "--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0",
+    "--trainer.logger=false",
+]
+
+
+def formulation_files(folder: str) -> list[Path]:
+    return sorted(p for p in (CONFIGS / folder).glob("*.yaml") if not p.name.startswith("base_"))
+
+
+DEMO = formulation_files("demo")
+PAPER = formulation_files("llava_med") + formulation_files("huatuo")
+FORMULATIONS = {"sft", "dpo", "ipo", "cdpo", "dpo_nll", "hinge", "robust", "simpo", "orpo", "cpo",
+                "copo", "mdpo", "mmedpo", "targeted", "kto"}
+
+DRIVER = r"""
+import contextlib, io, json, sys, traceback
+from lightning_meddpo.cli import main
+jobs, out = json.loads(sys.argv[1]), sys.argv[2]
+results = {}
+for name, args in jobs:
+    stdout = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(stdout):
+            main(args)
+        results[name] = {"ok": True}
+    except SystemExit as e:  # --print_config exits after printing
+        results[name] = {"ok": e.code in (0, None), "stdout": stdout.getvalue(), "error": f"exit {e.code}"}
+    except Exception:
+        results[name] = {"ok": False, "error": traceback.format_exc()[-3000:]}
+json.dump(results, open(out, "w"))
+"""
+
+
+def demo_options(config: Path) -> dict:
+    """The config's own demo-data options (e.g. targeted's image_pair_fraction), sizes made small."""
+    data = yaml.safe_load(config.read_text())["data"]
+    options = data["init_args"].get("demo", {}) if isinstance(data, dict) else {}
+    return {**(options if isinstance(options, dict) else {}), **SMALL_DEMO}
+
+
+def fit_args(config: Path, data_root: Path, run_root: Path) -> list[str]:
+    options = demo_options(config)
+    data_dir = data_root / f"frac{options.get('image_pair_fraction', 0.0)}"
+    return [
+        "fit", "--config", str(config), *FIT_ARGS,
+        f"--trainer.default_root_dir={run_root / config.stem}",
+        f"--data.init_args.train_file={data_dir / 'train.json'}",
+        f"--data.init_args.val_file={data_dir / 'val.json'}",
+        f"--data.init_args.test_file={data_dir / 'test.json'}",
+        f"--data.init_args.demo={json.dumps(options)}",
+    ]
+
+
+def environment() -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Start every CLI run at once (two fit workers, one print_config worker); wait; results by name."""
+    from lightning_meddpo.backbones.tiny import resolve_tiny
+    from lightning_meddpo.data.synthetic import ensure_demo_dataset
+
+    root = tmp_path_factory.mktemp("configs")
+    resolve_tiny("tiny://llama")  # build the tiny backbone once, before processes race for it
+    for config in DEMO:  # likewise the demo data (the DataModule's seed is 0)
+        options = demo_options(config)
+        ensure_demo_dataset(root / "data" / f"frac{options.get('image_pair_fraction', 0.0)}", seed=0, **options)
+    fits = [(c.stem, fit_args(c, root / "data", root / "runs")) for c in DEMO]
+    prints = [(f"{c.parent.name}/{c.stem}", ["fit", "--config", str(c), "--print_config"]) for c in PAPER]
+    workers = {"fit0": fits[0::2], "fit1": fits[1::2], "print": prints}
+    procs = {}
+    for name, jobs in workers.items():
+        out = root / f"{name}.json"
+        procs[name] = (subprocess.Popen(
+            [sys.executable, "-c", DRIVER, json.dumps(jobs), str(out)], cwd=root, env=environment(),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ), out)
+    results = {}
+    for name, (proc, out) in procs.items():
+        log, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0 and out.exists(), f"{name} worker failed:\n{log[-3000:]}"
+        results.update(json.loads(out.read_text()))
+    return {"results": results, "root": root}
+
+
+def test_every_formulation_has_a_config_in_every_folder():
+    for folder in ("demo", "llava_med", "huatuo"):
+        assert {p.stem for p in formulation_files(folder)} == FORMULATIONS, folder
+
+
+@pytest.mark.parametrize("config", DEMO, ids=[c.stem for c in DEMO])
+def test_demo_config_fits(runs, config):
+    result = runs["results"][config.stem]
+    assert result["ok"], result.get("error")
+    ckpts = {p.name for p in (runs["root"] / "runs" / config.stem / "checkpoints").glob("*.ckpt")}
+    assert "last.ckpt" in ckpts
+    # a best-* checkpoint exists only if the monitored key val/rewards/accuracies was logged
+    assert any(name.startswith("best-") for name in ckpts), ckpts
+
+
+def test_demo_config_through_python_dash_m_logs_every_term(runs, tmp_path):
+    """mDPO through the real entry point, with its TensorBoard logger: every term and the
+    image-conditioning rewards are logged for train and val (read back from the event files)."""
+    from lightning_meddpo.eval.tensorboard import read_scalars
+
+    config = CONFIGS / "demo" / "mdpo.yaml"
+    args = [a for a in fit_args(config, runs["root"] / "data", tmp_path) if a != "--trainer.logger=false"]
+    args += [f"--trainer.logger.init_args.save_dir={tmp_path / 'tb'}", "--trainer.log_every_n_steps=1"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_meddpo", *args],
+        cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (version,) = (tmp_path / "tb").rglob("version_*")  # tb/<name>/version_N, name may be nested
+    assert (version / "checkpoints" / "last.ckpt").exists()
+    tags = set(read_scalars(version))
+    for stage in ("train", "val"):
+        suffix = "_epoch" if stage == "train" else ""
+        for key in ("loss", "loss/dpo", "loss/copo", "loss/anchor", "rewards/accuracies", "rewards/margins",
+                    "rewards_img/chosen_m", "rewards_img/chosen_mprime", "rewards_img/margins",
+                    "rewards_img/accuracies"):
+            assert f"{stage}/{key}{suffix}" in tags, (stage, key, sorted(tags))
+    assert "train/loss/copo_step" in tags
+
+
+@pytest.mark.parametrize("config", PAPER, ids=[f"{c.parent.name}-{c.stem}" for c in PAPER])
+def test_paper_config_parses_with_the_papers_settings(runs, config):
+    result = runs["results"][f"{config.parent.name}/{config.stem}"]
+    assert result["ok"], result.get("error")
+    cfg = yaml.safe_load(result["stdout"])
+    trainer, data, model = cfg["trainer"], cfg["data"]["init_args"], cfg["model"]["init_args"]
+    assert trainer["max_epochs"] == 3 and trainer["precision"] == "bf16-mixed"
+    assert data["batch_size"] * trainer["accumulate_grad_batches"] * trainer["devices"] * trainer["num_nodes"] == 16
+    assert model["lr"] == 1e-7 and model["warmup_ratio"] == 0.03
+    expected = {"llava_med": (2048, "v1", "llava-med"), "huatuo": (1024, "qwen_2", "huatuo")}[config.parent.name]
+    assert data["max_length"] == expected[0] and model["chat_template"] == expected[1]
+    assert model["backbone"].startswith("/path/to/") and expected[2] in model["backbone"]
+    if "beta" in model and config.stem != "orpo":
+        assert model["beta"] == 0.1
+    if config.stem == "dpo_nll":
+        assert model["nll_weight"] == 1.0
+    monitors = [c["init_args"]["monitor"] for c in trainer["callbacks"] if "monitor" in c.get("init_args", {})]
+    assert monitors == ["val/rewards/accuracies"]
