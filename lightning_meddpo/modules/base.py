@@ -167,8 +167,6 @@ class PreferenceModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        if isinstance(lora, LoraSettings):  # a plain dict keeps checkpoints loadable with weights_only=True
-            self.hparams.lora = asdict(lora)
         unknown = set(freeze or ()) - set(FREEZABLE)
         if unknown:
             raise ValueError(f"freeze: unknown part(s) {sorted(unknown)}; known: {list(FREEZABLE)}")
@@ -223,6 +221,9 @@ class PreferenceModule(L.LightningModule):
             self.policy.fully_shard(mesh)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        hparams = checkpoint.get("hyper_parameters")
+        if hparams is not None and isinstance(hparams.get("lora"), LoraSettings):
+            hparams["lora"] = asdict(hparams["lora"])  # a plain dict: checkpoints load with weights_only=True
         checkpoint["meddpo"] = {
             "module_class": f"{type(self).__module__}.{type(self).__qualname__}",
             "reference_saved": bool(self.hparams.save_reference) and self.reference_strategy == "copy",
