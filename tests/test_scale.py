@@ -127,7 +127,7 @@ def test_fully_shard_layers_and_reference(tmp_path):
         module._device_mesh = mesh
         module.configure_model()
         for model in (module.policy.model, module.policy.reference):
-            units = [type(m).__name__ for m in model.modules() if isinstance(m, FSDPModule)]
+            units = [type(m).__name__.removeprefix("FSDP") for m in model.modules() if isinstance(m, FSDPModule)]
             assert units.count("LlamaDecoderLayer") == 2 and units.count("CLIPEncoderLayer") == 2
             assert isinstance(model, FSDPModule)
             assert all(isinstance(p, DTensor) for p in model.parameters())
