@@ -108,7 +108,7 @@ def test_fsdp_configs_parse(tmp_path):
     assert trainer["logger"]["class_path"].endswith("TensorBoardLogger")  # the run config's keys survive
 
 
-def test_fully_shard_layers_and_reference(tmp_path):
+def test_fully_shard_layers_and_reference(tmp_path, monkeypatch):
     """configure_model under a device mesh: each decoder / vision layer and the root are FSDP2 units,
     the `copy` reference too, and sharded training gives the same loss as unsharded."""
     import torch.distributed as dist
@@ -118,8 +118,13 @@ def test_fully_shard_layers_and_reference(tmp_path):
 
     from lightning_meddpo.modules import DPO
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
