@@ -161,6 +161,8 @@ def test_gradient_checkpointing_same_loss_and_grads(data):
 @pytest.mark.parametrize("version", ["qwen2_vl", "qwen2_5_vl"])
 def test_qwen_vl_dpo_trains(tmp_path, data, version):
     path = build_tiny_qwen_vl(tmp_path / version, version=version)
+    # saved as a standard Qwen2-VL directory (our video-less processor class is never named in it)
+    assert not [f.name for f in path.glob("*.json") if "QwenVLImageProcessor" in f.read_text()]
     module = DPO(backbone=str(path), beta=0.5, lr=1e-2)
     dm = PreferenceDataModule(str(data["train"]), str(data["val"]), batch_size=4, max_length=128,
                               image_placeholder=QWEN_IMAGE_PLACEHOLDER, processor=module.processor)

@@ -77,10 +77,9 @@ def save_processor(processor, out_dir: str | Path) -> None:
     """save_pretrained, naming Qwen2VLProcessor for our video-less variant."""
     processor.save_pretrained(out_dir)
     if isinstance(processor, QwenVLImageProcessor):
-        for name in ("processor_config.json", "preprocessor_config.json"):
-            f = Path(out_dir) / name
-            if f.is_file():
-                data = json.loads(f.read_text())
+        for f in Path(out_dir).glob("*.json"):
+            data = json.loads(f.read_text())
+            if isinstance(data, dict):
                 if data.get("processor_class") == type(processor).__name__:
                     data["processor_class"] = "Qwen2VLProcessor"
                     f.write_text(json.dumps(data, indent=2))
