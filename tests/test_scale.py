@@ -41,7 +41,10 @@ def cli(tmp_path: Path, *args: str, timeout: int = 300) -> str:
 
 
 def last_checkpoint(tmp_path: Path, version: int) -> Path:
-    return tmp_path / "runs" / "demo" / f"version_{version}" / "checkpoints" / "last.ckpt"
+    """runs/<name>/version_N/checkpoints/last.ckpt, whatever the logger's name (demo, demo/dpo, ...)."""
+    found = sorted((tmp_path / "runs").glob(f"**/version_{version}/checkpoints/last.ckpt"))
+    assert len(found) == 1, found
+    return found[0]
 
 
 @pytest.mark.slow
