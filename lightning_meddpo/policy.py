@@ -93,6 +93,12 @@ class PreferencePolicy(nn.Module):
         elif reference == "adapter" and not hasattr(model, "disable_adapter"):
             raise ValueError("reference='adapter' needs a peft LoRA model (set `lora` in the config)")
 
+    def fully_shard(self, mesh, **kwargs) -> None:
+        """FSDP2: shard the policy model and the `copy` reference over `mesh` (the same way)."""
+        fully_shard_model(self.model, mesh, **kwargs)
+        if self.reference is not None:
+            fully_shard_model(self.reference, mesh, **kwargs)
+
     def train(self, mode: bool = True) -> PreferencePolicy:
         super().train(mode)
         if self.reference is not None:
@@ -138,6 +144,27 @@ class PreferencePolicy(nn.Module):
     def tokens(batch: PreferenceBatch, views: tuple[str, ...]) -> dict[str, Tensor]:
         """Response token counts per view."""
         return {v: getattr(batch, VIEWS[v][0]).response_tokens for v in views}
+
+
+def shard_layer_classes(model: nn.Module) -> set[str]:
+    """Class names of the decoder layers and vision encoder layers (HF's `_no_split_modules`, no embeddings)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    return {n for n in names if not n.endswith("Embeddings")}
+
+
+def fully_shard_model(model: nn.Module, mesh, **kwargs) -> int:
+    """`fully_shard` each decoder / vision encoder layer, then the root; returns the number of layers."""
+    from torch.distributed.fsdp import fully_shard
+
+    classes = shard_layer_classes(model)
+    layers = [m for m in model.modules() if type(m).__name__ in classes]
+    if not layers:
+        raise ValueError(f"FSDP2: no layers of {sorted(classes)} in {type(model).__name__}; cannot shard it per layer")
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, **kwargs)
+    fully_shard(model, mesh=mesh, **kwargs)
+    return len(layers)
 
 
 @contextlib.contextmanager

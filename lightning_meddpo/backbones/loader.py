@@ -1,31 +1,83 @@
-"""Loading a backbone (model + processor) from a local directory, a hub id, or `tiny://<text_model>`.
+"""Loading a backbone (model + processor) from a local directory, a hub id, or `tiny://<name>`.
 
-Every backbone goes through `from_pretrained`; the tiny one is built to a cache directory first.
+Every backbone goes through `from_pretrained` (`AutoModelForImageTextToText`): LLaVA with a Llama,
+Mistral or Qwen2 text model (LLaVA-Med, HuatuoGPT-Vision v1), Qwen2-VL and Qwen2.5-VL
+(HuatuoGPT-Vision's Qwen2.5-VL version). The tiny ones are built to a cache directory first:
+`tiny://llama|mistral|qwen2` (LLaVA) and `tiny://qwen2_vl|qwen2_5_vl`. `trust_remote_code` is off
+unless the user turns it on.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor, ProcessorMixin, PreTrainedModel
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
+from transformers.utils import is_torchvision_available
 
 from lightning_meddpo.backbones.templates import get_chat_template
-from lightning_meddpo.backbones.tiny import TINY_SCHEME, resolve_tiny
+from lightning_meddpo.backbones.tiny import TINY_SCHEME, default_cache_dir, resolve_tiny
+
+
+TINY_QWEN = ("qwen2_vl", "qwen2_5_vl")
 
 
 def resolve_backbone(name_or_path: str) -> str:
     """A path or hub id that `from_pretrained` understands."""
     if name_or_path.startswith(TINY_SCHEME):
+        name = name_or_path.removeprefix(TINY_SCHEME)
+        if name in TINY_QWEN:
+            return str(_resolve_tiny_qwen(name))
         return str(resolve_tiny(name_or_path))
     return name_or_path
+
+
+def _resolve_tiny_qwen(version: str) -> Path:
+    """Build `tiny://qwen2_vl|qwen2_5_vl` once into the cache (atomic rename, like resolve_tiny)."""
+    from lightning_meddpo.backbones.qwen import build_tiny_qwen_vl
+
+    root = default_cache_dir() / "backbones"
+    target = root / f"tiny-{version}-v1"
+    if (target / "config.json").is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
+    try:
+        build_tiny_qwen_vl(tmp, version=version)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def model_type(path: str, trust_remote_code: bool = False) -> str | None:
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).model_type
+    except (OSError, ValueError):
+        return None
+
+
+def _auto_processor(path: str, trust_remote_code: bool) -> ProcessorMixin:
+    from lightning_meddpo.backbones.qwen import QWEN_VL_MODEL_TYPES, load_qwen_vl_processor
+
+    if model_type(path, trust_remote_code) in QWEN_VL_MODEL_TYPES and not is_torchvision_available():
+        # transformers' Qwen2-VL processor insists on a video processor, which needs torchvision
+        return load_qwen_vl_processor(path, trust_remote_code=trust_remote_code)
+    return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 def load_processor(
     name_or_path: str, *, chat_template: str | None = None, trust_remote_code: bool = False
 ) -> ProcessorMixin:
     """The backbone's processor; `chat_template` names one of ours to override the checkpoint's."""
-    processor = AutoProcessor.from_pretrained(resolve_backbone(name_or_path), trust_remote_code=trust_remote_code)
+    processor = _auto_processor(resolve_backbone(name_or_path), trust_remote_code)
     if chat_template is not None:
         template = get_chat_template(chat_template)
         processor.chat_template = template

@@ -8,7 +8,7 @@ DataModule; the model is built in `configure_model`, as FSDP and fast init want.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -33,6 +33,81 @@ class LoraSettings:
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
+FREEZABLE = ("vision_tower", "projector", "language_model")
+REFERENCE_PREFIX = "policy.reference."
+
+
+def _drop_reference_keys(module, state_dict, prefix, local_metadata) -> None:
+    """state_dict post-hook: the `copy` reference equals the starting weights; do not save it."""
+    for key in [k for k in state_dict if k.startswith(prefix + REFERENCE_PREFIX)]:
+        del state_dict[key]
+
+
+def _allow_missing_reference_keys(module, incompatible_keys) -> None:
+    """load_state_dict post-hook: a checkpoint without the reference is complete (it is rebuilt)."""
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if REFERENCE_PREFIX not in k]
+
+
+def part_parameters(model: torch.nn.Module, part: str) -> list[torch.nn.Parameter]:
+    """Parameters of one part of a LLaVA-style or Qwen-VL model (peft-wrapped or not)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    core = getattr(base, "model", base)
+    vision = getattr(core, "vision_tower", None) or getattr(core, "visual", None)
+    projector = getattr(core, "multi_modal_projector", None) or getattr(vision, "merger", None)
+    if part == "vision_tower":
+        if vision is None:
+            raise ValueError(f"freeze: {type(base).__name__} has no vision tower (vision_tower / visual)")
+        skip = {id(p) for p in projector.parameters()} if projector is not None else set()
+        return [p for p in vision.parameters() if id(p) not in skip]
+    if part == "projector":
+        if projector is None:
+            raise ValueError(f"freeze: {type(base).__name__} has no projector (multi_modal_projector / visual.merger)")
+        return list(projector.parameters())
+    if part == "language_model":
+        lm = getattr(core, "language_model", None)
+        if lm is None:
+            raise ValueError(f"freeze: {type(base).__name__} has no language_model")
+        head = getattr(base, "lm_head", None)
+        return [*lm.parameters(), *(head.parameters() if head is not None else [])]
+    raise ValueError(f"freeze: unknown part {part!r}; known: {list(FREEZABLE)}")
+
+
+def freeze_parts(model: torch.nn.Module, parts: list[str]) -> None:
+    for part in parts:
+        for p in part_parameters(model, part):
+            p.requires_grad_(False)
+
+
+def freeze_unused_vision_layers(model: torch.nn.Module) -> list[str]:
+    """Freeze LLaVA vision-tower weights the forward never uses; returns their names.
+
+    LLaVA takes features from `vision_feature_layer` (-2 for LLaVA-1.5 / LLaVA-Med): the encoder
+    layers after it and CLIP's post_layernorm never get a gradient. Frozen, they are left out of the
+    optimizer (an optimizer state without them is what a sharded checkpoint must match on resume)
+    and DDP needs no find_unused_parameters for them. Training is unchanged: they would never move.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    tower = getattr(getattr(base, "model", base), "vision_tower", None)
+    layer = getattr(config, "vision_feature_layer", None)
+    encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)
+    if tower is None or layer is None or encoder is None or not hasattr(encoder, "layers"):
+        return []
+    n = len(encoder.layers)
+    used = max((k if k >= 0 else n + 1 + k) for k in (layer if isinstance(layer, (list, tuple)) else [layer]))
+    names = []
+    for i in range(used, n):
+        for name, p in encoder.layers[i].named_parameters():
+            p.requires_grad_(False)
+            names.append(f"encoder.layers.{i}.{name}")
+    post = getattr(getattr(tower, "vision_model", tower), "post_layernorm", None)
+    if post is not None:
+        for name, p in post.named_parameters():
+            p.requires_grad_(False)
+            names.append(f"post_layernorm.{name}")
+    return names
+
+
 def load_policy_weights(model: torch.nn.Module, ckpt_path: str) -> None:
     """Load the policy weights of a Lightning checkpoint (e.g. an SFT run) into `model`."""
     state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
@@ -54,7 +129,21 @@ class PreferenceModule(L.LightningModule):
         init_from: start from an earlier run: a Lightning .ckpt or an HF model directory.
         chat_template: one of ours by name (see backbones/templates.py); default: the checkpoint's.
         lr, weight_decay, warmup_ratio: AdamW with a cosine schedule after linear warmup.
-        lora: train LoRA adapters instead of all weights.
+        lora: train LoRA adapters instead of all weights (`lora: {r, alpha, dropout, target_modules}`);
+            the reference is then the model with adapters disabled (`copy` is switched to `adapter`).
+        trust_remote_code: let `from_pretrained` run code from the checkpoint (off by default).
+        freeze: parts kept frozen: any of `vision_tower`, `projector`, `language_model`
+            (LLaVA: vision_tower / multi_modal_projector / language_model + lm_head; Qwen-VL:
+            visual without its merger / visual.merger / language_model + lm_head).
+        freeze_vision_tower, freeze_projector: the same as booleans.
+        gradient_checkpointing: recompute activations in the backward (non-reentrant checkpointing).
+        save_reference: keep the `copy` reference in checkpoints. By default it is left out (it would
+            double the checkpoint) and rebuilt from `backbone` / `init_from` on load: it equals the
+            starting weights.
+
+    Scale: under Lightning's ModelParallelStrategy (`configs/strategies/fsdp2.yaml`) `configure_model`
+    applies FSDP2 `fully_shard` to every decoder layer and vision encoder layer, then to the model
+    root; the `copy` reference is sharded the same way.
     """
 
     views: tuple[str, ...] = ("chosen", "rejected")
@@ -70,24 +159,46 @@ class PreferenceModule(L.LightningModule):
         warmup_ratio: float = 0.03,
         lora: LoraSettings | None = None,
         trust_remote_code: bool = False,
+        freeze: list[str] | None = None,
+        freeze_vision_tower: bool = False,
+        freeze_projector: bool = False,
+        gradient_checkpointing: bool = False,
+        save_reference: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
+        unknown = set(freeze or ()) - set(FREEZABLE)
+        if unknown:
+            raise ValueError(f"freeze: unknown part(s) {sorted(unknown)}; known: {list(FREEZABLE)}")
+        if not save_reference:
+            self.register_state_dict_post_hook(_drop_reference_keys)
+            self.register_load_state_dict_post_hook(_allow_missing_reference_keys)
         self.processor = load_processor(backbone, chat_template=chat_template, trust_remote_code=trust_remote_code)
         self.policy: PreferencePolicy | None = None
 
     @property
     def reference_strategy(self) -> ReferenceStrategy:
+        if self.hparams.lora is not None and self.hparams.reference == "copy":
+            return "adapter"
         return self.hparams.reference
 
-    def configure_model(self) -> None:
-        if self.policy is not None:
-            return
+    @property
+    def frozen_parts(self) -> list[str]:
+        h = self.hparams
+        parts = list(h.freeze or [])
+        parts += [p for p, on in (("vision_tower", h.freeze_vision_tower), ("projector", h.freeze_projector)) if on and p not in parts]
+        return parts
+
+    def build_model(self) -> torch.nn.Module:
+        """The policy model: loaded, LoRA-wrapped, partly frozen, checkpointed as configured."""
         h = self.hparams
         source = h.init_from if h.init_from and Path(h.init_from).is_dir() else h.backbone
         model = load_model(source, trust_remote_code=h.trust_remote_code)
         if h.init_from and not Path(h.init_from).is_dir():
             load_policy_weights(model, h.init_from)
+        if h.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
         if h.lora is not None:
             from peft import LoraConfig, get_peft_model
 
@@ -95,7 +206,28 @@ class PreferenceModule(L.LightningModule):
             model = get_peft_model(
                 model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules)
             )
-        self.policy = PreferencePolicy(model, reference=self.reference_strategy)
+        freeze_parts(model, self.frozen_parts)
+        freeze_unused_vision_layers(model)
+        return model
+
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        if self.hparams.lora is not None and self.hparams.reference == "copy":
+            log.info("LoRA: the reference is the model with adapters disabled (reference='adapter')")
+        self.policy = PreferencePolicy(self.build_model(), reference=self.reference_strategy)
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel mesh
+            mesh = self.device_mesh["data_parallel"] if "data_parallel" in (self.device_mesh.mesh_dim_names or ()) else self.device_mesh
+            self.policy.fully_shard(mesh)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        hparams = checkpoint.get("hyper_parameters")
+        if hparams is not None and isinstance(hparams.get("lora"), LoraSettings):
+            hparams["lora"] = asdict(hparams["lora"])  # a plain dict: checkpoints load with weights_only=True
+        checkpoint["meddpo"] = {
+            "module_class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "reference_saved": bool(self.hparams.save_reference) and self.reference_strategy == "copy",
+        }
 
     # -- the family's part -------------------------------------------------------------------
     def compute_loss(self, batch: PreferenceBatch) -> tuple[Tensor, dict[str, Tensor]]:

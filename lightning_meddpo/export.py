@@ -1,0 +1,127 @@
+"""`python -m lightning_meddpo export`: a Lightning checkpoint -> a Hugging Face model directory.
+
+    python -m lightning_meddpo export --ckpt_path runs/demo/version_0/checkpoints/last.ckpt --out hf/
+    python -m lightning_meddpo export --ckpt_path last.ckpt --config runs/.../config.yaml --out hf/ --no-merge
+
+The checkpoint is a single `.ckpt` file (single device, DDP, FSDP full) or a sharded directory
+(FSDP2 via ModelParallelStrategy / FSDPStrategy with sharded state: torch.distributed.checkpoint),
+which is gathered into one full state dict on CPU. The module class and its arguments come from
+`--config` (the config.yaml LightningCLI writes into the log directory) or, without it, from the
+checkpoint itself (the class recorded by PreferenceModule.on_save_checkpoint and Lightning's
+hyper_parameters). The policy model is rebuilt, its weights loaded, LoRA adapters merged (unless
+`--no-merge`: then the directory holds the peft adapter, loadable with peft's
+`AutoPeftModelForImageTextToText` / `PeftModel.from_pretrained` on the base), and saved with
+`save_pretrained` next to the processor. The export reloads with `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+log = logging.getLogger(__name__)
+POLICY_PREFIX = "policy.model."
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint as a dict with a full `state_dict` on CPU (sharded directories gathered)."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / ".metadata").is_file():
+            raise ValueError(f"{path}: a directory, but not a torch.distributed.checkpoint (no .metadata)")
+        from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+        checkpoint = _load_distributed_checkpoint(path)
+    elif path.is_file():
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"--ckpt_path {path}: no such file or directory")
+    if "state_dict" not in checkpoint:
+        raise ValueError(f"{path}: not a Lightning checkpoint (no state_dict)")
+    state = checkpoint["state_dict"]
+    checkpoint["state_dict"] = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in state.items()}
+    return checkpoint
+
+
+def module_spec(checkpoint: dict[str, Any], config: str | None) -> tuple[str, dict[str, Any]]:
+    """(class path, init args) of the LightningModule that wrote the checkpoint."""
+    if config is not None:
+        cfg = yaml.safe_load(Path(config).read_text())
+        model = cfg.get("model") or cfg.get("fit", {}).get("model")
+        if not model or "class_path" not in model:
+            raise ValueError(f"{config}: no model.class_path (pass the config.yaml of the run)")
+        return model["class_path"], dict(model.get("init_args") or {})
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    class_path = (checkpoint.get("meddpo") or {}).get("module_class") or hparams.get("_class_path")
+    if class_path is None:
+        raise ValueError("the checkpoint does not name its module class; pass --config with the run's config.yaml")
+    return class_path, {k: v for k, v in hparams.items() if not k.startswith("_")}
+
+
+def build_module(class_path: str, init_args: dict[str, Any]):
+    """The module with its policy model built (no reference: only the policy is exported)."""
+    module_name, _, cls_name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    args = dict(init_args)
+    args["reference"] = "none"
+    if args.get("init_from") and not Path(args["init_from"]).is_dir():
+        args["init_from"] = None  # a .ckpt start point: its weights are overwritten by this checkpoint anyway
+    module = cls(**args)
+    module.configure_model()
+    return module
+
+
+def policy_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    weights = {k[len(POLICY_PREFIX) :]: v for k, v in state.items() if k.startswith(POLICY_PREFIX)}
+    if not weights:
+        raise ValueError(f"no '{POLICY_PREFIX}*' weights in the checkpoint")
+    return weights
+
+
+def export(ckpt_path: str, out: str, *, config: str | None = None, merge: bool = True, dtype: str | None = None) -> Path:
+    """Write the policy of a Lightning checkpoint as a Hugging Face directory; returns `out`."""
+    from lightning_meddpo.backbones.qwen import save_processor
+
+    checkpoint = read_checkpoint(ckpt_path)
+    class_path, init_args = module_spec(checkpoint, config)
+    module = build_module(class_path, init_args)
+    model = module.policy.model
+    missing, unexpected = model.load_state_dict(policy_state_dict(checkpoint["state_dict"]), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{ckpt_path}: does not match {class_path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    is_peft = hasattr(model, "merge_and_unload")
+    if is_peft and merge:
+        model = model.merge_and_unload()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base, "is_activation_checkpointing", False):
+        base.gradient_checkpointing_disable()
+    base.config.use_cache = True
+    model.eval()
+    if dtype is not None:
+        model = model.to(getattr(torch, dtype))
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    save_processor(module.processor, out_dir)
+    log.info("exported %s (%s%s) to %s", ckpt_path, class_path, ", LoRA merged" if is_peft and merge else "", out_dir)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(prog="python -m lightning_meddpo export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt_path", required=True, help="a .ckpt file or a sharded checkpoint directory")
+    parser.add_argument("--out", required=True, help="output directory (Hugging Face format)")
+    parser.add_argument("--config", help="the run's config.yaml (default: read the module from the checkpoint)")
+    parser.add_argument("--no-merge", dest="merge", action="store_false", help="save LoRA adapters unmerged")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast the weights (default: as trained)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    out = export(args.ckpt_path, args.out, config=args.config, merge=args.merge, dtype=args.dtype)
+    print(out)
+    return out
