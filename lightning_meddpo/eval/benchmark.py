@@ -47,8 +47,7 @@ DEMO_SIZE_KEYS = ("n_train", "n_val", "n_test")
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m lightning_meddpo benchmark", description=__doc__.split("\n\n")[0],
-                       default_meta=False)
+    p = ArgumentParser(prog="python -m lightning_meddpo benchmark", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", action=ActionConfigFile, help="benchmark YAML (see configs/benchmark/demo.yaml)")
     p.add_argument("--formulations", type=dict[str, str], required=True,
                    help="name -> fit config path (relative to the current directory)")
