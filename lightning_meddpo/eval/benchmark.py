@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -175,8 +176,9 @@ class Runner:
             cmd.append(f"--ckpt_path={checkpoint}")
         return cmd + list(a.eval.args)
 
-    def call(self, cmd: list[str], log_file: Path) -> float:
-        start = time.perf_counter()
+    def call(self, cmd: list[str], log_file: Path) -> tuple[float, float]:
+        """Run `python -m lightning_meddpo CMD`; (wall seconds, CPU seconds of the subprocess)."""
+        start, cpu_start = time.perf_counter(), _children_cpu()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -188,7 +190,7 @@ class Runner:
         if proc.returncode != 0:
             tail = log_file.read_text(encoding="utf-8", errors="replace")[-4000:]
             raise RuntimeError(f"`{cmd[0]}` failed ({proc.returncode}); full log: {log_file}\n{tail}")
-        return time.perf_counter() - start
+        return time.perf_counter() - start, _children_cpu() - cpu_start
 
     def finished(self, name: str, commands: dict[str, list[str]]) -> dict[str, Any] | None:
         path = self.out_dir / name / RESULT_NAME
@@ -213,13 +215,13 @@ class Runner:
         if run_dir.exists():
             shutil.rmtree(run_dir)  # an unfinished or outdated run: start clean
         print(f"[{name}] fit {config}", flush=True)
-        fit_seconds = self.call(fit_cmd, run_dir / "fit.log")
+        fit_seconds, fit_cpu = self.call(fit_cmd, run_dir / "fit.log")
         checkpoint = self.checkpoint(name)
         print(f"[{name}] test {checkpoint.name} ({fit_seconds:.0f} s fit)", flush=True)
-        test_seconds = self.call(self.test_command(name, config, checkpoint), run_dir / "test.log")
+        test_seconds, test_cpu = self.call(self.test_command(name, config, checkpoint), run_dir / "test.log")
         result = {
             "name": name, "config": config_path, "commands": commands, "checkpoint": str(checkpoint),
-            "fit_seconds": fit_seconds, "test_seconds": test_seconds,
+            "fit_seconds": fit_seconds, "test_seconds": test_seconds, "fit_cpu_seconds": fit_cpu, "test_cpu_seconds": test_cpu,
             **collect_metrics(run_dir), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         tmp = run_dir / f".{RESULT_NAME}.tmp"
@@ -228,6 +230,11 @@ class Runner:
         print(f"[{name}] done in {fit_seconds + test_seconds:.0f} s: "
               + ", ".join(f"{k}={v:.3f}" for k, v in result["metrics"].items()), flush=True)
         return result
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _last(series: list[tuple[int, float]] | None) -> float:
@@ -265,7 +272,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     start = time.perf_counter()
     results = [runner.run(name, args.formulations[name]) for name in names]
     paths = write_summary(runner.out_dir, args.baseline if args.baseline in names else None)
-    print(f"benchmark: {len(results)} runs in {time.perf_counter() - start:.0f} s; {paths['md']}")
+    cpu = sum(r.get("fit_cpu_seconds", 0) + r.get("test_cpu_seconds", 0) for r in results)
+    print(f"benchmark: {len(results)} runs in {time.perf_counter() - start:.0f} s (this invocation); "
+          f"fits and tests took {cpu:.0f} CPU seconds in all; {paths['md']}")
     print(paths["md"].read_text(encoding="utf-8"))
     if args.plots:
         write_plots(runner.out_dir, args.baseline if args.baseline in names else None)

@@ -67,6 +67,7 @@ def summary_rows(results: list[dict[str, Any]], baseline: str | None = None) -> 
         row["steps"] = r.get("steps")
         row["fit_seconds"] = r.get("fit_seconds")
         row["test_seconds"] = r.get("test_seconds")
+        row["cpu_seconds"] = (r.get("fit_cpu_seconds") or 0) + (r.get("test_cpu_seconds") or 0) or None
         rows.append(row)
     return rows, columns
 
