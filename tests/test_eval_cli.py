@@ -184,3 +184,18 @@ def test_cli_test_subcommand_writes_predictions_and_metrics(tmp_path, demo_dir):
                 "test/open_f1"):
         assert tag in scalars, sorted(scalars)
         assert 0.0 <= scalars[tag][-1][1] <= 1.0
+
+
+def test_test_on_preference_pairs_keeps_the_preference_metrics(tmp_path, demo_dir):
+    """test_step dispatches on the batch type: preference pairs still give test/loss and rewards, no predictions file."""
+    from lightning_meddpo.data.datamodule import PreferenceDataModule
+    from lightning_meddpo.modules import SFT
+
+    module = SFT(backbone="tiny://llama")
+    dm = PreferenceDataModule(test_file=str(demo_dir / "test.json"), batch_size=8, max_length=128, processor=module.processor)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, limit_test_batches=1)
+    result = trainer.test(module, datamodule=dm)[0]
+    assert "test/loss" in result and "test/rewards/accuracies" in result
+    assert not any(k.startswith("test/closed") for k in result)
+    assert not (tmp_path / "predictions.jsonl").exists()

@@ -138,7 +138,6 @@ class EvalMetrics(nn.Module):
             from lightning_meddpo.eval.judge import NLIScores
 
             self.nli = NLIScores()
-        self.counts: dict[str, int] = dict.fromkeys(ANSWER_TYPES, 0)  # this rank's, for the log line
 
     def update(self, batch: EvalBatch, predictions: list[str]) -> None:
         for atype, names in self.GROUPS.items():
@@ -154,7 +153,6 @@ class EvalMetrics(nn.Module):
                 self.metrics[name].update(preds, golds)
             if atype == "REPORT" and self.judge is not None:
                 self.nli.update(self.judge.judge_many(preds, golds))
-            self.counts[atype] += len(idx)
 
     def compute(self) -> dict[str, Tensor]:
         """Every metric that saw samples on any rank (NaN-valued, i.e. unused, metrics are left out)."""
@@ -178,7 +176,6 @@ class EvalMetrics(nn.Module):
             metric.reset()
         if self.judge is not None:
             self.nli.reset()
-        self.counts = dict.fromkeys(ANSWER_TYPES, 0)
 
 
 class PredictionWriter(L.Callback):
