@@ -49,6 +49,7 @@ def test_benchmark_grid(finished_benchmark):
     for r in rows:
         assert 0.0 <= float(r["val_reward_accuracy"]) <= 1.0 and 0.0 <= float(r["closed_accuracy"]) <= 1.0
         assert int(r["steps"]) == 3  # 24 pairs, batch 8, 1 epoch
+        assert 1 <= int(r["checkpoint_step"]) <= 3
     md = (out / "summary.md").read_text()
     assert "| **sft** |" in md and "| dpo |" in md and "closed_accuracy" in md
     for png in ("metrics.png", "curves.png"):

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
@@ -63,7 +63,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--eval.config", type=str, default=DEFAULT_EVAL_CONFIG, help="evaluation DataModule config")
     p.add_argument("--eval.test_file", type=str | None, default=None,
                    help="held-out question file (default: <out_dir>/data/<base>/vqa_test.jsonl)")
-    p.add_argument("--eval.checkpoint", type=str, default="best", help="best (falls back to last) or last")
+    p.add_argument("--eval.checkpoint", type=Literal["best", "last"], default="best", help="best (falls back to last) or last")
     p.add_argument("--eval.args", type=list[str], default=[], help="extra CLI arguments for every test")
     p.add_argument("--only", type=list[str] | None, default=None, help="run only these formulations")
     p.add_argument("--force", type=bool, default=False, help="refit finished runs too")
@@ -218,11 +218,16 @@ class Runner:
         fit_seconds, fit_cpu = self.call(fit_cmd, run_dir / "fit.log")
         checkpoint = self.checkpoint(name)
         print(f"[{name}] test {checkpoint.name} ({fit_seconds:.0f} s fit)", flush=True)
+        if self.args.eval.checkpoint == "last" and checkpoint.name.startswith("last"):
+            # Lightning >= 2.5 with save_last=True rewrites last.ckpt only when a top-k checkpoint was
+            # saved at that step: with a monitor that stopped improving, last.ckpt is NOT the final state.
+            log.warning("%s: last.ckpt holds step %s; check the run's ModelCheckpoint if you need the final weights",
+                        name, checkpoint_step(checkpoint))
         test_seconds, test_cpu = self.call(self.test_command(name, config, checkpoint), run_dir / "test.log")
         result = {
             "name": name, "config": config_path, "commands": commands, "checkpoint": str(checkpoint),
             "fit_seconds": fit_seconds, "test_seconds": test_seconds, "fit_cpu_seconds": fit_cpu, "test_cpu_seconds": test_cpu,
-            **collect_metrics(run_dir), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **collect_metrics(run_dir), "checkpoint_step": checkpoint_step(checkpoint), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         tmp = run_dir / f".{RESULT_NAME}.tmp"
         tmp.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
@@ -230,6 +235,17 @@ class Runner:
         print(f"[{name}] done in {fit_seconds + test_seconds:.0f} s: "
               + ", ".join(f"{k}={v:.3f}" for k, v in result["metrics"].items()), flush=True)
         return result
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The global step stored in a Lightning checkpoint (memory-mapped: no weights are read)."""
+    import torch
+
+    try:
+        return int(torch.load(path, map_location="cpu", mmap=True, weights_only=True)["global_step"])
+    except Exception as e:  # noqa: BLE001 - the step is informative only
+        log.warning("%s: cannot read global_step (%s)", path, e)
+        return None
 
 
 def _children_cpu() -> float:
@@ -251,7 +267,8 @@ def collect_metrics(run_dir: Path) -> dict[str, Any]:
     metrics["val_reward_accuracy"] = _last(fit.get("val/rewards/accuracies"))
     metrics["val_reward_margin"] = _last(fit.get("val/rewards/margins"))
     metrics["val_loss"] = _last(fit.get("val/loss"))
-    steps = max((s for s, _ in fit.get("train/lr", [])), default=-1) + 1  # train/lr: one point per optimizer step
+    # Lightning logs val/* and `epoch` at the last step: the number of optimizer steps trained.
+    steps = max((step for series in fit.values() for step, _ in series), default=-1) + 1
     return {"metrics": {k: v for k, v in metrics.items() if not math.isnan(v)}, "steps": steps}
 
 

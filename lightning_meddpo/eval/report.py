@@ -65,6 +65,7 @@ def summary_rows(results: list[dict[str, Any]], baseline: str | None = None) -> 
             b = base["metrics"].get(m, math.nan) if base else math.nan
             row[f"delta_{m}"] = row[m] - b
         row["steps"] = r.get("steps")
+        row["checkpoint_step"] = r.get("checkpoint_step")
         row["fit_seconds"] = r.get("fit_seconds")
         row["test_seconds"] = r.get("test_seconds")
         row["cpu_seconds"] = (r.get("fit_cpu_seconds") or 0) + (r.get("test_cpu_seconds") or 0) or None
