@@ -30,7 +30,9 @@ CURVES = (
     ("val/rewards/margins", "val reward margin"),
 )
 LOWER_IS_BETTER = {"val_loss", "nli/hallucination"}
-NOT_PLOTTED = {"val_loss"}
+# Each formulation's loss is a different function, and SFT's "reward" margin is a per-token log-prob
+# margin while DPO's is beta-scaled: shown per run, but no delta to the baseline and no bars.
+NOT_COMPARABLE = {"val_loss", "val_reward_margin"}
 
 
 def load_results(out_dir: str | Path) -> list[dict[str, Any]]:
@@ -62,7 +64,7 @@ def summary_rows(results: list[dict[str, Any]], baseline: str | None = None) -> 
         for m in columns:
             row[m] = r["metrics"].get(m, math.nan)
         for m in columns:
-            b = base["metrics"].get(m, math.nan) if base else math.nan
+            b = base["metrics"].get(m, math.nan) if base and m not in NOT_COMPARABLE else math.nan
             row[f"delta_{m}"] = row[m] - b
         row["steps"] = r.get("steps")
         row["checkpoint_step"] = r.get("checkpoint_step")
@@ -106,7 +108,8 @@ def to_markdown(rows: list[dict[str, Any]], columns: list[str], baseline: str | 
         cells += [str(row.get("steps") or "–"), f"{row['fit_seconds']:.0f}" if row.get("fit_seconds") else "–"]
         lines.append("| " + " | ".join(cells) + " |")
     note = f"\nIn parentheses: difference to the baseline **{baseline}**. " if baseline else "\n"
-    note += "val_* are the final epoch's validation values of the fit; the others are from `test` on the held-out questions.\n"
+    note += ("val_* are the final epoch's validation values of the fit (val_loss and val_reward_margin differ in "
+             "definition between formulations: no delta); the others are from `test` on the held-out questions.\n")
     return "\n".join(lines) + "\n" + note
 
 
@@ -137,8 +140,7 @@ def plot_metrics(rows: list[dict[str, Any]], columns: list[str], baseline: str |
         matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    # Losses of different formulations are different functions: not comparable as bars.
-    columns = [c for c in columns if c not in NOT_PLOTTED and any(not math.isnan(r[c]) for r in rows)]
+    columns = [c for c in columns if c not in NOT_COMPARABLE and any(not math.isnan(r[c]) for r in rows)]
     n = max(1, len(columns))
     ncols = min(3, n)
     nrows = math.ceil(n / ncols)
