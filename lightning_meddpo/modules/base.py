@@ -260,8 +260,48 @@ class PreferenceModule(L.LightningModule):
     def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor:
         return self._step(batch, "val")
 
-    def test_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor:
-        return self._step(batch, "test")
+    def test_step(self, batch, batch_idx: int):
+        """Preference pairs: the preference metrics (test/loss, test/rewards/...). An EvalBatch (from
+        eval.datamodule.EvalDataModule): generate answers, update the VQA/report metrics, return the rows
+        the PredictionWriter writes."""
+        if isinstance(batch, PreferenceBatch):
+            return self._step(batch, "test")
+        return self._eval_step(batch, update_metrics=True)
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
+        """Generate answers for an EvalBatch; returns one row per question (written by PredictionWriter)."""
+        if isinstance(batch, PreferenceBatch):
+            raise TypeError("predict generates answers: use lightning_meddpo.eval.datamodule.EvalDataModule as the data")
+        return self._eval_step(batch, update_metrics=False)
+
+    # -- generation-based evaluation (eval/generate.py does the work) --------------------------
+    def _eval_step(self, batch, update_metrics: bool) -> list[dict]:
+        from lightning_meddpo.eval.generate import EvalBatch, EvalMetrics, generate
+
+        if not isinstance(batch, EvalBatch):
+            raise TypeError(f"expected a PreferenceBatch or an EvalBatch, got {type(batch).__name__}")
+        predictions = generate(self.policy.model, self.processor, batch)
+        if update_metrics:
+            if getattr(self, "eval_metrics", None) is None:
+                self.eval_metrics = EvalMetrics(judge=batch.judge).to(self.device)
+            self.eval_metrics.update(batch, predictions)
+        return batch.rows(predictions)
+
+    def on_test_epoch_end(self) -> None:
+        metrics = getattr(self, "eval_metrics", None)
+        if metrics is None:
+            return
+        for name, value in metrics.compute().items():  # already reduced across ranks by torchmetrics
+            self.log(f"test/{name}", value, on_epoch=True)
+        metrics.reset()
+
+    def configure_callbacks(self):
+        """A PredictionWriter (predictions.jsonl in the run's log dir) unless the trainer has one configured."""
+        from lightning_meddpo.eval.generate import PredictionWriter
+
+        if any(isinstance(c, PredictionWriter) for c in self.trainer.callbacks):
+            return []
+        return [PredictionWriter()]
 
     def configure_optimizers(self):
         params = [p for p in self.policy.model.parameters() if p.requires_grad]

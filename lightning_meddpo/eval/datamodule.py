@@ -1,0 +1,390 @@
+"""EvalDataModule: benchmark questions and report files -> left-padded prompt batches for generation.
+
+Formats (DESIGN.md section 5), one record per JSONL line or JSON array element; `format: auto` decides
+per record (a `text` field: VQA; else a report file):
+
+- LLaVA-Med benchmark questions (VQA-RAD, SLAKE, PathVQA): `question_id` (or `id`), `image`, `text`
+  (the question), the gold in `answer` or `gpt4_answer` (`answer` wins when both are present; set
+  `answer_field` to choose), `answer_type` CLOSED/OPEN in any capitalisation and with stray whitespace.
+  A question without the `<image>` placeholder gets one inserted before it (counted, reported).
+  A missing answer_type is inferred (gold yes/no: CLOSED, else OPEN) and counted.
+- Report generation: MIMIC-CXR (`id`, `image_path` as a list or a string, `report`) and AMBOSS/NEJM
+  (`image_path`, `caption`). One image per prompt is supported: of a list, the FIRST image is used
+  (counted, reported). The prompt is `report_prompt` (configurable). A record without an id gets
+  `<file stem>:<line>` (counted).
+
+Every problem names the file, line, record id and field (RecordError); with `skip_invalid` bad records
+are counted and reported instead. Image paths are resolved inside `image_root` (default: the file's
+directory) and may not escape it. Generation and judge settings are DataModule arguments: they ride
+on each `EvalBatch`, so the LightningModule stays free of evaluation options.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_meddpo.data.batch import pad_stack
+from lightning_meddpo.data.collate import PairEncoder, PromptTooLongError
+from lightning_meddpo.data.images import load_image
+from lightning_meddpo.data.records import IMAGE_TOKEN, RecordError, Turn, load_json_records, resolve_image
+from lightning_meddpo.eval.generate import EvalBatch, GenerationSettings, JudgeSettings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REPORT_PROMPT = "Describe the findings in this medical image."
+TOKEN_LEVEL_EXTRAS = ("mm_token_type_ids", "token_type_ids")
+Format = Literal["auto", "vqa", "report"]
+
+
+@dataclass(frozen=True)
+class EvalRecord:
+    """One question (or report prompt) with its image and gold answer."""
+
+    id: Any  # as in the file (LLaVA-Med question ids are often ints)
+    image: Path  # resolved, inside the image root
+    image_field: str  # as written in the file
+    prompt: tuple[Turn, ...]
+    gold: str | None
+    answer_type: str  # CLOSED / OPEN / REPORT
+    source: str = ""
+
+
+@dataclass
+class EvalReadReport:
+    """What reading an evaluation file did, by outcome: nothing happens unseen."""
+
+    read: int = 0
+    by_type: Counter = field(default_factory=Counter)
+    notes: Counter = field(default_factory=Counter)  # quirk -> count (placeholder inserted, first image used, ...)
+    skipped: Counter = field(default_factory=Counter)
+    errors: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        types = ", ".join(f"{n} {t}" for t, n in sorted(self.by_type.items()))
+        parts = [f"{self.read} records read ({types})" if types else f"{self.read} records read"]
+        parts += [f"{n} {note}" for note, n in sorted(self.notes.items())]
+        parts += [f"{n} skipped: {reason}" for reason, n in sorted(self.skipped.items())]
+        return "; ".join(parts)
+
+
+def _text(raw: dict, name: str, source: str, rid: Any, *, required: bool = True) -> str | None:
+    value = raw.get(name)
+    if value is None:
+        if required:
+            raise RecordError(source, _sid(rid), name, "missing")
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise RecordError(source, _sid(rid), name, f"expected a string, got {type(value).__name__}")
+    value = str(value)
+    if not value.strip():
+        raise RecordError(source, _sid(rid), name, "is empty")
+    return value
+
+
+def _sid(rid: Any) -> str | None:
+    return None if rid is None else str(rid)
+
+
+def _first_image(raw: dict, names: tuple[str, ...], source: str, rid: Any, notes: Counter) -> tuple[str, str]:
+    """(field name, path) of the record's image; of a list, the first (counted)."""
+    name = next((n for n in names if raw.get(n) is not None), None)
+    if name is None:
+        raise RecordError(source, _sid(rid), names[0], "missing")
+    value = raw[name]
+    if isinstance(value, list):
+        if not value:
+            raise RecordError(source, _sid(rid), name, "is an empty list of images")
+        if len(value) > 1:
+            notes[f"had {name} lists of several images (the first was used)"] += 1
+        value = value[0]
+    if not isinstance(value, str):
+        raise RecordError(source, _sid(rid), name, f"expected an image path, got {value!r}")
+    return name, value
+
+
+def _answer_type(raw: dict, gold: str | None, source: str, rid: Any, notes: Counter) -> str:
+    value = raw.get("answer_type")
+    if value is None:
+        if gold is None:
+            return "OPEN"
+        from lightning_meddpo.eval.metrics import normalize_answer
+
+        notes["had no answer_type (inferred from the gold: yes/no = CLOSED)"] += 1
+        return "CLOSED" if normalize_answer(gold) in ("yes", "no") else "OPEN"
+    if not isinstance(value, str) or value.strip().upper() not in ("CLOSED", "OPEN"):
+        raise RecordError(source, _sid(rid), "answer_type", f"expected CLOSED or OPEN, got {value!r}")
+    canonical = value.strip().upper()
+    if value != canonical:
+        notes["had answer_type in another spelling (normalised)"] += 1
+    return canonical
+
+
+def _with_placeholder(text: str, source: str, rid: Any, name: str, notes: Counter) -> str:
+    count = text.count(IMAGE_TOKEN)
+    if count > 1:
+        raise RecordError(source, _sid(rid), name, f"{count} {IMAGE_TOKEN} placeholders; one image per question is supported")
+    if count == 0:
+        notes[f"had no {IMAGE_TOKEN} placeholder (inserted)"] += 1
+        return f"{IMAGE_TOKEN}\n{text}"
+    return text
+
+
+def parse_eval_record(
+    raw: Any, source: str, image_root: Path, notes: Counter, *, fmt: Format = "auto",
+    answer_field: str | None = None, report_prompt: str = DEFAULT_REPORT_PROMPT, require_gold: bool = True,
+    default_id: str | None = None,
+) -> EvalRecord:
+    """Parse one benchmark question or report record (see module docstring); quirks are counted in `notes`."""
+    if not isinstance(raw, dict):
+        raise RecordError(source, None, "<record>", f"expected a JSON object, got {type(raw).__name__}")
+    kind = fmt if fmt != "auto" else ("vqa" if "text" in raw else "report")
+    rid = raw.get("question_id", raw.get("id"))
+    if kind == "vqa":
+        if rid is None:
+            raise RecordError(source, None, "question_id", "missing")
+        question = _text(raw, "text", source, rid)
+        names = (answer_field,) if answer_field else ("answer", "gpt4_answer")
+        name = next((n for n in names if raw.get(n) is not None), None)
+        if name is None and require_gold:
+            raise RecordError(source, _sid(rid), names[0], f"missing (expected one of {list(names)})")
+        gold = _text(raw, name, source, rid) if name else None
+        if name and not answer_field:
+            notes[f"gold from {name}"] += 1
+        answer_type = _answer_type(raw, gold, source, rid, notes)
+        image_name, image_value = _first_image(raw, ("image", "image_path"), source, rid, notes)
+        prompt = _with_placeholder(question, source, rid, "text", notes)
+    else:
+        if rid is None:
+            rid = raw.get("study_id")
+        if rid is None:
+            rid = default_id
+            notes["had no id (file:line used)"] += 1
+        names = (answer_field,) if answer_field else ("report", "caption")
+        name = next((n for n in names if raw.get(n) is not None), None)
+        if name is None and require_gold:
+            raise RecordError(source, _sid(rid), names[0], f"missing (expected one of {list(names)})")
+        gold = _text(raw, name, source, rid) if name else None
+        answer_type = "REPORT"
+        image_name, image_value = _first_image(raw, ("image_path", "image"), source, rid, notes)
+        prompt = report_prompt if IMAGE_TOKEN in report_prompt else f"{IMAGE_TOKEN}\n{report_prompt}"
+    image = resolve_image(image_root, image_value, source, _sid(rid), image_name)
+    return EvalRecord(id=rid, image=image, image_field=image_value, prompt=(Turn("human", prompt),), gold=gold,
+                      answer_type=answer_type, source=source)
+
+
+def read_eval_file(
+    path: str | Path, image_root: str | Path | None = None, *, fmt: Format = "auto", answer_field: str | None = None,
+    report_prompt: str = DEFAULT_REPORT_PROMPT, require_gold: bool = True, skip_invalid: bool = False,
+) -> tuple[list[EvalRecord], EvalReadReport]:
+    """Read and validate an evaluation file. Errors raise unless skip_invalid, which counts and reports them."""
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    report = EvalReadReport()
+    records: list[EvalRecord] = []
+    seen: dict[str, str] = {}
+    for i, (source, raw) in enumerate(load_json_records(path)):
+        try:
+            if isinstance(raw, RecordError):
+                raise raw
+            line = source.rsplit(":", 1)[-1] if source.startswith(f"{path}:") else str(i)
+            record = parse_eval_record(
+                raw, source, root, report.notes, fmt=fmt, answer_field=answer_field, report_prompt=report_prompt,
+                require_gold=require_gold, default_id=f"{path.stem}:{line}",
+            )
+            key = str(record.id)
+            if key in seen:
+                raise RecordError(source, key, "question_id", f"duplicate of the record at {seen[key]}")
+            seen[key] = source
+        except RecordError as e:
+            if not skip_invalid:
+                raise
+            report.skipped[f"field {e.field_name}: {e.problem.split(':')[0]}"] += 1
+            report.errors.append(str(e))
+            continue
+        report.read += 1
+        report.by_type[record.answer_type] += 1
+        records.append(record)
+    return records, report
+
+
+@dataclass
+class EvalItem:
+    record: EvalRecord
+    input_ids: torch.Tensor  # [L]
+    pixel_values: torch.Tensor
+    token_extra: dict[str, torch.Tensor]  # per-token extras, [L]
+    image_extra: dict[str, torch.Tensor]
+
+
+class EvalDataset(Dataset):
+    """Encodes one prompt per item: chat template with the generation prompt, image through the processor."""
+
+    def __init__(self, records: list[EvalRecord], encoder: PairEncoder, max_length: int | None = None):
+        self.records, self.encoder, self.max_length = records, encoder, max_length
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def prompt_text(self, record: EvalRecord) -> str:
+        return self.encoder.processor.apply_chat_template(
+            self.encoder.messages(record.prompt), add_generation_prompt=True, tokenize=False)
+
+    def __getitem__(self, index: int) -> EvalItem:
+        record = self.records[index]
+        image = load_image(record.image, record_id=_sid(record.id))
+        enc = dict(self.encoder.processor(text=[self.prompt_text(record)], images=[image], return_tensors="pt"))
+        input_ids = enc.pop("input_ids")[0]
+        enc.pop("attention_mask", None)
+        if self.max_length is not None and input_ids.numel() > self.max_length:
+            raise PromptTooLongError(
+                f"{record.source} id={record.id!r}: the prompt with its image tokens is {input_ids.numel()} tokens, "
+                f"more than max_length={self.max_length}")
+        pixel_values = enc.pop("pixel_values")
+        token_extra = {k: enc.pop(k)[0] for k in TOKEN_LEVEL_EXTRAS if k in enc}
+        return EvalItem(record, input_ids, pixel_values, token_extra, enc)
+
+
+@dataclass
+class EvalCollator:
+    """LEFT-pads prompts (generation appends to the right) into an EvalBatch carrying the settings."""
+
+    pad_token_id: int
+    generation: GenerationSettings
+    judge: JudgeSettings | None = None
+
+    def __call__(self, items: list[EvalItem]) -> EvalBatch:
+        extra = {k: pad_stack([it.token_extra[k] for it in items], 0, side="left") for k in items[0].token_extra}
+        extra.update({k: torch.cat([it.image_extra[k] for it in items]) for k in items[0].image_extra})
+        return EvalBatch(
+            ids=[it.record.id for it in items],
+            input_ids=pad_stack([it.input_ids for it in items], self.pad_token_id, side="left"),
+            attention_mask=pad_stack([torch.ones_like(it.input_ids) for it in items], 0, side="left"),
+            pixel_values=torch.cat([it.pixel_values for it in items]),
+            prompts=[it.record.prompt[-1].text for it in items],
+            golds=[it.record.gold for it in items],
+            answer_types=[it.record.answer_type for it in items],
+            images=[it.record.image_field for it in items],
+            extra=extra,
+            generation=self.generation,
+            judge=self.judge,
+        )
+
+
+class EvalDataModule(L.LightningDataModule):
+    """Benchmark questions / report prompts for `test` (generate + metrics) and `predict` (generate only).
+
+    Args:
+        test_file: LLaVA-Med question file or report file (JSONL or JSON array) for `test`.
+        predict_file: file for `predict` (default: test_file); golds are optional there.
+        image_root: directory image paths are relative to (default: the file's directory).
+        format: `auto` (per record: a `text` field means a question), `vqa` or `report`.
+        answer_field: the gold's field (default: `answer`, else `gpt4_answer`; reports: `report`, else `caption`).
+        report_prompt: the instruction for report records (the `<image>` placeholder goes before it).
+        batch_size, num_workers: DataLoader settings (prompts are left-padded).
+        max_length: fail on a prompt (with image tokens) longer than this, naming the record.
+        generation: max_new_tokens, temperature (0 = greedy), top_p, num_beams, repetition_penalty.
+        judge: an OpenAI-compatible NLI judge for reports (url, model, api_key_env, cache_dir).
+        limit: evaluate only the first N records (smoke tests).
+        skip_invalid: count and report invalid records instead of raising on the first.
+        demo: generate the synthetic demo dataset (with its vqa_test.jsonl) into the file's directory if missing.
+    """
+
+    def __init__(
+        self,
+        test_file: str | None = None,
+        predict_file: str | None = None,
+        image_root: str | None = None,
+        format: Format = "auto",
+        answer_field: str | None = None,
+        report_prompt: str = DEFAULT_REPORT_PROMPT,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        max_length: int | None = None,
+        image_placeholder: str | None = None,
+        generation: GenerationSettings | None = None,
+        judge: JudgeSettings | None = None,
+        limit: int | None = None,
+        skip_invalid: bool = False,
+        demo: bool | dict[str, Any] = False,
+        seed: int = 0,
+        processor: Any = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["processor"])
+        self.processor = processor
+        self.generation = _as(generation, GenerationSettings) or GenerationSettings()
+        self.judge = _as(judge, JudgeSettings)
+        self.datasets: dict[str, EvalDataset] = {}
+        self.reports: dict[str, EvalReadReport] = {}
+
+    def prepare_data(self) -> None:
+        if self.hparams.demo:
+            from lightning_meddpo.data.synthetic import ensure_demo_dataset
+
+            file = self.hparams.test_file or self.hparams.predict_file
+            options = self.hparams.demo if isinstance(self.hparams.demo, dict) else {}
+            ensure_demo_dataset(Path(file).parent, **{"seed": self.hparams.seed, **options})
+
+    def _dataset(self, path: str, require_gold: bool) -> EvalDataset:
+        if self.processor is None:
+            raise ValueError("EvalDataModule needs the backbone's processor (the CLI links it from the model)")
+        h = self.hparams
+        records, report = read_eval_file(
+            path, h.image_root, fmt=h.format, answer_field=h.answer_field, report_prompt=h.report_prompt,
+            require_gold=require_gold, skip_invalid=h.skip_invalid,
+        )
+        if h.limit is not None:
+            records = records[: h.limit]
+        self.reports[path] = report
+        log.info("%s: %s", path, report.summary())
+        print(f"{path}: {report.summary()}")
+        for err in report.errors[:20]:
+            log.warning("skipped %s", err)
+        if not records:
+            raise ValueError(f"{path}: no usable records ({report.summary()})")
+        encoder = PairEncoder(self.processor, h.max_length or 1 << 30, h.image_placeholder)
+        return EvalDataset(records, encoder, h.max_length)
+
+    def setup(self, stage: str | None = None) -> None:
+        h = self.hparams
+        if stage in ("fit", "validate"):
+            raise ValueError("EvalDataModule serves `test` and `predict` only; train with PreferenceDataModule")
+        if stage in ("test", None) and "test" not in self.datasets:
+            if not h.test_file:
+                raise ValueError("set data.init_args.test_file for `test`")
+            self.datasets["test"] = self._dataset(h.test_file, require_gold=True)
+        if stage in ("predict", None) and "predict" not in self.datasets and (h.predict_file or h.test_file):
+            self.datasets["predict"] = self._dataset(h.predict_file or h.test_file, require_gold=False)
+
+    def _loader(self, split: str) -> DataLoader:
+        tokenizer = self.processor.tokenizer
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return DataLoader(
+            self.datasets[split], batch_size=self.hparams.batch_size, shuffle=False,
+            num_workers=self.hparams.num_workers, collate_fn=EvalCollator(pad_id, self.generation, self.judge),
+        )
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict")
+
+
+def _as(value: Any, cls: type) -> Any:
+    """jsonargparse may hand a dataclass arg over as a Namespace or dict."""
+    if value is None or isinstance(value, cls):
+        return value
+    return cls(**(vars(value) if hasattr(value, "__dict__") else dict(value)))
+
+
+__all__ = ["DEFAULT_REPORT_PROMPT", "EvalCollator", "EvalDataModule", "EvalDataset", "EvalReadReport", "EvalRecord",
+           "parse_eval_record", "read_eval_file"]
