@@ -68,7 +68,7 @@ def test_sft_then_dpo_from_its_checkpoint(demo_dir, tmp_path):
 def test_bf16_mixed_run(demo_dir, tmp_path):
     run_cli("fit", "--config", "configs/demo/dpo.yaml", *small_demo_args(demo_dir, tmp_path),
             "--trainer.precision=bf16-mixed", "--trainer.max_steps=2", "--trainer.limit_val_batches=1",
-            "--trainer.log_every_n_steps=1")
+            "--trainer.log_every_n_steps=1", "--trainer.val_check_interval=2")
     scalars = read_scalars(_version_dirs(tmp_path)[0])
     assert all(math.isfinite(v) for _, v in scalars["train/loss_step"] + scalars["val/loss"])
 
