@@ -12,11 +12,25 @@ from lightning_meddpo.data.batch import PreferenceBatch
 
 
 class ResumableCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint whose `--ckpt_path last` finds the newest last.ckpt of ANY version of the run.
+    """ModelCheckpoint whose last.ckpt is always the latest state, and is found again on resume.
 
-    Lightning only looks in the new run's own version directory, so a resumed run would silently
-    start from scratch; runs are identified by the logger's save_dir and name instead.
+    Lightning 2.6 rewrites last.ckpt only when a new top-k checkpoint is saved at that step, so a run
+    whose validation stops improving ends with a stale last.ckpt; here it is written after every
+    validation and at the end of training. And `--ckpt_path last` searches every version of the run
+    (logger save_dir/name), where Lightning only looks in the new run's own version directory.
     """
+
+    def _save_last_if_behind(self, trainer: L.Trainer) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self._save_last_if_behind(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._save_last_if_behind(trainer)
 
     def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
         found = super()._find_last_checkpoints(trainer)

@@ -39,6 +39,11 @@ def tiny_processor():
     return load_processor("tiny://llama")
 
 
+def image_token_count(processor) -> int:
+    """Image tokens the tiny LLaVA processor expands `<image>` into: (image side / patch side)^2."""
+    return (processor.image_processor.crop_size["height"] // processor.patch_size) ** 2
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `python -m lightning_meddpo ARGS` as a subprocess; fail with its output if it fails."""
     proc = subprocess.run(

@@ -170,11 +170,12 @@ def test_image_tokens_exceed_max_length(root, tiny_processor, caplog):
     assert [r.id for r in dm.datasets["test"].records] == ["ok1", "ok2"]
     assert dm.skipped == {"prompt with image tokens exceeds max_length": 1}
     assert "1 records skipped in validation: 1 prompt with image tokens exceeds max_length" in caplog.text
-    # the image tokens alone (16) exceed max_length: every record is refused, and the error says so
-    with pytest.raises(PromptTooLongError, match=r"id='ok1'.*max_length=12"):
-        setup_dm(path, tiny_processor, max_length=12)
+    # the image tokens alone (4) exceed max_length: every record is refused, and the error says so
+    assert image_token_count(tiny_processor) > 3
+    with pytest.raises(PromptTooLongError, match=r"id='ok1'.*max_length=3"):
+        setup_dm(path, tiny_processor, max_length=3)
     with pytest.raises(ValueError, match="no usable records left .*3 skipped: prompt with image tokens"):
-        setup_dm(path, tiny_processor, max_length=12, skip_invalid=True)
+        setup_dm(path, tiny_processor, max_length=3, skip_invalid=True)
 
 
 def test_skips_are_logged_by_reason(root, tiny_processor, caplog):

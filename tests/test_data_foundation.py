@@ -12,6 +12,7 @@ import torch
 from lightning_meddpo.data.collate import IGNORE_INDEX, PairEncoder, PreferenceCollator, PromptTooLongError
 from lightning_meddpo.data.datamodule import PreferenceDataModule, PreferenceDataset
 from lightning_meddpo.data.records import RecordError, read_preference_file
+from tests.conftest import image_token_count
 
 
 def _copy_demo(demo_dir: Path, tmp_path: Path, edit) -> Path:
@@ -32,7 +33,7 @@ def test_labels_mask_prompt_and_image_tokens(demo_dir, tiny_processor):
     image_id = tiny_processor.tokenizer.convert_tokens_to_ids("<image>")
     for side, record_text in ((batch.chosen, [r.chosen for r in records[:4]]), (batch.rejected, [r.rejected for r in records[:4]])):
         ids, labels = side.input_ids, side.labels
-        assert ((ids == image_id).sum(-1) == 16).all()  # every image token present: (32/8)^2
+        assert ((ids == image_id).sum(-1) == image_token_count(tiny_processor)).all()  # every image token present
         assert not (labels == image_id).any()  # no image token scored
         for row in range(4):
             scored = labels[row][labels[row] != IGNORE_INDEX]
@@ -55,7 +56,7 @@ def test_record_without_placeholder_gets_one_and_is_counted(demo_dir, tmp_path, 
     assert records[0].prompt[0].text.startswith("<image>\n")
     pair = PreferenceDataset(records[:1], PairEncoder(tiny_processor, 256))[0]
     image_id = tiny_processor.tokenizer.convert_tokens_to_ids("<image>")
-    assert int((pair.chosen.input_ids == image_id).sum()) == 16  # the image is really used
+    assert int((pair.chosen.input_ids == image_id).sum()) == image_token_count(tiny_processor)  # the image is used
 
 
 def test_missing_image_names_record_and_path(demo_dir, tmp_path):

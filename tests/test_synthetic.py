@@ -169,9 +169,12 @@ def test_vqa_test_file(built):
     for q, r in zip(lines, test):
         assert set(q) == {"question_id", "image", "text", "answer", "answer_type"}
         assert "<image>" not in q["text"] and q["text"] in r["conversations"][0]["value"]
-        assert q["answer"] == r["conversations"][-1]["value"]
+        chosen = r["conversations"][-1]["value"]
+        if chosen.startswith(("Yes", "No")):  # closed: a bare yes/no agreeing with the chosen answer
+            assert q["answer_type"] == "CLOSED" and q["answer"] == chosen.split(",")[0].lower()
+        else:  # open: the grounded word, which the chosen answer states
+            assert q["answer_type"] == "OPEN" and q["answer"].lower() in chosen.lower() and " " not in q["answer"].strip()
         assert (built["root"] / q["image"]).is_file()
-        assert q["answer_type"] == ("CLOSED" if q["answer"].startswith(("Yes", "No")) else "OPEN")
 
 
 def test_corpus_covers_every_record_text(tmp_path):

@@ -33,7 +33,7 @@ from lightning_meddpo.backbones.templates import get_chat_template
 TINY_SCHEME = "tiny://"
 TEXT_CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-BUILD_VERSION = 1  # bump when the tiny build changes, so cached builds are redone
+BUILD_VERSION = 2  # bump when the tiny build changes, so cached builds are redone
 
 
 def default_cache_dir() -> Path:
@@ -60,7 +60,7 @@ def build_tiny_backbone(
     *,
     text_model: str = "llama",
     image_size: int = 32,
-    patch_size: int = 8,
+    patch_size: int = 16,
     hidden_size: int = 64,
     num_layers: int = 2,
     corpus: list[str] | None = None,

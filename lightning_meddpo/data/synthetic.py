@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MARKER_NAME = ".synthetic_dataset.json"
 SPLITS = ("train", "val", "test")
 MODALITIES = ("CT", "MRI", "X-ray", "ultrasound")
@@ -313,6 +313,15 @@ def _paths(out_dir: Path) -> dict[str, Path]:
     }
 
 
+def benchmark_answer(record: dict[str, Any]) -> str:
+    """The short gold answer a VQA benchmark gives (as VQA-RAD / SLAKE do): yes/no for closed
+    questions, the grounded word for open ones; full-sentence golds would defeat closed accuracy."""
+    kind = record["question_type"]
+    if kind == "presence":
+        return "yes" if record["lesion_side"] else "no"
+    return {"side": record["lesion_side"], "modality": record["modality"], "organ": record["organ"]}[kind]
+
+
 def generate_demo_dataset(
     out_dir: str | Path,
     *,
@@ -354,7 +363,7 @@ def generate_demo_dataset(
             "question_id": rec["id"],
             "image": rec["image"],
             "text": question,
-            "answer": rec["conversations"][-1]["value"],
+            "answer": benchmark_answer(rec),
             "answer_type": ANSWER_TYPE[rec["question_type"]],
         }))
     _write_text(paths["vqa_test"], "".join(line + "\n" for line in vqa))
