@@ -16,7 +16,7 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     Lightning 2.6 rewrites last.ckpt only when a new top-k checkpoint is saved at that step, so a run
     whose validation stops improving ends with a stale last.ckpt; here it is written after every
-    validation and at the end of training. And `--ckpt_path last` searches every version of the run
+    save point and at the end of training. And `--ckpt_path last` searches every version of the run
     (logger save_dir/name), where Lightning only looks in the new run's own version directory.
     """
 
@@ -24,9 +24,17 @@ class ResumableCheckpoint(ModelCheckpoint):
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
+    # Lightning saves either at train-epoch end or at validation end (never both); follow it, after
+    # its own top-k save, so last.ckpt never pre-empts the best checkpoint of the same step.
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_behind(trainer)
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
-        self._save_last_if_behind(trainer)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_behind(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)

@@ -28,11 +28,12 @@ class NeverImproves(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _fit(tmp_path, callback, epochs=3, ckpt_path=None):
+def _fit(tmp_path, callback, epochs=3, ckpt_path=None, val_check_interval=1.0):
     data = DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=4)
     trainer = L.Trainer(
         max_epochs=epochs, callbacks=[callback], logger=TensorBoardLogger(tmp_path, name="run"),
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        val_check_interval=val_check_interval,
     )
     trainer.fit(NeverImproves(), data, data, ckpt_path=ckpt_path)
     return trainer
@@ -43,9 +44,11 @@ def test_last_checkpoint_is_the_final_state_even_when_val_stops_improving(tmp_pa
     _fit(tmp_path / "plain", plain)
     assert torch.load(plain.last_model_path, weights_only=False)["global_step"] == 2  # Lightning's stale last
 
-    ours = ResumableCheckpoint(monitor="score", mode="max", save_last=True)
-    trainer = _fit(tmp_path / "ours", ours)
-    assert torch.load(ours.last_model_path, weights_only=False)["global_step"] == trainer.global_step == 6
+    for val_check_interval in (1.0, 2):  # Lightning saves at train-epoch end, or at validation end
+        ours = ResumableCheckpoint(monitor="score", mode="max", save_last=True)
+        trainer = _fit(tmp_path / f"ours{val_check_interval}", ours, val_check_interval=val_check_interval)
+        assert torch.load(ours.last_model_path, weights_only=False)["global_step"] == trainer.global_step == 6
+        assert torch.load(ours.best_model_path, weights_only=False)["global_step"] == 2  # top-k still saved
 
 
 def test_ckpt_path_last_finds_the_previous_version(tmp_path):

@@ -90,4 +90,5 @@ def test_dpo_learns_the_visual_preference(tmp_path):
         f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false",
     )
     accuracy = [v for _, v in read_scalars(_version_dirs(tmp_path)[0])["val/rewards/accuracies"]]
-    assert accuracy[0] < 0.62 and max(accuracy) >= 0.65, accuracy
+    # 128 val pairs: chance is 0.5 +- 0.044, so 0.65 is over 3 standard deviations above it
+    assert max(accuracy) >= 0.65, accuracy
