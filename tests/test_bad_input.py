@@ -17,6 +17,7 @@ from skimage import data as skdata
 from lightning_meddpo.data.collate import PromptTooLongError
 from lightning_meddpo.data.datamodule import PreferenceDataModule
 from lightning_meddpo.data.records import RecordError
+from tests.conftest import image_token_count
 
 
 @pytest.fixture()

@@ -86,13 +86,13 @@ def test_truncation_keeps_image_tokens_and_cuts_the_response_end(demo_dir, tiny_
 def test_datamodule_counts_truncated_pairs(demo_dir, tiny_processor, caplog):
     dm = PreferenceDataModule(
         train_file=str(demo_dir / "train.json"), val_file=str(demo_dir / "val.json"),
-        max_length=40, batch_size=4, processor=tiny_processor,
+        max_length=32, batch_size=4, processor=tiny_processor,
     )
     with caplog.at_level("WARNING"):
         dm.setup("fit")
-    assert dm.truncated["train"] > 0 and "truncated to max_length=40" in caplog.text
+    assert dm.truncated["train"] > 0 and "truncated to max_length=32" in caplog.text
     batch = next(iter(dm.train_dataloader()))
-    assert batch.chosen.input_ids.shape[1] <= 40 and len(batch) == 4
+    assert batch.chosen.input_ids.shape[1] <= 32 and len(batch) == 4
 
 
 def test_seeded_split_when_no_val_file(demo_dir, tiny_processor):

@@ -16,6 +16,7 @@ from skimage import data as skdata
 from lightning_meddpo.data.datamodule import PreferenceDataModule
 from lightning_meddpo.data.formats import detect_format, read_records
 from lightning_meddpo.data.records import RecordError, Turn
+from tests.conftest import image_token_count
 
 Q = "Which lung has the nodule?"
 

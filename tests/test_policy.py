@@ -53,7 +53,7 @@ def test_copy_reference_is_frozen_and_starts_equal(batch):
     views = ("chosen", "rejected")
     torch.testing.assert_close(policy.logps(batch, views)["chosen"], policy.reference_logps(batch, views)["chosen"])
     before = policy.reference_logps(batch, views)["chosen"].clone()
-    optimizer = torch.optim.SGD([p for p in policy.model.parameters() if p.requires_grad], lr=0.1)
+    optimizer = torch.optim.SGD([p for p in policy.model.parameters() if p.requires_grad], lr=0.01)
     (-policy.logps(batch, views)["chosen"].sum()).backward()
     optimizer.step()
     policy.train()
