@@ -9,9 +9,6 @@ unless the user turns it on.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,7 +16,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor,
 from transformers.utils import is_torchvision_available
 
 from lightning_meddpo.backbones.templates import get_chat_template
-from lightning_meddpo.backbones.tiny import TINY_SCHEME, default_cache_dir, resolve_tiny
+from lightning_meddpo.backbones.tiny import TINY_SCHEME, build_once, default_cache_dir, resolve_tiny
 
 
 TINY_QWEN = ("qwen2_vl", "qwen2_5_vl")
@@ -36,25 +33,11 @@ def resolve_backbone(name_or_path: str) -> str:
 
 
 def _resolve_tiny_qwen(version: str) -> Path:
-    """Build `tiny://qwen2_vl|qwen2_5_vl` once into the cache (atomic rename, like resolve_tiny)."""
+    """Build `tiny://qwen2_vl|qwen2_5_vl` once into the cache."""
     from lightning_meddpo.backbones.qwen import build_tiny_qwen_vl
 
-    root = default_cache_dir() / "backbones"
-    target = root / f"tiny-{version}-v1"
-    if (target / "config.json").is_file():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
-    try:
-        build_tiny_qwen_vl(tmp, version=version)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    target = default_cache_dir() / "backbones" / f"tiny-{version}-v1"
+    return build_once(target, lambda out: build_tiny_qwen_vl(out, version=version))
 
 
 def model_type(path: str, trust_remote_code: bool = False) -> str | None:

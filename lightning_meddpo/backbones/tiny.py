@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -111,14 +112,20 @@ def resolve_tiny(spec: str, cache_dir: str | Path | None = None) -> Path:
     key = hashlib.sha256(json.dumps([BUILD_VERSION, text_model]).encode()).hexdigest()[:10]
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "backbones"
     target = root / f"tiny-{text_model}-{key}"
+    return build_once(target, lambda out: build_tiny_backbone(out, text_model=text_model))
+
+
+def build_once(target: Path, build: Callable[[Path], None]) -> Path:
+    """Build into a temporary sibling and rename it to `target` (atomic): concurrent processes
+    (DDP ranks, parallel tests) never see a half-written directory; the loser of a race keeps the winner's."""
     if (target / "config.json").is_file():
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        build_tiny_backbone(tmp, text_model=text_model)
+        build(tmp)
         try:
-            os.rename(tmp, target)  # atomic; another process may have won the race
+            os.rename(tmp, target)
         except OSError:
             if not (target / "config.json").is_file():
                 raise

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,6 +41,7 @@ from lightning_meddpo.data.records import (
     ReadReport,
     RecordError,
     Turn,
+    collect,
     finish_record,
     load_json_records,
     parse_paper_record,
@@ -287,31 +287,6 @@ def parse_trl_record(raw: Any, source: str, image_root: Path, default_id: str) -
 
 
 # ------------------------------------------------------------------------------------------ reading
-
-
-def collect(rows: Iterable[Row], parse: Callable[[Any, str, int], tuple[PreferenceRecord, bool]],
-            skip_invalid: bool, report: ReadReport | None = None) -> tuple[list[PreferenceRecord], ReadReport]:
-    """Parse rows into records: duplicates and bad records raise, or are counted with skip_invalid."""
-    report = report or ReadReport()
-    records: list[PreferenceRecord] = []
-    seen: dict[str, str] = {}
-    for index, (source, raw) in enumerate(rows):
-        try:
-            if isinstance(raw, RecordError):
-                raise raw
-            record, inserted = parse(raw, source, index)
-            if record.id in seen:
-                raise RecordError(source, record.id, "id", f"duplicate of the record at {seen[record.id]}")
-            seen[record.id] = source
-        except RecordError as e:
-            if not skip_invalid:
-                raise
-            report.skip(e)
-            continue
-        report.read += 1
-        report.placeholder_inserted += inserted
-        records.append(record)
-    return records, report
 
 
 def detect_format(path: str | Path) -> Literal["paper", "trl", "hf_dataset"]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -231,20 +232,17 @@ def parse_paper_record(raw: Any, source: str, image_root: Path) -> tuple[Prefere
     return record, inserted
 
 
-def read_preference_file(
-    path: str | Path, image_root: str | Path | None = None, *, skip_invalid: bool = False
-) -> tuple[list[PreferenceRecord], ReadReport]:
-    """Read and validate a preference file. Errors raise unless skip_invalid, which counts and reports them."""
-    path = Path(path)
-    root = Path(image_root) if image_root is not None else path.parent
-    report = ReadReport()
+def collect(rows: Iterable[tuple[str, Any]], parse: Callable[[Any, str, int], tuple[PreferenceRecord, bool]],
+            skip_invalid: bool, report: ReadReport | None = None) -> tuple[list[PreferenceRecord], ReadReport]:
+    """Parse rows into records: duplicates and bad records raise, or are counted with skip_invalid."""
+    report = report or ReadReport()
     records: list[PreferenceRecord] = []
     seen: dict[str, str] = {}
-    for source, raw in load_json_records(path):
+    for index, (source, raw) in enumerate(rows):
         try:
             if isinstance(raw, RecordError):
                 raise raw
-            record, inserted = parse_paper_record(raw, source, root)
+            record, inserted = parse(raw, source, index)
             if record.id in seen:
                 raise RecordError(source, record.id, "id", f"duplicate of the record at {seen[record.id]}")
             seen[record.id] = source
@@ -257,3 +255,12 @@ def read_preference_file(
         report.placeholder_inserted += inserted
         records.append(record)
     return records, report
+
+
+def read_preference_file(
+    path: str | Path, image_root: str | Path | None = None, *, skip_invalid: bool = False
+) -> tuple[list[PreferenceRecord], ReadReport]:
+    """Read and validate a preference file. Errors raise unless skip_invalid, which counts and reports them."""
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    return collect(load_json_records(path), lambda raw, src, i: parse_paper_record(raw, src, root), skip_invalid)
