@@ -108,3 +108,48 @@ def _img(record):
     from lightning_meddpo.data.images import load_image
 
     return load_image(record.image)
+
+
+def test_epoch_reaches_the_dataset_and_ranks_get_disjoint_shards(demo_dir, tmp_path, tiny_processor):
+    """On-the-fly m' changes each epoch, also under DDP: the sampler is a DistributedSampler, so Lightning
+    uses it as it is (a wrapper around any other sampler would swallow set_epoch)."""
+    from types import SimpleNamespace
+
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+    from torch.utils.data import DistributedSampler
+
+    def text_pairs_only(records):
+        for r in records:
+            r.pop("rejected_image", None)  # so m' is made on the fly
+
+    train = _copy_demo(demo_dir, tmp_path, text_pairs_only)
+    dm = PreferenceDataModule(train_file=str(train), val_file=str(demo_dir / "val.json"),
+                              processor=tiny_processor, batch_size=4, corruption="crop")
+    dm.setup("fit")
+    shards = []
+    for rank in (0, 1):
+        dm.trainer = SimpleNamespace(strategy=SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 2, "rank": rank}))
+        loader = dm.train_dataloader()
+        assert isinstance(loader.sampler, DistributedSampler)  # what Lightning checks before wrapping
+        _set_sampler_epoch(loader, 3)  # what Lightning calls each epoch
+        assert dm.datasets["train"].epoch == 3
+        shards.append(list(loader.sampler))
+    assert len(shards[0]) == len(shards[1]) == 3 and sorted(shards[0] + shards[1]) == list(range(6))
+
+    dataset = dm.datasets["train"]
+
+    def mprime(epoch):
+        dataset.epoch = epoch
+        return dataset[0].rejected_images.pixel_values
+
+    assert torch.equal(mprime(1), mprime(1)) and not torch.equal(mprime(1), mprime(2))
+
+
+def test_single_process_shuffle_is_seeded_per_epoch(demo_dir, tiny_processor):
+    dm = PreferenceDataModule(train_file=str(demo_dir / "train.json"), val_file=str(demo_dir / "val.json"),
+                              processor=tiny_processor, batch_size=4)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    order = lambda e: (loader.sampler.set_epoch(e), list(loader.sampler))[1]  # noqa: E731
+    assert order(0) == order(0) and order(0) != order(1) and sorted(order(1)) == list(range(48))
+    assert list(dm.val_dataloader().sampler) == list(range(16))  # val in file order

@@ -20,7 +20,7 @@ from typing import Any
 import lightning as L
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_meddpo.data.collate import EncodedPair, PairEncoder, PreferenceCollator, PromptTooLongError
 from lightning_meddpo.data.formats import FORMATS, read_records
@@ -108,23 +108,17 @@ class PreferenceDataset(Dataset):
         )
 
 
-class EpochSampler(torch.utils.data.Sampler):
-    """A (shuffling) sampler whose set_epoch, which Lightning calls each epoch, reaches the dataset."""
+class EpochSampler(DistributedSampler):
+    """Shuffles per epoch, shards across data-parallel ranks, and hands the epoch to the dataset
+    (it seeds on-the-fly corruption, so m' changes every epoch). Being a DistributedSampler, Lightning
+    uses it as it is under DDP / FSDP instead of wrapping it, and a wrapper would swallow set_epoch."""
 
-    def __init__(self, dataset: PreferenceDataset, shuffle: bool, seed: int):
-        self.dataset, self.shuffle, self.seed = dataset, shuffle, seed
+    def __init__(self, dataset: PreferenceDataset, shuffle: bool, seed: int, num_replicas: int = 1, rank: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
 
     def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
         self.dataset.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __iter__(self):
-        if not self.shuffle:
-            return iter(range(len(self.dataset)))
-        g = torch.Generator().manual_seed(self.seed + self.dataset.epoch)
-        return iter(torch.randperm(len(self.dataset), generator=g).tolist())
 
 
 class PreferenceDataModule(L.LightningDataModule):
@@ -274,11 +268,17 @@ class PreferenceDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            sampler=EpochSampler(dataset, shuffle, self.hparams.seed),
+            sampler=EpochSampler(dataset, shuffle, self.hparams.seed, **self._sharding()),
             num_workers=self.hparams.num_workers,
             collate_fn=PreferenceCollator(self.processor.tokenizer.pad_token_id),
             persistent_workers=False,
         )
+
+    def _sharding(self) -> dict[str, int]:
+        """The strategy's data-parallel size and rank (what Lightning would give its own sampler)."""
+        strategy = self.trainer.strategy if self.trainer is not None else None
+        kwargs = getattr(strategy, "distributed_sampler_kwargs", None) or {}
+        return {"num_replicas": kwargs.get("num_replicas", 1), "rank": kwargs.get("rank", 0)}
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
