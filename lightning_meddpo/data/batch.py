@@ -47,6 +47,7 @@ class PreferenceBatch:
     rejected_images: EncodedImages | None = None  # m': corrupted image, for image-side terms
     weights: Tensor | None = None  # [B] per-pair weight (MMedPO's weighted_score)
     image_rejected: Tensor | None = None  # [B] bool: targeted mix, True = image-side pair
+    desirable: Tensor | None = None  # [B] bool: unpaired (KTO) examples, `chosen` = their completion
 
     def __len__(self) -> int:
         return len(self.ids)

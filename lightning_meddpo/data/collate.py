@@ -103,7 +103,8 @@ class PairEncoder:
 
 @dataclass
 class EncodedPair:
-    """One record, tokenised: chosen and rejected responses, image m and optional m'."""
+    """One record, tokenised: chosen and rejected responses, image m and optional m'.
+    An unpaired (KTO) record has `desirable` set and its one completion as both chosen and rejected."""
 
     id: str
     chosen: EncodedResponse
@@ -112,6 +113,7 @@ class EncodedPair:
     rejected_images: EncodedImages | None
     weight: float | None
     image_rejected: bool
+    desirable: bool | None = None
 
 
 def _stack_text(rows: list[EncodedResponse], pad_id: int) -> EncodedText:
@@ -141,12 +143,18 @@ class PreferenceCollator:
             missing = [p.id for p in pairs if p.rejected_images is None]
             raise ValueError(f"records {missing} have no rejected image while others in the batch do")
         weights = [p.weight for p in pairs]
+        unpaired = [p.desirable is not None for p in pairs]
+        if any(unpaired) and not all(unpaired):
+            raise ValueError(f"unpaired (KTO) records {[p.id for p in pairs if p.desirable is not None]} "
+                             "are batched with preference pairs; use one kind per file")
+        chosen = _stack_text([p.chosen for p in pairs], self.pad_token_id)
         return PreferenceBatch(
             ids=[p.id for p in pairs],
-            chosen=_stack_text([p.chosen for p in pairs], self.pad_token_id),
-            rejected=_stack_text([p.rejected for p in pairs], self.pad_token_id),
+            chosen=chosen,
+            rejected=chosen if all(unpaired) else _stack_text([p.rejected for p in pairs], self.pad_token_id),
             images=_stack_images([p.images for p in pairs]),
             rejected_images=_stack_images([p.rejected_images for p in pairs]) if all(has_mprime) else None,
             weights=None if any(w is None for w in weights) else torch.tensor(weights, dtype=torch.float32),
             image_rejected=torch.tensor([p.image_rejected for p in pairs]),
+            desirable=torch.tensor([p.desirable for p in pairs]) if all(unpaired) else None,
         )

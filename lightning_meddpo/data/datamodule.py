@@ -93,7 +93,9 @@ class PreferenceDataset(Dataset):
         image = load_record_image(record, "image", self.max_pixels)
         try:
             chosen, images = self.encoder.encode(record.prompt, record.chosen, image, record.id)
-            rejected, _ = self.encoder.encode(record.prompt, record.rejected, image, record.id)
+            rejected = chosen  # an unpaired (KTO) record has one completion
+            if record.desirable is None:
+                rejected, _ = self.encoder.encode(record.prompt, record.rejected, image, record.id)
         except PromptTooLongError as e:
             raise PromptTooLongError(f"{record.source}: field 'prompt': {e} (raise data.max_length)") from e
         mprime = self.rejected_image(record, image)
@@ -105,6 +107,7 @@ class PreferenceDataset(Dataset):
             rejected_images=self.encoder.encode_images(mprime) if mprime is not None else None,
             weight=record.weighted_score,
             image_rejected=record.pair_type == "image",
+            desirable=record.desirable,
         )
 
 
@@ -122,14 +125,15 @@ class EpochSampler(DistributedSampler):
 
 
 class PreferenceDataModule(L.LightningDataModule):
-    """Image-text preference pairs (DESIGN.md §5): the paper's format, TRL's, or a `datasets` dataset.
+    """Image-text preference pairs (DESIGN.md §5): the paper's format, TRL's (paired, or unpaired
+    for KTO), or a `datasets` dataset.
 
     Args:
         train_file: preference records for training (a file, or a `datasets` save_to_disk directory).
         val_file: records for validation; if absent, `val_fraction` of train_file is split off (seeded).
         test_file: records for `test`.
-        format: "auto" (directory: hf_dataset; file: paper or trl by its fields), "paper", "trl" or
-            "hf_dataset" (see data/formats.py). For a DatasetDict the split "train" / "validation" (or
+        format: "auto" (directory: hf_dataset; file: paper, trl or kto by its fields), "paper", "trl",
+            "kto" or "hf_dataset" (see data/formats.py). For a DatasetDict the split "train" / "validation" (or
             "val") / "test" is used, or the only split.
         image_root: directory image paths are relative to (default: each file's directory).
         max_pixels: images with more pixels are refused (an error, or a skip with skip_invalid).
@@ -233,7 +237,7 @@ class PreferenceDataModule(L.LightningDataModule):
                 log.warning("skipped %s", e)
                 continue
             kept.append(record)
-            self.truncated[split] += int(pair.chosen.truncated) + int(pair.rejected.truncated)
+            self.truncated[split] += int(pair.chosen.truncated) + int(pair.rejected is not pair.chosen and pair.rejected.truncated)
         dataset.records = kept
         if skipped:
             log.warning("%s: %d records skipped in validation: %s", split, sum(skipped.values()),

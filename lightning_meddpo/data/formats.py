@@ -13,11 +13,14 @@ Formats (`read_records(source, format=...)`):
     relative to the image root, or a `datasets` Image value ({"bytes", "path"} or a PIL image), which the
     record then carries as a PIL image. Optional columns: `id` (default "<file stem>-<row>"),
     `rejected_image`, `weighted_score`, `pair_type`; other columns go to `meta`.
+  * "kto": TRL's unpaired preference format, for `modules.KTO`: one row per example with `prompt`,
+    `completion` (a string or one assistant message), `label` (true = desirable, false = undesirable)
+    and `images`; `id` optional as in "trl". The record's `chosen` holds the completion.
   * "hf_dataset": a `datasets` dataset: a `save_to_disk` directory (load_from_disk; for a DatasetDict the
     split named by `split`, or the only one), or a local JSON/JSONL/Parquet/CSV file through
-    `load_dataset`. Its rows are paper or TRL records (detected from the columns). Image features are read
+    `load_dataset`. Its rows are paper, TRL or KTO records (detected from the columns). Image features are read
     undecoded (Arrow) and opened per record, so a broken image is an error naming that row.
-  * "auto": a directory is "hf_dataset"; a file is "paper" or "trl" by the fields of its first record.
+  * "auto": a directory is "hf_dataset"; a file is "paper", "trl" or "kto" by the fields of its first record.
 
 Every problem is a `RecordError` naming the file, the row (line or index), the record id and the field;
 with `skip_invalid` it is counted in the `ReadReport` instead. A prompt without an image placeholder
@@ -49,10 +52,12 @@ from lightning_meddpo.data.records import (
     with_image_placeholder,
 )
 
-Format = Literal["auto", "paper", "trl", "hf_dataset"]
-FORMATS = ("auto", "paper", "trl", "hf_dataset")
+Format = Literal["auto", "paper", "trl", "kto", "hf_dataset"]
+FORMATS = ("auto", "paper", "trl", "kto", "hf_dataset")
+Schema = Literal["paper", "trl", "kto"]
 TRL_FIELDS = frozenset({"id", "prompt", "chosen", "rejected", "images", "image", "rejected_image",
                         "weighted_score", "pair_type"})
+KTO_FIELDS = frozenset({"id", "prompt", "completion", "label", "images", "image"})
 Row = tuple[str, Any]  # (source label, raw record or the RecordError it produced)
 
 
@@ -122,8 +127,8 @@ def _first_record(rows: list[Row]) -> dict[str, Any] | None:
     return next((r for _, r in rows if isinstance(r, dict)), None)
 
 
-def detect_schema(rows: list[Row], label: str) -> Literal["paper", "trl"]:
-    """"paper" or "trl" from the fields of the first record."""
+def detect_schema(rows: list[Row], label: str) -> Schema:
+    """"paper", "trl" or "kto" from the fields of the first record."""
     first = _first_record(rows)
     if first is None:
         raise RecordError(label, None, "<file>", "no records to read")
@@ -132,8 +137,11 @@ def detect_schema(rows: list[Row], label: str) -> Literal["paper", "trl"]:
         return "paper"
     if {"chosen", "rejected"} <= fields:
         return "trl"
-    raise RecordError(label, None, "<record>", f"cannot tell the format from the fields {sorted(fields)}: "
-                      "expected 'conversations' + 'rejected_conversations' (paper) or 'chosen' + 'rejected' (TRL)")
+    if {"completion", "label"} <= fields:
+        return "kto"
+    raise RecordError(label, None, "<record>", f"cannot tell the format from the fields {sorted(fields)}: expected "
+                      "'conversations' + 'rejected_conversations' (paper), 'chosen' + 'rejected' (TRL) or "
+                      "'completion' + 'label' (KTO)")
 
 
 def _file_rows(path: Path) -> list[Row]:
@@ -203,17 +211,33 @@ def _response(raw: Any, source: str, rid: str, field_name: str) -> str:
     return text
 
 
+def _prompt(p: Any, source: str, rid: str) -> list[Turn]:
+    """An explicit `prompt`: a string (one user turn) or messages ending with a user message."""
+    if isinstance(p, str):
+        if not p.strip():
+            raise RecordError(source, rid, "prompt", "the prompt is empty")
+        return [Turn("human", p)]
+    prompt = _messages(p, source, rid, "prompt")
+    if prompt[-1].role != "human":
+        raise RecordError(source, rid, "prompt", "the prompt must end with a user message")
+    return prompt
+
+
+def _placed(prompt: list[Turn], source: str, rid: str) -> tuple[tuple[Turn, ...], bool]:
+    try:
+        return with_image_placeholder(prompt)
+    except (ValueError, StopIteration) as e:
+        raise RecordError(source, rid, "prompt", str(e) or "no user message") from e
+
+
+def _row_id(raw: dict[str, Any], default_id: str) -> str:
+    rid = raw.get("id")
+    return default_id if rid is None or str(rid).strip() == "" else str(rid)
+
+
 def _prompt_and_responses(raw: dict[str, Any], source: str, rid: str) -> tuple[list[Turn], str, str]:
     if raw.get("prompt") is not None:
-        p = raw["prompt"]
-        if isinstance(p, str):
-            if not p.strip():
-                raise RecordError(source, rid, "prompt", "the prompt is empty")
-            prompt = [Turn("human", p)]
-        else:
-            prompt = _messages(p, source, rid, "prompt")
-            if prompt[-1].role != "human":
-                raise RecordError(source, rid, "prompt", "the prompt must end with a user message")
+        prompt = _prompt(raw["prompt"], source, rid)
         return prompt, _response(raw["chosen"], source, rid, "chosen"), _response(raw["rejected"], source, rid, "rejected")
     # implicit prompt: chosen and rejected are whole conversations sharing every turn but the last
     convs = {}
@@ -268,16 +292,12 @@ def parse_trl_record(raw: Any, source: str, image_root: Path, default_id: str) -
     """One TRL preference row -> (record, whether an image placeholder was inserted)."""
     if not isinstance(raw, dict):
         raise RecordError(source, None, "<record>", f"expected an object, got {type(raw).__name__}")
-    rid = raw.get("id")
-    rid = default_id if rid is None or str(rid).strip() == "" else str(rid)
+    rid = _row_id(raw, default_id)
     for name in ("chosen", "rejected"):
         if raw.get(name) is None:
             raise RecordError(source, rid, name, "missing")
     prompt, chosen, rejected = _prompt_and_responses(raw, source, rid)
-    try:
-        prompt_t, inserted = with_image_placeholder(prompt)
-    except (ValueError, StopIteration) as e:
-        raise RecordError(source, rid, "prompt", str(e) or "no user message") from e
+    prompt_t, inserted = _placed(prompt, source, rid)
     image = _one_image(raw, source, rid, image_root)
     rejected_image = None
     if raw.get("rejected_image") is not None:
@@ -286,11 +306,30 @@ def parse_trl_record(raw: Any, source: str, image_root: Path, default_id: str) -
     return record, inserted
 
 
+def parse_kto_record(raw: Any, source: str, image_root: Path, default_id: str) -> tuple[PreferenceRecord, bool]:
+    """One unpaired KTO row (prompt, completion, label, images) -> (record with `desirable`, placeholder inserted)."""
+    if not isinstance(raw, dict):
+        raise RecordError(source, None, "<record>", f"expected an object, got {type(raw).__name__}")
+    rid = _row_id(raw, default_id)
+    for name in ("prompt", "completion", "label"):
+        if raw.get(name) is None:
+            raise RecordError(source, rid, name, "missing")
+    if not isinstance(raw["label"], bool):
+        raise RecordError(source, rid, "label", f"expected true (desirable) or false (undesirable), got {raw['label']!r}")
+    prompt, inserted = _placed(_prompt(raw["prompt"], source, rid), source, rid)
+    record = PreferenceRecord(
+        id=rid, image=_one_image(raw, source, rid, image_root), prompt=prompt,
+        chosen=_response(raw["completion"], source, rid, "completion"), rejected="", source=source,
+        meta={k: v for k, v in raw.items() if k not in KTO_FIELDS}, desirable=raw["label"],
+    )
+    return record, inserted
+
+
 # ------------------------------------------------------------------------------------------ reading
 
 
-def detect_format(path: str | Path) -> Literal["paper", "trl", "hf_dataset"]:
-    """'hf_dataset' for a directory, else 'paper' or 'trl' from the first record's fields."""
+def detect_format(path: str | Path) -> Literal["paper", "trl", "kto", "hf_dataset"]:
+    """'hf_dataset' for a directory, else 'paper', 'trl' or 'kto' from the first record's fields."""
     path = Path(path)
     if path.is_dir():
         return "hf_dataset"
@@ -318,7 +357,7 @@ def read_records(
         label = getattr(source, "info", None) and source.info.dataset_name or "dataset"
         rows = dataset_rows(source, label)
         root = Path(image_root) if image_root is not None else Path.cwd()
-        schema = format if format in ("paper", "trl") else detect_schema(rows, label)
+        schema = format if format in ("paper", "trl", "kto") else detect_schema(rows, label)
         return _parse_rows(rows, schema, root, label, skip_invalid)
     path = Path(source)
     if not path.exists():
@@ -341,4 +380,5 @@ def _parse_rows(rows: list[Row], schema: str, root: Path, stem: str, skip_invali
     if schema == "paper":
         return collect(rows, lambda raw, src, i: parse_paper_record(raw, src, root), skip_invalid)
     stem = stem or "row"
-    return collect(rows, lambda raw, src, i: parse_trl_record(raw, src, root, f"{stem}-{i}"), skip_invalid)
+    parse = parse_kto_record if schema == "kto" else parse_trl_record
+    return collect(rows, lambda raw, src, i: parse(raw, src, root, f"{stem}-{i}"), skip_invalid)

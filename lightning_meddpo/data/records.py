@@ -54,7 +54,10 @@ class Turn:
 
 @dataclass(frozen=True)
 class PreferenceRecord:
-    """One preference pair. `prompt` holds every turn before the final response."""
+    """One preference pair. `prompt` holds every turn before the final response.
+
+    An unpaired (KTO) record has `desirable` set: `chosen` holds its one completion, `rejected` is "".
+    """
 
     id: str
     image: Path | Image.Image  # an absolute path inside the image root, or an image from a `datasets` dataset
@@ -66,6 +69,7 @@ class PreferenceRecord:
     pair_type: Literal["text", "image"] = "text"
     source: str = ""
     meta: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    desirable: bool | None = None
 
 
 @dataclass

@@ -147,6 +147,7 @@ class PreferenceModule(L.LightningModule):
     """
 
     views: tuple[str, ...] = ("chosen", "rejected")
+    accepts_unpaired: bool = False  # unpaired (KTO-format) batches: only KTO can use them
 
     def __init__(
         self,
@@ -236,6 +237,9 @@ class PreferenceModule(L.LightningModule):
 
     # -- Lightning hooks -----------------------------------------------------------------------
     def _step(self, batch: PreferenceBatch, stage: str) -> Tensor:
+        if batch.desirable is not None and not self.accepts_unpaired:
+            raise ValueError(f"records {batch.ids[:4]}... are unpaired (KTO format: completion + label); "
+                             f"{type(self).__name__} needs preference pairs (use lightning_meddpo.modules.KTO)")
         loss, metrics = self.compute_loss(batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{stage} loss is {loss.item()} on records {batch.ids}")

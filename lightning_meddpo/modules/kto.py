@@ -1,11 +1,13 @@
-"""KTO on preference pairs, turned into KTO's unpaired form, with the mismatched-pair KL baseline.
+"""KTO on unpaired examples or on preference pairs, with the mismatched-pair KL baseline.
 
-Paired data -> unpaired: each pair gives two examples, its chosen response as a desirable one and
-its rejected response as an undesirable one (same prompt and image). The loss is the mean over the
-2B examples (as TRL, which concatenates the two groups).
+Unpaired data (format "kto": prompt, completion, label): each example is desirable or undesirable
+by its label; the loss is the mean over the batch's examples. Paired data -> unpaired: each pair
+gives two examples, its chosen response as a desirable one and its rejected response as an
+undesirable one (same prompt and image); the loss is the mean over the 2B examples (as TRL, which
+concatenates the two groups).
 
 KL baseline z_0 (as published and as TRL does it): completions scored against the wrong prompt.
-Here the chosen response of pair i is scored against the prompt AND image of pair i+1 (the batch
+Here the chosen response (the completion) of pair i is scored against the prompt AND image of pair i+1 (the batch
 rolled by one), under the policy and the reference, without gradient; z_0 = max(0, mean(logp_theta
 - logp_ref)), the mean taken over all ranks. With a batch of one pair the "mismatched" pair is the
 pair itself (use batch_size >= 2).
@@ -77,13 +79,22 @@ def mismatched_batch(batch: PreferenceBatch, shift: int = 1) -> PreferenceBatch:
 
 
 class KTO(PreferenceModule):
-    """KTO (Ethayarajh et al. 2024) on pairs split into desirable (chosen) / undesirable (rejected).
+    """KTO (Ethayarajh et al. 2024) on unpaired examples, or on pairs split into desirable (chosen)
+    and undesirable (rejected).
 
     Args:
         beta: temperature of the implicit reward.
         desirable_weight, undesirable_weight: KTO's lambda_D, lambda_U (the paper advises
             desirable_weight * n_D / (undesirable_weight * n_U) in [1, 4/3]; paired data has n_D = n_U).
+
+    Logged on unpaired batches: `rewards/chosen` and `rewards/rejected` are the mean reward beta*h of
+    the desirable and of the undesirable examples (over all ranks; left out when there are none),
+    `rewards/accuracies` the share of examples on their label's side of the KL baseline
+    (h > z_0 for desirable, h < z_0 for undesirable), `rewards/margins` beta*(h - z_0) signed by the
+    label (positive = right side).
     """
+
+    accepts_unpaired = True
 
     def __init__(self, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0, **kwargs):
         super().__init__(**kwargs)
@@ -98,6 +109,8 @@ class KTO(PreferenceModule):
         return kto_kl_baseline(global_mean(self, policy.mean()).reshape(1), global_mean(self, reference.mean()).reshape(1))
 
     def compute_loss(self, batch: PreferenceBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        if batch.desirable is not None:
+            return self.unpaired_loss(batch)
         h = self.hparams
         logps = self.policy.logps(batch, self.views)
         ref = self.policy.reference_logps(batch, self.views)
@@ -114,4 +127,21 @@ class KTO(PreferenceModule):
             rewards(logps["chosen"], ref["chosen"], h.beta), rewards(logps["rejected"], ref["rejected"], h.beta)
         ))
         metrics.update(logps_metrics(logps))
+        return per_example.mean(), metrics
+
+    def unpaired_loss(self, batch: PreferenceBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        h, desirable = self.hparams, batch.desirable
+        policy = self.policy.logps(batch, ("chosen",))["chosen"]
+        reference = self.policy.reference_logps(batch, ("chosen",))["chosen"]
+        z0 = self.kl_baseline(batch)
+        per_example = kto_loss(policy, reference, desirable, z0, beta=h.beta,
+                               desirable_weight=h.desirable_weight, undesirable_weight=h.undesirable_weight)
+        reward = rewards(policy, reference, h.beta).detach()
+        signed = torch.where(desirable, 1.0, -1.0) * (reward - h.beta * z0)
+        metrics = {"loss/kto": per_example.detach(), "kl": z0, "rewards/margins": signed,
+                   "rewards/accuracies": (signed > 0).float(), "logps/chosen": policy.detach()}
+        for name, mask in (("rewards/chosen", desirable), ("rewards/rejected", ~desirable)):
+            count = global_mean(self, mask.sum().float())
+            if count > 0:  # the same on every rank, so every rank logs the same keys
+                metrics[name] = global_mean(self, (reward * mask).sum()) / count
         return per_example.mean(), metrics
