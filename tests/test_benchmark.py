@@ -20,6 +20,8 @@ def grid_args(out_dir: Path) -> list[str]:
         f"--out_dir={out_dir}",
         f"--formulations={json.dumps(GRID)}",
         "--baseline=sft",
+        "--start_from=sft",
+        "--start_from_args=[--model.init_args.lr=1.0e-4]",
         '--trainer={"max_epochs": 1, "log_every_n_steps": 1}',
         '--demo_sizes={"n_train": 24, "n_val": 8, "n_test": 8}',
         "--eval.args=[--data.init_args.generation.max_new_tokens=4]",
@@ -63,6 +65,14 @@ def test_benchmark_grid(finished_benchmark):
         assert "--seed_everything=0" in result["commands"]["fit"] and "--trainer.max_epochs=1" in result["commands"]["fit"]
         predictions = (out / name / "test" / "predictions.jsonl").read_text().splitlines()
         assert len(predictions) == n_questions
+    # DPO started from SFT's final weights (the paper's protocol: one starting model for every method)
+    sft_result = json.loads((out / "sft" / "result.json").read_text())
+    dpo_result = json.loads((out / "dpo" / "result.json").read_text())
+    dpo_fit = dpo_result["commands"]["fit"]
+    assert f"--model.init_args.init_from={out / 'sft' / 'fit' / 'checkpoints' / 'last.ckpt'}" in dpo_fit
+    assert dpo_fit[-1] == "--model.init_args.lr=1.0e-4" and "--model.init_args.lr=1.0e-4" not in sft_result["commands"]["fit"]
+    assert dpo_result["commands"]["start_from"] == sft_result["finished_at"]
+    assert not any(a.startswith("--model.init_args.init_from") for a in sft_result["commands"]["fit"])
 
 
 def test_rerun_skips_finished_runs(finished_benchmark, capsys):
@@ -78,13 +88,20 @@ def test_rerun_skips_finished_runs(finished_benchmark, capsys):
     config = runner.resolve(GRID["sft"])
     commands = {"fit": runner.fit_command("sft", config), "test": runner.test_command("sft", config, None)}
     assert runner.finished("sft", commands) is None
+    # A refitted start run redoes the runs that started from it.
+    runner = benchmark.Runner(benchmark.build_parser().parse_args(grid_args(out)))
+    commands = runner.commands("dpo", runner.resolve(GRID["dpo"]))
+    assert runner.finished("dpo", commands) is not None
+    assert runner.finished("dpo", {**commands, "start_from": "2000-01-01T00:00:00Z"}) is None
+    with pytest.raises(SystemExit, match="start_from 'sft' has no finished run"):
+        benchmark.main([*grid_args(out.parent / "empty-benchmark"), "--only=[dpo]"])
 
 
 def test_demo_grid_config_and_missing_configs(tmp_path):
     args = benchmark.build_parser().parse_args(["--config", "configs/benchmark/demo.yaml"])
     assert list(args.formulations) == ["sft", "dpo", "dpo_nll", "ipo", "simpo", "orpo", "copo", "mdpo", "mmedpo",
                                        "targeted"]
-    assert args.baseline == "sft" and args.eval.config == "configs/eval/demo_vqa.yaml"
+    assert args.baseline == "sft" and args.eval.config == "configs/eval/demo_vqa.yaml" and args.start_from == "sft"
     block = benchmark.data_block(Path("configs/demo/dpo.yaml"))  # follows `data: base_data.yaml`
     assert block["class_path"].endswith("PreferenceDataModule")
     options = benchmark.demo_options(block, {"n_train": 24}, seed=3)

@@ -16,6 +16,12 @@ For each formulation (an existing fit config, e.g. configs/demo/dpo.yaml) the ru
    records the same commands; a run with a changed command, or without result.json, is redone from
    scratch (its directory is cleared first, so event files never mix).
 
+With `start_from: sft`, that run goes first and every other run starts from its final weights
+(`model.init_args.init_from`, so the reference model is that SFT model too), with `start_from_args`
+added to their fits: the paper's protocol, where every preference method starts from one
+instruction-tuned model. A refit of the start run
+redoes the runs that started from it.
+
 Then `summary.csv`, `summary.md` (a row per formulation, a column per metric, deltas to the baseline)
 and `metrics.png`, `curves.png` (eval/report.py). Layout: <out_dir>/<name>/{fit,test}/...
 """
@@ -53,6 +59,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--formulations", type=dict[str, str], required=True,
                    help="name -> fit config path (relative to the current directory)")
     p.add_argument("--baseline", type=str | None, default="sft", help="formulation the deltas are taken to")
+    p.add_argument("--start_from", type=str | None, default=None,
+                   help="formulation whose final checkpoint every other run starts from (it runs first)")
+    p.add_argument("--start_from_args", type=list[str], default=[],
+                   help="extra fit arguments for the runs that start from start_from (e.g. a smaller lr)")
     p.add_argument("--out_dir", type=str, default="runs/benchmark")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trainer", type=dict[str, Any], default={}, help="trainer overrides for every fit (the budget)")
@@ -150,7 +160,20 @@ class Runner:
             cmd += ["--data.init_args.demo=false"]
         cmd += [f"--data.init_args.{k}={_fmt_arg(v)}" for k, v in a.data.items()]
         cmd += ["--data.init_args.seed=" + str(a.seed)]
+        if a.start_from and name != a.start_from:
+            cmd += [f"--model.init_args.init_from={self.start_checkpoint()}", *a.start_from_args]
         return cmd + list(a.fit_args)
+
+    def start_checkpoint(self) -> Path:
+        return self.out_dir / self.args.start_from / "fit" / "checkpoints" / "last.ckpt"
+
+    def commands(self, name: str, config: Path) -> dict[str, Any]:
+        """What a finished run is compared against on a rerun (the test's checkpoint is only known later)."""
+        commands: dict[str, Any] = {"fit": self.fit_command(name, config), "test": self.test_command(name, config, None)}
+        start = self.args.start_from
+        if start and name != start:  # the start run's own finish: refitting it redoes this run
+            commands["start_from"] = json.loads((self.out_dir / start / RESULT_NAME).read_text(encoding="utf-8"))["finished_at"]
+        return commands
 
     def checkpoint(self, name: str) -> Path:
         ckpt_dir = self.out_dir / name / "fit" / "checkpoints"
@@ -204,9 +227,8 @@ class Runner:
 
     def run(self, name: str, config_path: str) -> dict[str, Any]:
         config = self.resolve(config_path)
-        fit_cmd = self.fit_command(name, config)
-        # The checkpoint path is only known after the fit: it is left out of the recorded test command.
-        commands = {"fit": fit_cmd, "test": self.test_command(name, config, None)}
+        commands = self.commands(name, config)
+        fit_cmd = commands["fit"]
         done = self.finished(name, commands)
         if done is not None:
             print(f"[{name}] finished earlier: skipped ({self.out_dir / name / RESULT_NAME})")
@@ -284,6 +306,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     missing = {n: args.formulations[n] for n in names if not runner.resolve(args.formulations[n]).is_file()}
     if missing:
         raise SystemExit(f"fit configs not found: {missing} (paths are relative to the current directory)")
+    if args.start_from:
+        if args.start_from not in args.formulations:
+            raise SystemExit(f"start_from {args.start_from!r} is not in formulations {list(args.formulations)}")
+        if args.start_from in names:
+            names = [args.start_from] + [n for n in names if n != args.start_from]  # it runs first
+        elif not (runner.out_dir / args.start_from / RESULT_NAME).is_file():
+            raise SystemExit(f"start_from {args.start_from!r} has no finished run in {runner.out_dir}: include it in --only")
     runner.out_dir.mkdir(parents=True, exist_ok=True)
     (runner.out_dir / "formulations.json").write_text(json.dumps(names) + "\n", encoding="utf-8")
     start = time.perf_counter()
