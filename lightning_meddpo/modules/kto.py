@@ -7,10 +7,10 @@ undesirable one (same prompt and image); the loss is the mean over the 2B exampl
 concatenates the two groups).
 
 KL baseline z_0 (as published and as TRL does it): completions scored against the wrong prompt.
-Here the chosen response (the completion) of pair i is scored against the prompt AND image of pair i+1 (the batch
-rolled by one), under the policy and the reference, without gradient; z_0 = max(0, mean(logp_theta
-- logp_ref)), the mean taken over all ranks. With a batch of one pair the "mismatched" pair is the
-pair itself (use batch_size >= 2).
+Here the chosen response (or the completion) of row i is scored against the prompt AND image of
+row i+1 (the batch rolled by one), under the policy and the reference, without gradient;
+z_0 = max(0, mean(logp_theta - logp_ref)), the mean taken over all ranks. With a batch of one row
+the "mismatched" row is the row itself (use batch_size >= 2).
 """
 
 from __future__ import annotations
