@@ -93,6 +93,7 @@ def test_rerun_skips_finished_runs(finished_benchmark, capsys):
     commands = runner.commands("dpo", runner.resolve(GRID["dpo"]))
     assert runner.finished("dpo", commands) is not None
     assert runner.finished("dpo", {**commands, "start_from": "2000-01-01T00:00:00Z"}) is None
+    assert runner.finished("dpo", {**commands, "test_checkpoint": "last"}) is None  # another checkpoint tested
     with pytest.raises(SystemExit, match="start_from 'sft' has no finished run"):
         benchmark.main([*grid_args(out.parent / "empty-benchmark"), "--only=[dpo]"])
 

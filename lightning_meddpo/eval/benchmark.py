@@ -169,7 +169,8 @@ class Runner:
 
     def commands(self, name: str, config: Path) -> dict[str, Any]:
         """What a finished run is compared against on a rerun (the test's checkpoint is only known later)."""
-        commands: dict[str, Any] = {"fit": self.fit_command(name, config), "test": self.test_command(name, config, None)}
+        commands: dict[str, Any] = {"fit": self.fit_command(name, config), "test": self.test_command(name, config, None),
+                                    "test_checkpoint": self.args.eval.checkpoint}
         start = self.args.start_from
         if start and name != start:  # the start run's own finish: refitting it redoes this run
             commands["start_from"] = json.loads((self.out_dir / start / RESULT_NAME).read_text(encoding="utf-8"))["finished_at"]
@@ -240,11 +241,6 @@ class Runner:
         fit_seconds, fit_cpu = self.call(fit_cmd, run_dir / "fit.log")
         checkpoint = self.checkpoint(name)
         print(f"[{name}] test {checkpoint.name} ({fit_seconds:.0f} s fit)", flush=True)
-        if self.args.eval.checkpoint == "last" and checkpoint.name.startswith("last"):
-            # Lightning >= 2.5 with save_last=True rewrites last.ckpt only when a top-k checkpoint was
-            # saved at that step: with a monitor that stopped improving, last.ckpt is NOT the final state.
-            log.warning("%s: last.ckpt holds step %s; check the run's ModelCheckpoint if you need the final weights",
-                        name, checkpoint_step(checkpoint))
         test_seconds, test_cpu = self.call(self.test_command(name, config, checkpoint), run_dir / "test.log")
         result = {
             "name": name, "config": config_path, "commands": commands, "checkpoint": str(checkpoint),
