@@ -37,13 +37,12 @@ from typing import Any, Literal
 from PIL import Image, UnidentifiedImageError
 
 from lightning_meddpo.data.records import (
-    GPT_ROLES,
-    HUMAN_ROLES,
     IMAGE_TOKEN,
     PreferenceRecord,
     ReadReport,
     RecordError,
     Turn,
+    canonical_role,
     collect,
     finish_record,
     load_json_records,
@@ -187,12 +186,8 @@ def _messages(raw: Any, source: str, rid: str, field_name: str) -> list[Turn]:
         where = f"{field_name}[{i}]"
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise RecordError(source, rid, where, "expected {'role': ..., 'content': ...}")
-        role = str(m["role"]).lower()
-        if role in HUMAN_ROLES:
-            role = "human"
-        elif role in GPT_ROLES:
-            role = "gpt"
-        else:
+        role = canonical_role(m["role"])
+        if role is None:
             raise RecordError(source, rid, f"{where}.role", f"unsupported role {m['role']!r} (user or assistant)")
         turns.append(Turn(role, _content(m["content"], source, rid, f"{where}.content", role == "human")))
     return turns

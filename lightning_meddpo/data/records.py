@@ -136,6 +136,12 @@ def resolve_image(image_root: Path, value: Any, source: str, record_id: str, fie
     return path
 
 
+def canonical_role(value: object) -> Literal["human", "gpt"] | None:
+    """'human' or 'gpt' for any spelling the formats use (human/user, gpt/assistant, any case); else None."""
+    role = str(value).lower()
+    return "human" if role in HUMAN_ROLES else "gpt" if role in GPT_ROLES else None
+
+
 def _parse_turns(raw: Any, source: str, record_id: str, field_name: str) -> list[Turn]:
     if not isinstance(raw, list) or not raw:
         raise RecordError(source, record_id, field_name, "expected a non-empty list of turns")
@@ -143,12 +149,8 @@ def _parse_turns(raw: Any, source: str, record_id: str, field_name: str) -> list
     for i, t in enumerate(raw):
         if not isinstance(t, dict) or "from" not in t or "value" not in t:
             raise RecordError(source, record_id, f"{field_name}[{i}]", "expected {'from': ..., 'value': ...}")
-        role = str(t["from"]).lower()
-        if role in HUMAN_ROLES:
-            role = "human"
-        elif role in GPT_ROLES:
-            role = "gpt"
-        else:
+        role = canonical_role(t["from"])
+        if role is None:
             raise RecordError(source, record_id, f"{field_name}[{i}].from", f"unknown role {t['from']!r}")
         if not isinstance(t["value"], str):
             raise RecordError(source, record_id, f"{field_name}[{i}].value", "expected a string")
