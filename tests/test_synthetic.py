@@ -154,7 +154,8 @@ def test_ensure_skips_a_complete_build_and_redoes_an_interrupted_one(tmp_path):
     ensure_demo_dataset(tmp_path, **{**SMALL, "seed": 1})
     assert len(_records(first, "train")) == SMALL["n_train"]
 
-    marker.unlink()  # an interrupted build (no marker) is redone
+    # an interrupted build (its marker claimed the folder but was never completed) is redone
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "complete": False}))
     first["val"].write_text("[]")
     ensure_demo_dataset(tmp_path, **SMALL)
     assert len(_records(first, "val")) == SMALL["n_val"]

@@ -138,7 +138,9 @@ class PreferenceDataModule(L.LightningDataModule):
         image_root: directory image paths are relative to (default: each file's directory).
         max_pixels: images with more pixels are refused (an error, or a skip with skip_invalid).
         demo: generate the synthetic demo dataset into the files' directory if it is missing;
-            a dict passes sizes to it (n_train, n_val, n_test, image_pair_fraction, ...).
+            a dict passes sizes to it (n_train, n_val, n_test, image_pair_fraction, ...). The files must be
+            the demo's own (train.json, val.json, test.json in one folder that is absent, empty or an
+            earlier demo build): the demo never writes into a folder of other files.
         max_length: tokens per sequence; responses are truncated from the end, image tokens never.
         corruption: on-the-fly corruption for m' when a record has no rejected_image (e.g. "crop").
         skip_invalid: count and report invalid records instead of raising on the first. Reading and
@@ -184,11 +186,12 @@ class PreferenceDataModule(L.LightningDataModule):
         return total
 
     def prepare_data(self) -> None:
-        if self.hparams.demo:
-            from lightning_meddpo.data.synthetic import ensure_demo_dataset
+        h = self.hparams
+        if h.demo:
+            from lightning_meddpo.data.synthetic import demo_for_files
 
-            options = self.hparams.demo if isinstance(self.hparams.demo, dict) else {}
-            ensure_demo_dataset(Path(self.hparams.train_file).parent, **{"seed": self.hparams.seed, **options})
+            options = h.demo if isinstance(h.demo, dict) else {}
+            demo_for_files([h.train_file, h.val_file, h.test_file], **{"seed": h.seed, **options})
 
     def _read(self, path: str, split: str = "train") -> list[PreferenceRecord]:
         h = self.hparams

@@ -13,7 +13,10 @@ question file for held-out VQA evaluation:
     out_dir/images/{split}_{i:05d}_corrupt.png   the rejected image (contradicts the chosen answer)
     out_dir/train.json, val.json, test.json      JSON arrays of preference records
     out_dir/vqa_test.jsonl                       the test split as benchmark questions
-    out_dir/.synthetic_dataset.json              marker, written last (see ensure_demo_dataset)
+    out_dir/.synthetic_dataset.json              marker: written first as "building", completed last
+
+The generator writes only into a folder that is absent, empty, or already carries the marker: a folder
+of the user's own files is never touched (`DemoFolderError`), whatever a config points at.
 
 Image conventions: "left"/"right" mean the left/right half of the image as displayed (not the
 radiological patient side). A lesion is a disc of pure white (255 in every channel); everything else
@@ -322,6 +325,26 @@ def benchmark_answer(record: dict[str, Any]) -> str:
     return {"side": record["lesion_side"], "modality": record["modality"], "organ": record["organ"]}[kind]
 
 
+class DemoFolderError(ValueError):
+    """The demo dataset would be written into a folder that holds files that are not the demo's."""
+
+
+def check_demo_folder(out_dir: Path) -> None:
+    """The demo may write into `out_dir` only if it is absent, empty, or marked as a demo folder."""
+    if (out_dir / MARKER_NAME).is_file() or not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise DemoFolderError(f"{out_dir} is a file, not a folder: the synthetic demo dataset cannot be written there")
+    others = sorted(p.name for p in out_dir.iterdir())
+    if others:
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise DemoFolderError(
+            f"refusing to write the synthetic demo dataset into {out_dir}: the folder holds files that are not the "
+            f"demo's ({shown}) and no {MARKER_NAME} marker. Nothing was written. To train or evaluate on these "
+            "files, turn the demo off (--data.init_args.demo=false); to build the demo, point it at a new folder."
+        )
+
+
 def generate_demo_dataset(
     out_dir: str | Path,
     *,
@@ -334,8 +357,9 @@ def generate_demo_dataset(
 ) -> dict[str, Path]:
     """Write the demo dataset under out_dir (always regenerating) and return its paths.
 
-    Returns keys root, images, train, val, test, vqa_test. Output is byte-identical for the same
-    arguments; each split draws from its own seeded stream, so changing n_train leaves val and test
+    Returns keys root, images, train, val, test, vqa_test. `out_dir` must be absent, empty or an earlier
+    demo build (see `check_demo_folder`). Output is byte-identical for the same arguments; each split
+    draws from its own seeded stream, so changing n_train leaves val and test
     unchanged. `image_pair_fraction` of each split become image-rejected pairs (pair_type "image":
     rejected response == chosen response; the rejected_image contradicts it).
     """
@@ -347,10 +371,14 @@ def generate_demo_dataset(
         if n < 0:
             raise ValueError(f"{name} must be >= 0, got {n}")
     out_dir = Path(out_dir)
+    check_demo_folder(out_dir)
     paths = _paths(out_dir)
-    paths["images"].mkdir(parents=True, exist_ok=True)
+    params = _params(n_train, n_val, n_test, image_size, seed, image_pair_fraction)
+    out_dir.mkdir(parents=True, exist_ok=True)
     marker = out_dir / MARKER_NAME
-    marker.unlink(missing_ok=True)  # an interrupted rebuild must not look complete
+    # Claimed first (an interrupted build is then known to be ours, and is redone), completed last.
+    _write_text(marker, json.dumps({**params, "complete": False}, sort_keys=True) + "\n")
+    paths["images"].mkdir(exist_ok=True)
 
     splits = {}
     for split, n in zip(SPLITS, (n_train, n_val, n_test)):
@@ -367,8 +395,7 @@ def generate_demo_dataset(
             "answer_type": ANSWER_TYPE[rec["question_type"]],
         }))
     _write_text(paths["vqa_test"], "".join(line + "\n" for line in vqa))
-    params = _params(n_train, n_val, n_test, image_size, seed, image_pair_fraction)
-    _write_text(marker, json.dumps(params, sort_keys=True) + "\n")
+    _write_text(marker, json.dumps({**params, "complete": True}, sort_keys=True) + "\n")
     return paths
 
 
@@ -376,7 +403,8 @@ def ensure_demo_dataset(out_dir: str | Path, **kwargs: Any) -> dict[str, Path]:
     """Generate the demo dataset unless out_dir already holds a complete build with these parameters.
 
     Why: the demo config and many tests share one dataset directory; rebuilding it each time is
-    wasted work. The marker is written last and atomically, so an interrupted build is redone.
+    wasted work. The marker is completed last and atomically, so an interrupted build is redone. A folder
+    of other files is refused (`DemoFolderError`) before anything is written.
     """
     out_dir = Path(out_dir)
     defaults = {"n_train": 256, "n_val": 64, "n_test": 64, "image_size": 32, "seed": 0,
@@ -389,9 +417,27 @@ def ensure_demo_dataset(out_dir: str | Path, **kwargs: Any) -> dict[str, Path]:
     paths = _paths(out_dir)
     marker = out_dir / MARKER_NAME
     try:
-        done = json.loads(marker.read_text(encoding="utf-8")) == _params(**args)
+        done = json.loads(marker.read_text(encoding="utf-8")) == {**_params(**args), "complete": True}
     except (OSError, ValueError):
         done = False
     if done and all(p.exists() for p in paths.values()):
         return paths
     return generate_demo_dataset(out_dir, **args)
+
+
+def demo_for_files(files: list[str | None], **options: Any) -> dict[str, Path]:
+    """Build (or reuse) the demo dataset that the data files of a config name, e.g. a DataModule's
+    train/val/test files with `demo` on. They must be the demo's own files in one folder: a config that
+    points the demo at anything else (the user's data, say) is an error, never a write."""
+    named = [Path(f) for f in files if f]
+    if not named:
+        raise DemoFolderError("demo is on but no data file is set: set train_file (or test_file) to e.g. data/demo/train.json")
+    folder = named[0].parent
+    own = {p.name for key, p in _paths(folder).items() if key not in ("root", "images")}
+    strangers = [str(f) for f in named if f.parent != folder or f.name not in own]
+    if strangers:
+        raise DemoFolderError(
+            f"demo is on, but {strangers} are not files of the synthetic demo dataset in {folder} "
+            f"({sorted(own)}). To use your own data, turn the demo off (--data.init_args.demo=false)."
+        )
+    return ensure_demo_dataset(folder, **options)

@@ -326,12 +326,12 @@ class EvalDataModule(L.LightningDataModule):
         self.reports: dict[str, EvalReadReport] = {}
 
     def prepare_data(self) -> None:
-        if self.hparams.demo:
-            from lightning_meddpo.data.synthetic import ensure_demo_dataset
+        h = self.hparams
+        if h.demo:
+            from lightning_meddpo.data.synthetic import demo_for_files
 
-            file = self.hparams.test_file or self.hparams.predict_file
-            options = self.hparams.demo if isinstance(self.hparams.demo, dict) else {}
-            ensure_demo_dataset(Path(file).parent, **{"seed": self.hparams.seed, **options})
+            options = h.demo if isinstance(h.demo, dict) else {}
+            demo_for_files([h.test_file, h.predict_file], **{"seed": h.seed, **options})
 
     def _dataset(self, path: str, require_gold: bool) -> EvalDataset:
         if self.processor is None:
