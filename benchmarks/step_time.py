@@ -50,7 +50,7 @@ class StepTimer(L.Callback):
         self._start = self._now()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        tokens = int(batch.chosen.attention_mask.sum() + batch.rejected.attention_mask.sum())
+        tokens = batch.sequence_tokens()
         self.steps.append((self._now() - self._start, len(batch), tokens))
 
 

@@ -49,7 +49,8 @@ class ResumableCheckpoint(ModelCheckpoint):
 
 
 class Throughput(L.Callback):
-    """Logs train/pairs_per_sec and train/tokens_per_sec (all sequences of the step, padding excluded)."""
+    """Logs train/pairs_per_sec and train/tokens_per_sec: the tokens of each pair's chosen and rejected
+    sequences (prompt + response, padding excluded), however the policy packs them."""
 
     def __init__(self) -> None:
         self._start: float | None = None
@@ -61,6 +62,6 @@ class Throughput(L.Callback):
         if self._start is None:
             return
         seconds = max(time.perf_counter() - self._start, 1e-9)
-        tokens = int(batch.chosen.attention_mask.sum() + batch.rejected.attention_mask.sum())
+        tokens = batch.sequence_tokens()
         pl_module.log("train/pairs_per_sec", len(batch) / seconds, on_step=True, on_epoch=False, batch_size=len(batch))
         pl_module.log("train/tokens_per_sec", tokens / seconds, on_step=True, on_epoch=False, batch_size=len(batch))

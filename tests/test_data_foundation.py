@@ -24,24 +24,27 @@ def _copy_demo(demo_dir: Path, tmp_path: Path, edit) -> Path:
     return path
 
 
-def test_labels_mask_prompt_and_image_tokens(demo_dir, tiny_processor):
+def test_prompt_holds_the_image_tokens_and_responses_are_scored_whole(demo_dir, tiny_processor):
     records, _ = read_preference_file(demo_dir / "train.json")
     encoder = PairEncoder(tiny_processor, max_length=256)
     dataset = PreferenceDataset(records[:4], encoder)
     batch = PreferenceCollator(tiny_processor.tokenizer.pad_token_id)([dataset[i] for i in range(4)])
     image_id = tiny_processor.tokenizer.convert_tokens_to_ids("<image>")
-    for side, record_text in ((batch.chosen, [r.chosen for r in records[:4]]), (batch.rejected, [r.rejected for r in records[:4]])):
-        ids, labels = side.input_ids, side.labels
-        assert ((ids == image_id).sum(-1) == image_token_count(tiny_processor)).all()  # every image token present
-        assert not (labels == image_id).any()  # no image token scored
-        for row in range(4):
-            scored = labels[row][labels[row] != IGNORE_INDEX]
+    assert ((batch.prompt.input_ids == image_id).sum(-1) == image_token_count(tiny_processor)).all()  # every image token
+    for row in range(4):
+        prompt = tiny_processor.tokenizer.decode(batch.prompt.row(row)["input_ids"])
+        assert prompt.endswith("ASSISTANT:") and "USER:" in prompt  # the whole prompt, never scored
+        for side, record in ((batch.chosen, records[row].chosen), (batch.rejected, records[row].rejected)):
+            scored = side.row(row)["input_ids"]
+            assert not (scored == image_id).any()  # no image token scored
             text = tiny_processor.tokenizer.decode(scored, skip_special_tokens=False)
-            assert text == " " + record_text[row] + tiny_processor.tokenizer.eos_token  # exactly the response + EOS
-            first = int((labels[row] != IGNORE_INDEX).nonzero()[0])
-            prompt = tiny_processor.tokenizer.decode(ids[row][:first])
-            assert prompt.endswith("ASSISTANT:") and "USER:" in prompt  # the whole prompt is masked
+            assert text == " " + record + tiny_processor.tokenizer.eos_token  # exactly the response + EOS
     assert batch.rejected_images is not None and batch.weights is not None
+    # the plain sequence a model sees for one view: the prompt, then the response, labels on the response
+    ids, labels = encoder.encode(records[0].prompt, records[0].chosen, _img(records[0]), records[0].id)
+    n = int(batch.prompt.lengths[0])
+    assert torch.equal(ids, torch.cat([batch.prompt.row(0)["input_ids"], batch.chosen.row(0)["input_ids"]]))
+    assert (labels[:n] == IGNORE_INDEX).all() and torch.equal(labels[n:], batch.chosen.row(0)["input_ids"])
 
 
 def test_record_without_placeholder_gets_one_and_is_counted(demo_dir, tmp_path, tiny_processor):
@@ -55,7 +58,7 @@ def test_record_without_placeholder_gets_one_and_is_counted(demo_dir, tmp_path, 
     assert records[0].prompt[0].text.startswith("<image>\n")
     pair = PreferenceDataset(records[:1], PairEncoder(tiny_processor, 256))[0]
     image_id = tiny_processor.tokenizer.convert_tokens_to_ids("<image>")
-    assert int((pair.chosen.input_ids == image_id).sum()) == image_token_count(tiny_processor)  # the image is used
+    assert int((pair.prompt.tokens["input_ids"] == image_id).sum()) == image_token_count(tiny_processor)  # the image is used
 
 
 def test_missing_image_names_record_and_path(demo_dir, tmp_path):
@@ -73,11 +76,14 @@ def test_skip_invalid_counts_instead_of_raising(demo_dir, tmp_path):
 
 def test_truncation_keeps_image_tokens_and_cuts_the_response_end(demo_dir, tiny_processor):
     records, _ = read_preference_file(demo_dir / "train.json")
-    full = PairEncoder(tiny_processor, 512).encode(records[0].prompt, records[0].chosen, _img(records[0]), "x")[0]
-    prompt_len = int((full.labels == IGNORE_INDEX).sum())
-    cut = PairEncoder(tiny_processor, prompt_len + 2).encode(records[0].prompt, records[0].chosen, _img(records[0]), "x")[0]
-    assert cut.truncated and cut.input_ids.numel() == prompt_len + 2
-    assert torch.equal(cut.input_ids, full.input_ids[: prompt_len + 2])  # prefix kept, end of response cut
+    full, labels = PairEncoder(tiny_processor, 512).encode(records[0].prompt, records[0].chosen, _img(records[0]), "x")
+    prompt_len = int((labels == IGNORE_INDEX).sum())
+    assert full.numel() > prompt_len + 2
+    cut, _ = PairEncoder(tiny_processor, prompt_len + 2).encode(records[0].prompt, records[0].chosen, _img(records[0]), "x")
+    assert cut.numel() == prompt_len + 2
+    assert torch.equal(cut, full[: prompt_len + 2])  # prefix kept, end of response cut
+    pair = PreferenceDataset(records[:1], PairEncoder(tiny_processor, prompt_len + 2))[0]
+    assert pair.truncated == 2 and pair.chosen.numel() == 2 and pair.rejected.numel() == 2  # both responses cut
     with pytest.raises(PromptTooLongError, match="record id='x'"):
         PairEncoder(tiny_processor, prompt_len).encode(records[0].prompt, records[0].chosen, _img(records[0]), "x")
 
@@ -91,7 +97,7 @@ def test_datamodule_counts_truncated_pairs(demo_dir, tiny_processor, caplog):
         dm.setup("fit")
     assert dm.truncated["train"] > 0 and "truncated to max_length=32" in caplog.text
     batch = next(iter(dm.train_dataloader()))
-    assert batch.chosen.input_ids.shape[1] <= 32 and len(batch) == 4
+    assert ((batch.prompt.lengths + batch.chosen.lengths) <= 32).all() and len(batch) == 4
 
 
 def test_seeded_split_when_no_val_file(demo_dir, tiny_processor):
@@ -140,7 +146,7 @@ def test_epoch_reaches_the_dataset_and_ranks_get_disjoint_shards(demo_dir, tmp_p
 
     def mprime(epoch):
         dataset.epoch = epoch
-        return dataset[0].rejected_images.pixel_values
+        return dataset[0].prompt_mprime.image.pixel_values
 
     assert torch.equal(mprime(1), mprime(1)) and not torch.equal(mprime(1), mprime(2))
 

@@ -16,7 +16,7 @@ from lightning_meddpo.data.datamodule import PreferenceDataModule
 from lightning_meddpo.data.synthetic import generate_demo_dataset
 from lightning_meddpo.export import main as export_main
 from lightning_meddpo.modules import DPO
-from lightning_meddpo.policy import _concat_views
+from lightning_meddpo.policy import build_rows, row_images
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +33,10 @@ def fit(module, data, steps: int = 2):
 
 
 def model_inputs(batch) -> dict[str, torch.Tensor]:
-    inputs = _concat_views([batch.chosen, batch.rejected], [batch.images, batch.images])
-    inputs.pop("labels")
-    return inputs
+    """One plain row (prompt + response) per view, as a model's own forward takes them."""
+    rows = build_rows(batch, ("chosen", "rejected"), packed=False)
+    images = row_images(batch, rows)
+    return {"input_ids": rows.input_ids, "attention_mask": rows.valid.long(), "pixel_values": images.pixel_values}
 
 
 @torch.no_grad()

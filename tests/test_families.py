@@ -20,7 +20,6 @@ from transformers import PreTrainedModel
 from lightning_meddpo.data.datamodule import PreferenceDataModule
 from lightning_meddpo.losses import DPO_LOSS_TYPES, anchor_loss, copo_loss, dpo_loss, kto_kl_baseline, kto_loss
 from lightning_meddpo.modules import DPO, KTO, SFT, MMedPO, Multimodal, ReferenceFree
-from lightning_meddpo.modules.kto import mismatched_batch, mismatched_text
 
 BACKBONE = "tiny://llama"
 LOG2 = math.log(2.0)
@@ -264,19 +263,15 @@ def test_mmedpo_without_weights_is_an_error_naming_the_records(batch):
 
 
 def test_kto_mismatched_pairs(batch):
-    text = mismatched_text(batch.chosen)
-    src = batch.chosen
+    """Row i of the KL batch: the responses of pair i on the prompt and image of pair i+1."""
+    kl_batch = batch.mismatched(1)
     for i in range(len(batch)):
         j = (i + 1) % len(batch)
-        resp_i = src.input_ids[i][src.labels[i] != -100]
-        prompt_j = src.input_ids[j][(src.labels[j] == -100) & (src.attention_mask[j] == 1)]
-        row = text.input_ids[i][text.attention_mask[i] == 1]
-        expected = torch.cat([prompt_j, resp_i])[: src.input_ids.shape[1]]  # cut at the batch width
-        assert torch.equal(row, expected)
-        assert torch.equal(text.input_ids[i][text.labels[i] != -100], expected[len(prompt_j):])
-    assert text.input_ids.shape[1] <= src.input_ids.shape[1]
-    kl_batch = mismatched_batch(batch)
-    assert torch.equal(kl_batch.images.pixel_values[0], batch.images.pixel_values[1])
+        assert torch.equal(kl_batch.prompt.row(i)["input_ids"], batch.prompt.row(j)["input_ids"])
+        assert torch.equal(kl_batch.chosen.row(i)["input_ids"], batch.chosen.row(i)["input_ids"])
+        assert torch.equal(kl_batch.images.pixel_values[i], batch.images.pixel_values[j])
+        assert torch.equal(kl_batch.rejected_images.pixel_values[i], batch.rejected_images.pixel_values[j])
+        assert kl_batch.ids[i] == f"{batch.ids[i]}|{batch.ids[j]}"
 
 
 def test_kto_loss_matches_the_published_form(batch):
@@ -286,7 +281,7 @@ def test_kto_loss_matches_the_published_form(batch):
     with torch.no_grad():
         pol = module.policy.logps(batch, ("chosen", "rejected"))
         ref = module.policy.reference_logps(batch, ("chosen", "rejected"))
-        kl_batch = mismatched_batch(batch)
+        kl_batch = batch.mismatched(1)
         z0 = kto_kl_baseline(
             module.policy.logps(kl_batch, ("chosen",))["chosen"],
             module.policy.reference_logps(kl_batch, ("chosen",))["chosen"],

@@ -168,10 +168,10 @@ def test_qwen_vl_dpo_trains(tmp_path, data, version):
                               image_placeholder=QWEN_IMAGE_PLACEHOLDER, processor=module.processor)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    assert "mm_token_type_ids" in batch.chosen.extra and "image_grid_thw" in batch.images.extra
+    assert "mm_token_type_ids" in batch.prompt.extra and "image_grid_thw" in batch.images.extra
     image_id = module.processor.image_token_id
     # the collator marks exactly the image tokens as multimodal
-    assert torch.equal(batch.chosen.extra["mm_token_type_ids"] == 1, batch.chosen.input_ids == image_id)
+    assert torch.equal(batch.prompt.extra["mm_token_type_ids"] == 1, batch.prompt.input_ids == image_id)
 
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                         limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False)

@@ -69,7 +69,7 @@ def test_trl_jsonl_conversational_and_plain(root, tiny_processor):
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     image_id = tiny_processor.tokenizer.convert_tokens_to_ids("<image>")
-    assert ((batch.chosen.input_ids == image_id).sum(-1) == image_token_count(tiny_processor)).all()
+    assert ((batch.prompt.input_ids == image_id).sum(-1) == image_token_count(tiny_processor)).all()
     assert batch.weights is None  # only one record has a weight: no silent default
 
 

@@ -1,42 +1,97 @@
-"""PreferencePolicy on the real tiny model: one concatenated forward, reference strategies, dropout."""
+"""PreferencePolicy on real tiny models: every way of scoring views gives the log-probs of the plain
+sequence (prompt + response) scored alone; reference strategies; dropout."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+from PIL import Image
 
-from lightning_meddpo.backbones.loader import load_model
+from lightning_meddpo.backbones.loader import load_model, load_processor
+from lightning_meddpo.data.batch import IGNORE_INDEX
 from lightning_meddpo.data.collate import PairEncoder, PreferenceCollator
 from lightning_meddpo.data.datamodule import PreferenceDataset
 from lightning_meddpo.data.records import read_preference_file
-from lightning_meddpo.policy import PreferencePolicy, sequence_logps
+from lightning_meddpo.policy import VIEWS, PreferencePolicy, sequence_logps
+
+ALL_VIEWS = ("chosen", "rejected", "chosen_mprime", "rejected_mprime")
+
+
+def encode(records, processor, max_length=256, corruption=None):
+    dataset = PreferenceDataset(records, PairEncoder(processor, max_length), corruption=corruption)
+    return PreferenceCollator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(len(records))])
 
 
 @pytest.fixture(scope="module")
 def batch(demo_dir, tiny_processor):
     records, _ = read_preference_file(demo_dir / "train.json")
-    dataset = PreferenceDataset(records[:3], PairEncoder(tiny_processor, 256))
-    return PreferenceCollator(tiny_processor.tokenizer.pad_token_id)([dataset[i] for i in range(3)])
+    return encode(records[:3], tiny_processor)
 
 
-def _single(model, text, images, row):
-    """Log-prob of one row, computed alone with no padding: the reference answer."""
-    n = int(text.attention_mask[row].sum())
-    logits = model(
-        input_ids=text.input_ids[row : row + 1, :n], attention_mask=text.attention_mask[row : row + 1, :n],
-        pixel_values=images.pixel_values[row : row + 1],
-    ).logits
-    return sequence_logps(logits, text.labels[row : row + 1, :n])[0][0]
+def alone(model, batch, view: str, row: int) -> torch.Tensor:
+    """The log-prob of one view of one pair from its plain sequence alone: no padding, no packing,
+    the model's own forward and full logits. The reference answer for every fast path."""
+    response_side, image_side = VIEWS[view]
+    prompt = batch.prompt_for(image_side).row(row)
+    response = getattr(batch, response_side).row(row)["input_ids"]
+    ids = torch.cat([prompt["input_ids"], response])[None]
+    extra = {k: torch.cat([v, torch.zeros_like(response)])[None] for k, v in prompt.items() if k != "input_ids"}
+    images = getattr(batch, image_side).select([row])
+    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=images.pixel_values,
+                   **images.extra, **extra).logits
+    labels = torch.cat([torch.full_like(prompt["input_ids"], IGNORE_INDEX), response])[None]
+    return sequence_logps(logits, labels)[0][0]
 
 
-def test_concatenated_views_equal_separate_forwards(batch):
-    policy = PreferencePolicy(load_model("tiny://llama"), reference="none")
-    logps = policy.logps(batch, ("chosen", "rejected", "chosen_mprime"))
-    for row in range(len(batch)):
-        torch.testing.assert_close(logps["chosen"][row], _single(policy.model, batch.chosen, batch.images, row), atol=1e-4, rtol=1e-5)
-        torch.testing.assert_close(logps["rejected"][row], _single(policy.model, batch.rejected, batch.images, row), atol=1e-4, rtol=1e-5)
-        torch.testing.assert_close(logps["chosen_mprime"][row], _single(policy.model, batch.chosen, batch.rejected_images, row), atol=1e-4, rtol=1e-5)
+def check_every_mode(model, batch, views=ALL_VIEWS) -> dict[str, torch.Tensor]:
+    policy = PreferencePolicy(model, reference="none")
+    results = {}
+    for mode in ("packed", "rows", "logits"):
+        policy.requested_mode = mode
+        assert policy.mode_for(policy.model) == mode
+        results[mode] = policy.logps(batch, views)
+    for view in views:
+        expected = torch.stack([alone(policy.model, batch, view, row) for row in range(len(batch))])
+        for mode, logps in results.items():
+            torch.testing.assert_close(logps[view], expected, atol=1e-5, rtol=1e-6, msg=f"{mode} {view}")
+    return results["packed"]
+
+
+def test_every_mode_equals_each_view_scored_alone(batch):
+    logps = check_every_mode(load_model("tiny://llama"), batch)
     assert not torch.allclose(logps["chosen"], logps["chosen_mprime"])  # m' really changes the score
+    assert len({int(n) for n in batch.chosen.lengths} | {int(n) for n in batch.rejected.lengths}) > 1  # padding
+
+
+@pytest.mark.parametrize("views", [("chosen", "rejected"), ("chosen", "chosen_mprime"), ("chosen", "rejected_mprime"),
+                                   ("chosen", "rejected", "chosen_mprime"), ("chosen",)])
+def test_view_sets_of_every_formulation(batch, views):
+    check_every_mode(load_model("tiny://llama"), batch, views)
+
+
+def test_truncated_responses(demo_dir, tiny_processor, batch):
+    records, _ = read_preference_file(demo_dir / "train.json")
+    max_length = int(batch.prompt.lengths.max()) + 3
+    short = encode(records[:3], tiny_processor, max_length=max_length)
+    assert ((short.prompt.lengths + short.chosen.lengths) <= max_length).all()
+    assert (short.chosen.lengths < batch.chosen.lengths).any() and (short.chosen.lengths > 0).all()
+    check_every_mode(load_model("tiny://llama"), short)
+
+
+def test_qwen2_vl_with_an_mprime_of_another_shape(demo_dir):
+    """Qwen2-VL: the image token count follows the image size, so m' (a crop of another aspect ratio) has
+    a prompt of its own; 3-D rope positions restart after the prompt for each packed response."""
+    processor = load_processor("tiny://qwen2_vl")
+    records, _ = read_preference_file(demo_dir / "train.json")
+    wide = demo_dir / "wide_crop.png"
+    Image.open(records[0].rejected_image).crop((0, 8, 32, 24)).resize((64, 32)).save(wide)
+    records = [dataclasses.replace(r, rejected_image=wide) for r in records[:3]]
+    batch = encode(records, processor, max_length=512)
+    assert batch.prompt_mprime is not None  # m' expanded to another number of image tokens
+    assert not torch.equal(batch.prompt_mprime.lengths, batch.prompt.lengths)
+    check_every_mode(load_model("tiny://qwen2_vl"), batch)
 
 
 def test_sequence_logps_by_hand():
@@ -45,6 +100,39 @@ def test_sequence_logps_by_hand():
     logps, n = sequence_logps(logits, labels)
     torch.testing.assert_close(logps, torch.log(torch.tensor([0.25 * 0.2])))
     assert int(n) == 2
+
+
+def test_gradients_match_the_plain_path(batch):
+    """Packing shares the prompt: its gradient is the sum of what both responses send it."""
+    grads = {}
+    for mode in ("packed", "logits"):
+        policy = PreferencePolicy(load_model("tiny://llama"), reference="none", mode=mode)
+        logps = policy.logps(batch, ("chosen", "rejected", "chosen_mprime"))
+        (logps["chosen"].sum() - 0.5 * logps["rejected"].sum() + 0.3 * logps["chosen_mprime"].sum()).backward()
+        grads[mode] = torch.cat([p.grad.flatten() for p in policy.model.parameters() if p.grad is not None])
+    torch.testing.assert_close(grads["packed"], grads["logits"], atol=1e-5, rtol=1e-4)
+
+
+def test_reference_reuses_the_policy_image_features_only_when_vision_is_frozen(batch):
+    model = load_model("tiny://llama")
+    calls = []
+    policy = PreferencePolicy(model, reference="copy")
+    for m in (policy.model, policy.reference):
+        m.model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
+    policy.logps(batch, ALL_VIEWS)
+    policy.reference_logps(batch, ALL_VIEWS)
+    assert len(calls) == 4  # m and m', once each, for the policy and once each for the reference
+    for p in [*policy.model.model.vision_tower.parameters(), *policy.model.model.multi_modal_projector.parameters()]:
+        p.requires_grad_(False)
+    calls.clear()
+    ref = policy.reference_logps(batch, ALL_VIEWS)
+    policy.logps(batch, ALL_VIEWS)
+    again = policy.reference_logps(batch, ALL_VIEWS)
+    assert len(calls) == 2  # encoded once for both models
+    torch.testing.assert_close(ref["chosen_mprime"], again["chosen_mprime"])
+    other = dataclasses.replace(batch, images=dataclasses.replace(batch.images, pixel_values=batch.images.pixel_values.flip(-1)))
+    policy.logps(other, ("chosen",))
+    assert len(calls) == 3  # other images: encoded again, never a stale cache
 
 
 def test_copy_reference_is_frozen_and_starts_equal(batch):
@@ -69,6 +157,15 @@ def test_reference_none_and_adapter_without_lora_are_errors(batch):
         policy.reference_logps(batch, ("chosen",))
     with pytest.raises(ValueError, match="LoRA"):
         PreferencePolicy(load_model("tiny://llama"), reference="adapter")
+
+
+def test_flash_attention_falls_back_to_rows_with_a_reason(batch, caplog):
+    model = load_model("tiny://llama")
+    model.config.text_config._attn_implementation = "flash_attention_2"
+    policy = PreferencePolicy(model, reference="none")
+    with caplog.at_level("WARNING"):
+        assert policy.mode_for(policy.model) == "rows"
+    assert "flash_attention_2" in caplog.text and "block mask" in caplog.text
 
 
 def test_dropout_is_off_by_default():

@@ -1,50 +1,107 @@
 """Typed batches that flow from the data layer to the policy.
 
-A pair is scored under several *views*: a response (chosen or rejected) paired with an image (the
-true image m, or the corrupted image m'). The collator encodes each response once per view it is
-needed in; the policy scores all requested views in one forward.
+A pair is kept as its parts, each encoded once: the prompt on image m (chat template rendered once,
+image tokens expanded by the processor), the prompt on the corrupted image m' where its expansion
+differs (Qwen-VL: the token count follows the image size), the chosen and the rejected response tokens,
+and the processed images. The policy assembles the *views* a loss needs (a response on an image) from
+these parts: either one row per view, or one packed row per image whose responses share the prompt.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 
+IGNORE_INDEX = -100  # the label of a token that is not scored (HF's convention)
+
 
 @dataclass
-class EncodedText:
-    """Padded token tensors for one response side; labels are -100 outside the response."""
+class TokenRows:
+    """Right-padded token rows [B, L] with their true lengths; `extra` holds per-token tensors of the
+    same shape (e.g. Qwen2-VL's mm_token_type_ids)."""
 
-    input_ids: Tensor  # [B, L]
-    attention_mask: Tensor  # [B, L]
-    labels: Tensor  # [B, L]
-    extra: dict[str, Tensor] = field(default_factory=dict)  # e.g. mm_token_type_ids (Qwen2-VL)
+    input_ids: Tensor
+    lengths: Tensor  # [B] long
+    extra: dict[str, Tensor] = field(default_factory=dict)
 
-    @property
-    def response_tokens(self) -> Tensor:
-        """[B] number of scored (response) tokens per row."""
-        return (self.labels[:, 1:] != -100).sum(-1)
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def row(self, i: int) -> dict[str, Tensor]:
+        """Row i without padding: input_ids and every extra."""
+        n = int(self.lengths[i])
+        return {"input_ids": self.input_ids[i, :n], **{k: v[i, :n] for k, v in self.extra.items()}}
+
+    def select(self, index: list[int] | Tensor) -> TokenRows:
+        index = torch.as_tensor(index, dtype=torch.long)
+        return TokenRows(self.input_ids[index], self.lengths[index], {k: v[index] for k, v in self.extra.items()})
+
+    def to(self, device) -> TokenRows:
+        return TokenRows(self.input_ids.to(device), self.lengths.to(device), {k: v.to(device) for k, v in self.extra.items()})
+
+    @staticmethod
+    def stack(rows: list[dict[str, Tensor]], pad_id: int) -> TokenRows:
+        """Rows of {"input_ids": [L_i], extra...} -> right-padded TokenRows (extras padded with 0)."""
+        lengths = torch.tensor([int(r["input_ids"].numel()) for r in rows], dtype=torch.long)
+        extra = {k: pad_stack([r[k] for r in rows], 0) for k in rows[0] if k != "input_ids"}
+        return TokenRows(pad_stack([r["input_ids"] for r in rows], pad_id), lengths, extra)
 
 
 @dataclass
 class EncodedImages:
-    """Processor outputs for one image per pair: pixel_values plus model-specific extras."""
+    """Processor outputs for one image per pair: pixel_values plus model-specific extras.
+
+    Processors that flatten patches (Qwen2-VL: `image_grid_thw`) put every image's patches in one
+    [sum(patches), D] tensor; `select` splits it per image first."""
 
     pixel_values: Tensor
     extra: dict[str, Tensor] = field(default_factory=dict)  # e.g. image_grid_thw (Qwen2-VL)
 
+    def __len__(self) -> int:
+        grid = self.extra.get("image_grid_thw")
+        return int(grid.shape[0]) if grid is not None else int(self.pixel_values.shape[0])
+
+    def per_image(self) -> list[Tensor]:
+        grid = self.extra.get("image_grid_thw")
+        if grid is None:
+            return list(self.pixel_values.split(1))
+        return list(self.pixel_values.split(grid.prod(-1).tolist()))
+
+    def select(self, index: list[int] | Tensor) -> EncodedImages:
+        index = torch.as_tensor(index, dtype=torch.long)
+        chunks = self.per_image()
+        pixels = torch.cat([chunks[i] for i in index.tolist()]) if len(index) else self.pixel_values[:0]
+        return EncodedImages(pixels, {k: v[index] for k, v in self.extra.items()})
+
+    def to(self, device) -> EncodedImages:
+        return EncodedImages(self.pixel_values.to(device), {k: v.to(device) for k, v in self.extra.items()})
+
+    @staticmethod
+    def cat(items: list[EncodedImages]) -> EncodedImages:
+        return EncodedImages(
+            pixel_values=torch.cat([i.pixel_values for i in items]),
+            extra={k: torch.cat([i.extra[k] for i in items]) for k in items[0].extra},
+        )
+
 
 @dataclass
 class PreferenceBatch:
-    """A batch of preference pairs, ready for PreferencePolicy."""
+    """A batch of preference pairs as parts (see the module docstring), ready for PreferencePolicy.
+
+    An unpaired (KTO) batch has `desirable` set; its one completion per row is `chosen` (and `rejected`
+    is the same object). In a batch where only some pairs have an m' (the targeted mix: text pairs beside
+    image pairs), the others carry m itself as m' and `has_mprime` is False for them."""
 
     ids: list[str]
-    chosen: EncodedText
-    rejected: EncodedText
+    prompt: TokenRows  # the prompt on image m, image tokens expanded
+    chosen: TokenRows  # response tokens only (every one is scored)
+    rejected: TokenRows
     images: EncodedImages
     rejected_images: EncodedImages | None = None  # m': corrupted image, for image-side terms
+    prompt_mprime: TokenRows | None = None  # the prompt on m' where its image expansion differs from m's
+    has_mprime: Tensor | None = None  # [B] bool: the pair has a real m' (False: m stands in for it)
     weights: Tensor | None = None  # [B] per-pair weight (MMedPO's weighted_score)
     image_rejected: Tensor | None = None  # [B] bool: targeted mix, True = image-side pair
     desirable: Tensor | None = None  # [B] bool: unpaired (KTO) examples, `chosen` = their completion
@@ -52,11 +109,34 @@ class PreferenceBatch:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def sequence_tokens(self) -> int:
+        """Tokens of every pair's chosen and rejected sequences (prompt + response each, no padding):
+        the work of a step as TRL counts it, whatever the policy packs."""
+        return int(2 * self.prompt.lengths.sum() + self.chosen.lengths.sum() + self.rejected.lengths.sum())
+
+    def prompt_for(self, image_side: str) -> TokenRows:
+        """The prompt rows for image m ("images") or m' ("rejected_images")."""
+        if image_side == "rejected_images" and self.prompt_mprime is not None:
+            return self.prompt_mprime
+        return self.prompt
+
+    def mismatched(self, shift: int = 1) -> PreferenceBatch:
+        """Row i: the responses of pair i on the prompt AND image of pair (i+shift) % B (KTO's KL
+        baseline pairs completions with the wrong inputs, as TRL's KTO collator does)."""
+        order = [(i + shift) % len(self) for i in range(len(self))]
+        moved = {"prompt": self.prompt.select(order), "images": self.images.select(order)}
+        if self.rejected_images is not None:
+            moved["rejected_images"] = self.rejected_images.select(order)
+        if self.prompt_mprime is not None:
+            moved["prompt_mprime"] = self.prompt_mprime.select(order)
+        ids = [f"{self.ids[i]}|{self.ids[j]}" for i, j in enumerate(order)]
+        return replace(self, ids=ids, **moved)
+
 
 def pad_stack(rows: list[Tensor], value: int, side: str = "right") -> Tensor:
     """Stack 1-D tensors of different lengths into [B, max_len], padding with `value`."""
     length = max(int(r.numel()) for r in rows)
-    out = torch.full((len(rows), length), value, dtype=rows[0].dtype)
+    out = torch.full((len(rows), length), value, dtype=rows[0].dtype, device=rows[0].device)
     for i, r in enumerate(rows):
         if side == "right":
             out[i, : r.numel()] = r
@@ -65,4 +145,4 @@ def pad_stack(rows: list[Tensor], value: int, side: str = "right") -> Tensor:
     return out
 
 
-__all__ = ["EncodedImages", "EncodedText", "PreferenceBatch", "pad_stack"]
+__all__ = ["EncodedImages", "IGNORE_INDEX", "PreferenceBatch", "TokenRows", "pad_stack"]

@@ -66,7 +66,8 @@ def load_record_image(record: PreferenceRecord, field_name: str = "image",
 
 
 class PreferenceDataset(Dataset):
-    """Encodes one record per item: chosen and rejected on image m, plus m' when there is one."""
+    """Encodes one record per item, each part once: the prompt on m, the responses, and m' (the
+    record's rejected_image or the on-the-fly corruption) processed as an image of its own."""
 
     def __init__(self, records: list[PreferenceRecord], encoder: PairEncoder, corruption: Any = None, seed: int = 0,
                  max_pixels: int | None = DEFAULT_MAX_PIXELS):
@@ -77,36 +78,34 @@ class PreferenceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def rejected_image(self, record: PreferenceRecord, image):
+    def rejected_image(self, record: PreferenceRecord, image: Image.Image) -> Image.Image | None:
+        """m' as it is (no resize to m's size: the processor treats it as any image), or None."""
         if record.rejected_image is not None:
-            mprime = load_record_image(record, "rejected_image", self.max_pixels)
-        elif self.corruption is not None:
+            return load_record_image(record, "rejected_image", self.max_pixels)
+        if self.corruption is not None:
             from lightning_meddpo.data.images import corrupt, seed_for
 
-            mprime, _ = corrupt(image, self.corruption, seed_for(record.id, self.epoch, self.seed))
-        else:
-            return None
-        return mprime if mprime.size == image.size else mprime.resize(image.size)
+            return corrupt(image, self.corruption, seed_for(record.id, self.epoch, self.seed))[0]
+        return None
 
     def __getitem__(self, index: int) -> EncodedPair:
         record = self.records[index]
         image = load_record_image(record, "image", self.max_pixels)
+        responses = [record.chosen] if record.desirable is not None else [record.chosen, record.rejected]
         try:
-            chosen, images = self.encoder.encode(record.prompt, record.chosen, image, record.id)
-            rejected = chosen  # an unpaired (KTO) record has one completion
-            if record.desirable is None:
-                rejected, _ = self.encoder.encode(record.prompt, record.rejected, image, record.id)
+            prompt, prompt_mprime, ids, truncated = self.encoder.encode_pair(
+                record.prompt, responses, image, self.rejected_image(record, image), record.id)
         except PromptTooLongError as e:
             raise PromptTooLongError(f"{record.source}: field 'prompt': {e} (raise data.max_length)") from e
-        mprime = self.rejected_image(record, image)
         return EncodedPair(
             id=record.id,
-            chosen=chosen,
-            rejected=rejected,
-            images=images,
-            rejected_images=self.encoder.encode_images(mprime) if mprime is not None else None,
+            prompt=prompt,
+            chosen=ids[0],
+            rejected=ids[1] if len(ids) > 1 else None,
+            prompt_mprime=prompt_mprime,
             weight=record.weighted_score,
             image_rejected=record.pair_type == "image",
+            truncated=sum(truncated),
             desirable=record.desirable,
         )
 
@@ -240,7 +239,7 @@ class PreferenceDataModule(L.LightningDataModule):
                 log.warning("skipped %s", e)
                 continue
             kept.append(record)
-            self.truncated[split] += int(pair.chosen.truncated) + int(pair.rejected is not pair.chosen and pair.rejected.truncated)
+            self.truncated[split] += pair.truncated
         dataset.records = kept
         if skipped:
             log.warning("%s: %d records skipped in validation: %s", split, sum(skipped.values()),

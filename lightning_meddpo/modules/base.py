@@ -230,6 +230,18 @@ class PreferenceModule(L.LightningModule):
             "reference_saved": bool(self.hparams.save_reference) and self.reference_strategy == "copy",
         }
 
+    @staticmethod
+    def require_mprime(batch: PreferenceBatch, needed: Tensor | None = None) -> None:
+        """Every pair that an image-side term scores on m' (all, or where `needed`) must have a real m',
+        not the stand-in m a mixed batch carries (which would train nothing at loss log 2)."""
+        has = batch.has_mprime if batch.rejected_images is not None else torch.zeros(len(batch), dtype=torch.bool)
+        has = torch.ones(len(batch), dtype=torch.bool) if has is None else has.cpu()
+        missing = ~has if needed is None else needed.cpu() & ~has
+        if bool(missing.any()):
+            names = [batch.ids[i] for i in missing.nonzero().flatten().tolist()]
+            raise ValueError(f"records {names[:8]} have no corrupted image m' (rejected_image), which this "
+                             "formulation scores: give them a rejected_image or set data.corruption")
+
     # -- the family's part -------------------------------------------------------------------
     def compute_loss(self, batch: PreferenceBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """(scalar loss, metrics to log) for a batch."""

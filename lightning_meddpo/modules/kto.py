@@ -8,7 +8,7 @@ concatenates the two groups).
 
 KL baseline z_0 (as published and as TRL does it): completions scored against the wrong prompt.
 Here the chosen response (or the completion) of row i is scored against the prompt AND image of
-row i+1 (the batch rolled by one), under the policy and the reference, without gradient;
+row i+1 (`PreferenceBatch.mismatched`), under the policy and the reference, without gradient;
 z_0 = max(0, mean(logp_theta - logp_ref)), the mean taken over all ranks. With a batch of one row
 the "mismatched" row is the row itself (use batch_size >= 2).
 """
@@ -18,64 +18,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_meddpo.data.batch import EncodedImages, EncodedText, PreferenceBatch, pad_stack
-from lightning_meddpo.data.collate import IGNORE_INDEX
+from lightning_meddpo.data.batch import PreferenceBatch
 from lightning_meddpo.losses import kto_kl_baseline, kto_loss, rewards
 from lightning_meddpo.modules.base import PreferenceModule
 from lightning_meddpo.modules.dpo import global_mean, logps_metrics, reward_metrics
-
-
-def mismatched_text(text: EncodedText, shift: int = 1) -> EncodedText:
-    """Row i = the prompt of row (i+shift) % B followed by the response of row i.
-
-    The prompt is the leading unlabelled part of a row (with its image tokens), the response the
-    labelled tokens; per-token extras (e.g. mm_token_type_ids) are spliced the same way. A row longer
-    than the batch's padded width loses the end of its response (so it never exceeds max_length).
-    """
-    lengths = text.attention_mask.sum(-1)
-    labelled = text.labels != IGNORE_INDEX
-    prompt_len = torch.where(labelled.any(-1), labelled.int().argmax(-1), lengths)
-    rows: dict[str, list[Tensor]] = {"input_ids": [], "labels": [], **{k: [] for k in text.extra}}
-    batch, limit = text.input_ids.shape
-    for i in range(batch):
-        j = (i + shift) % batch
-        p, r0, r1 = int(prompt_len[j]), int(prompt_len[i]), int(lengths[i])
-        response = text.input_ids[i, r0:r1]
-        pieces = {
-            "input_ids": (text.input_ids[j, :p], response),
-            "labels": (torch.full((p,), IGNORE_INDEX, dtype=text.labels.dtype, device=text.labels.device), text.labels[i, r0:r1]),
-            **{k: (v[j, :p], v[i, r0:r1]) for k, v in text.extra.items()},
-        }
-        for key, (a, b) in pieces.items():
-            rows[key].append(torch.cat([a, b])[:limit])
-    input_ids = pad_stack(rows["input_ids"], 0).to(text.input_ids.device)
-    return EncodedText(
-        input_ids=input_ids,
-        attention_mask=pad_stack([torch.ones_like(r) for r in rows["input_ids"]], 0).to(input_ids.device),
-        labels=pad_stack(rows["labels"], IGNORE_INDEX).to(input_ids.device),
-        extra={k: pad_stack(rows[k], 0).to(input_ids.device) for k in text.extra},
-    )
-
-
-def rolled_images(images: EncodedImages, shift: int = 1) -> EncodedImages:
-    """Image i = image (i+shift) % B. Flattened-patch processors (Qwen2-VL: `image_grid_thw`) are
-    split per image by their patch counts first."""
-    if "image_grid_thw" in images.extra:
-        grid = images.extra["image_grid_thw"]
-        chunks = list(images.pixel_values.split(grid.prod(-1).tolist()))
-        order = [(i + shift) % len(chunks) for i in range(len(chunks))]
-        extra = {k: v[order] for k, v in images.extra.items()}
-        return EncodedImages(torch.cat([chunks[i] for i in order]), extra)
-    return EncodedImages(
-        images.pixel_values.roll(-shift, 0), {k: v.roll(-shift, 0) for k, v in images.extra.items()}
-    )
-
-
-def mismatched_batch(batch: PreferenceBatch, shift: int = 1) -> PreferenceBatch:
-    """A batch whose "chosen" view is chosen response i on the prompt and image of pair i+shift."""
-    text = mismatched_text(batch.chosen, shift)
-    ids = [f"{batch.ids[i]}|{batch.ids[(i + shift) % len(batch)]}" for i in range(len(batch))]
-    return PreferenceBatch(ids=ids, chosen=text, rejected=text, images=rolled_images(batch.images, shift))
 
 
 class KTO(PreferenceModule):
@@ -103,7 +49,7 @@ class KTO(PreferenceModule):
     @torch.no_grad()
     def kl_baseline(self, batch: PreferenceBatch) -> Tensor:
         """z_0 from mismatched pairs (chosen i on prompt/image i+1), averaged over ranks, clamped at 0."""
-        kl_batch = mismatched_batch(batch)
+        kl_batch = batch.mismatched(1)
         policy = self.policy.logps(kl_batch, ("chosen",))["chosen"]
         reference = self.policy.reference_logps(kl_batch, ("chosen",))["chosen"]
         return kto_kl_baseline(global_mean(self, policy.mean()).reshape(1), global_mean(self, reference.mean()).reshape(1))

@@ -34,6 +34,7 @@ class MMedPO(PreferenceModule):
                 f"MMedPO needs a clinical-relevance weight (`weighted_score`) for every record; "
                 f"at least one of the records {batch.ids} has none"
             )
+        self.require_mprime(batch)
         beta = self.hparams.beta
         logps = self.policy.logps(batch, self.views)
         ref = self.policy.reference_logps(batch, self.views)

@@ -71,6 +71,7 @@ class Multimodal(PreferenceModule):
     def compute_loss(self, batch: PreferenceBatch) -> tuple[Tensor, dict[str, Tensor]]:
         h = self.hparams
         views = self.views_for(batch)
+        self.require_mprime(batch, _image_rejected(batch) if h.loss == "targeted" else None)
         logps = self.policy.logps(batch, views)
         ref = self.policy.reference_logps(batch, views)
         reward = {v: rewards(logps[v], ref[v], h.beta) for v in views}
