@@ -17,7 +17,9 @@ model (`PreferencePolicy.mode`):
   without the hooks above). The reason for falling back is logged once.
 
 All three give the same log-probs (tested to 1e-5 in fp32). The reference is a frozen copy (`copy`),
-the same model with LoRA adapters disabled (`adapter`), or absent (`none`, reference-free losses).
+the same model with LoRA adapters disabled (`adapter`), a table of log-probs computed once before
+training (`precomputed`, see reference_cache.py: no second model in memory), or absent (`none`,
+reference-free losses).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from lightning_meddpo.data.batch import EncodedImages, PreferenceBatch, TokenRow
 
 log = logging.getLogger(__name__)
 
-ReferenceStrategy = Literal["copy", "adapter", "none"]
+ReferenceStrategy = Literal["copy", "adapter", "precomputed", "none"]
 Mode = Literal["packed", "rows", "logits"]
 # view -> (response side, image side)
 VIEWS: dict[str, tuple[str, str]] = {
@@ -253,8 +255,8 @@ class PreferencePolicy(nn.Module):
 
     def __init__(self, model: nn.Module, reference: ReferenceStrategy = "copy", dropout: bool = False, mode: Mode = "packed"):
         super().__init__()
-        if reference not in ("copy", "adapter", "none"):
-            raise ValueError(f"unknown reference strategy {reference!r}; use copy, adapter or none")
+        if reference not in ("copy", "adapter", "precomputed", "none"):
+            raise ValueError(f"unknown reference strategy {reference!r}; use copy, adapter, precomputed or none")
         if mode not in ("packed", "rows", "logits"):
             raise ValueError(f"unknown mode {mode!r}; use packed, rows or logits")
         if not dropout:
@@ -266,6 +268,7 @@ class PreferencePolicy(nn.Module):
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
         elif reference == "adapter" and not hasattr(model, "disable_adapter"):
             raise ValueError("reference='adapter' needs a peft LoRA model (set `lora` in the config)")
+        self.reference_table = None  # reference="precomputed": a ReferenceTable, set before training
         self.requested_mode: Mode = mode
         self._fallbacks: set[str] = set()
         self._shared_features: tuple[tuple, dict[str, list[Tensor]]] | None = None
@@ -295,7 +298,7 @@ class PreferencePolicy(nn.Module):
     @property
     def shares_image_features(self) -> bool:
         """The reference can reuse the policy's image features: vision tower and projector frozen."""
-        return self.reference_strategy != "none" and not any(p.requires_grad for p in vision_parameters(self.model))
+        return self.reference_strategy in ("copy", "adapter") and not any(p.requires_grad for p in vision_parameters(self.model))
 
     def fully_shard(self, mesh, **kwargs) -> None:
         """FSDP2: shard the policy model and the `copy` reference over `mesh` (the same way)."""
@@ -312,6 +315,13 @@ class PreferencePolicy(nn.Module):
         return self
 
     # -- log-probs ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def starting_logps(self, batch: PreferenceBatch, views: tuple[str, ...]) -> dict[str, Tensor]:
+        """Log-probs of the model as it is, in eval mode, without grad: the reference, when it is called
+        before the first step (how a precomputed reference is filled)."""
+        with _eval(self.model):
+            return self._logps(self.model, batch, views, share=False)
+
     def logps(self, batch: PreferenceBatch, views: tuple[str, ...]) -> dict[str, Tensor]:
         """Policy log-probs per view (with grad)."""
         return self._logps(self.model, batch, views, share=self.shares_image_features)
@@ -321,6 +331,10 @@ class PreferencePolicy(nn.Module):
         """Reference log-probs per view (no grad)."""
         if self.reference_strategy == "none":
             raise ValueError("this policy has no reference model (reference='none')")
+        if self.reference_strategy == "precomputed":
+            if self.reference_table is None:
+                raise ValueError("reference='precomputed': the reference log-probs were not computed before this step")
+            return self.reference_table.lookup(batch.ids, views, batch.prompt.input_ids.device)
         if self.reference_strategy == "copy":
             return self._logps(self.reference, batch, views, share=self.shares_image_features)
         with self.model.disable_adapter(), _eval(self.model):

@@ -280,6 +280,35 @@ class PreferenceDataModule(L.LightningDataModule):
             persistent_workers=False,
         )
 
+    # -- for a precomputed reference (reference_cache.py) --------------------------------------------
+    def reference_dataloaders(self) -> dict[str, DataLoader]:
+        """Train and val in file order, sharded over data-parallel ranks, epoch 0: what a precomputed
+        reference scores once."""
+        return {split: self._loader(split, shuffle=False) for split in ("train", "val") if split in self.datasets}
+
+    def reference_fingerprint(self) -> dict[str, Any]:
+        """Everything in the data that decides the reference log-probs (see reference_cache.py)."""
+        from lightning_meddpo.reference_cache import file_digest, image_files, weights_fingerprint
+
+        h = self.hparams
+        files = [f for f in (h.train_file, h.val_file) if f]
+        records = [r for split in ("train", "val") if split in self.datasets for r in self.datasets[split].records]
+        settings = ("image_root", "val_fraction", "max_length", "image_placeholder", "corruption", "seed", "format",
+                    "skip_invalid", "max_pixels")
+        return {
+            "files": [file_digest(f) if Path(f).is_file() else weights_fingerprint(f) for f in files],
+            "images": image_files(records),
+            "ids": {split: [r.id for r in self.datasets[split].records] for split in ("train", "val") if split in self.datasets},
+            "settings": {k: h.get(k) for k in settings},
+        }
+
+    def mprime_drawn_each_epoch(self) -> list[str]:
+        """Ids of records whose m' is a fresh corruption every epoch (no rejected_image, corruption on)."""
+        if self.hparams.corruption is None:
+            return []
+        return [r.id for split in ("train", "val") if split in self.datasets
+                for r in self.datasets[split].records if r.rejected_image is None]
+
     def _sharding(self) -> dict[str, int]:
         """The strategy's data-parallel size and rank (what Lightning would give its own sampler)."""
         strategy = self.trainer.strategy if self.trainer is not None else None

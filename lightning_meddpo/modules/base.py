@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 from transformers import get_cosine_schedule_with_warmup
 
-from lightning_meddpo.backbones.loader import load_model, load_processor
+from lightning_meddpo.backbones.loader import load_model, load_processor, resolve_backbone
 from lightning_meddpo.data.batch import PreferenceBatch
-from lightning_meddpo.policy import PreferencePolicy, ReferenceStrategy
+from lightning_meddpo.policy import Mode, PreferencePolicy, ReferenceStrategy
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,11 @@ class PreferenceModule(L.LightningModule):
 
     Args:
         backbone: HF directory, hub id, or `tiny://llama|mistral|qwen2` (the offline demo model).
-        reference: `copy` (frozen copy), `adapter` (LoRA disabled), `none` (reference-free).
+        reference: `copy` (frozen copy), `adapter` (LoRA disabled), `precomputed` (the starting model's
+            log-probs computed once before the first step and cached on disk, see reference_cache.py:
+            no reference model in memory), `none` (reference-free).
+        reference_cache_dir: where precomputed reference log-probs are cached (default: the tool's cache,
+            $LIGHTNING_MEDDPO_CACHE or ~/.cache/lightning_meddpo, under reference_logps/).
         init_from: start from an earlier run: a Lightning .ckpt or an HF model directory.
         chat_template: one of ours by name (see backbones/templates.py); default: the checkpoint's.
         lr, weight_decay, warmup_ratio: AdamW with a cosine schedule after linear warmup.
@@ -140,6 +144,10 @@ class PreferenceModule(L.LightningModule):
         save_reference: keep the `copy` reference in checkpoints. By default it is left out (it would
             double the checkpoint) and rebuilt from `backbone` / `init_from` on load: it equals the
             starting weights.
+        scoring: how views go through the model (policy.py): `packed` (default: the prompt forwarded
+            once per image with both responses, images encoded once, LM head on responses only),
+            `rows` (one row per view, same economies), `logits` (the model's own forward per view,
+            TRL's way). All give the same log-probs; a model that cannot take one falls back, logged.
 
     Scale: under Lightning's ModelParallelStrategy (`configs/strategies/fsdp2.yaml`) `configure_model`
     applies FSDP2 `fully_shard` to every decoder layer and vision encoder layer, then to the model
@@ -148,6 +156,11 @@ class PreferenceModule(L.LightningModule):
 
     views: tuple[str, ...] = ("chosen", "rejected")
     accepts_unpaired: bool = False  # unpaired (KTO-format) batches: only KTO can use them
+
+    @property
+    def reference_views(self) -> tuple[str, ...]:
+        """The views whose reference log-probs the loss reads (what `reference: precomputed` computes)."""
+        return self.views
 
     def __init__(
         self,
@@ -165,6 +178,8 @@ class PreferenceModule(L.LightningModule):
         freeze_projector: bool = False,
         gradient_checkpointing: bool = False,
         save_reference: bool = False,
+        scoring: Mode = "packed",
+        reference_cache_dir: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -216,10 +231,88 @@ class PreferenceModule(L.LightningModule):
             return
         if self.hparams.lora is not None and self.hparams.reference == "copy":
             log.info("LoRA: the reference is the model with adapters disabled (reference='adapter')")
-        self.policy = PreferencePolicy(self.build_model(), reference=self.reference_strategy)
+        self.policy = PreferencePolicy(self.build_model(), reference=self.reference_strategy, mode=self.hparams.scoring)
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel mesh
             mesh = self.device_mesh["data_parallel"] if "data_parallel" in (self.device_mesh.mesh_dim_names or ()) else self.device_mesh
             self.policy.fully_shard(mesh)
+
+    # -- a precomputed reference ---------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        self.ensure_reference_table()
+
+    def on_validation_start(self) -> None:
+        self.ensure_reference_table()
+
+    def on_test_start(self) -> None:
+        self.ensure_reference_table()
+
+    def reference_fingerprint(self, datamodule) -> dict:
+        from lightning_meddpo.reference_cache import processor_fingerprint, weights_fingerprint
+
+        h = self.hparams
+        return {
+            "data": datamodule.reference_fingerprint(),
+            "weights": [weights_fingerprint(resolve_backbone(h.backbone)), weights_fingerprint(h.init_from) if h.init_from else None],
+            "processor": processor_fingerprint(self.processor),
+            "views": sorted(self.reference_views),
+            "precision": str(self.trainer.precision),
+        }
+
+    def ensure_reference_table(self) -> None:
+        """`reference: precomputed`: load the cached reference log-probs of this data and starting model,
+        or compute them now, before the first step (each rank its shard; all ranks get the whole table)."""
+        if self.reference_strategy != "precomputed" or self.policy.reference_table is not None:
+            return
+        from lightning_meddpo.backbones.tiny import default_cache_dir
+        from lightning_meddpo.reference_cache import ReferenceTable, fingerprint
+
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None or not hasattr(dm, "reference_dataloaders"):
+            return  # generation-based evaluation: no preference pairs, no reference
+        if type(self.trainer.strategy).__name__ == "FSDPStrategy":
+            raise ValueError("reference: precomputed runs the model outside the training step, which FSDPStrategy's "
+                             "flat parameters do not allow: use FSDP2 (configs/strategies/fsdp2.yaml) or reference: copy")
+        drawn = dm.mprime_drawn_each_epoch()
+        if drawn and any(v.endswith("_mprime") for v in self.reference_views):
+            raise ValueError(f"reference: precomputed needs a fixed m', but records {drawn[:5]} get a new corruption "
+                             "every epoch (data.corruption, no rejected_image): write m' to files (build-pairs "
+                             "--mode image) or use reference: copy")
+        key = fingerprint(self.reference_fingerprint(dm))
+        root = Path(self.hparams.reference_cache_dir) if self.hparams.reference_cache_dir else default_cache_dir() / "reference_logps"
+        path = root / f"{key}.json"
+        if path.is_file():
+            self.policy.reference_table = ReferenceTable.load(path)
+            log.info("reference log-probs: %d records from %s", len(self.policy.reference_table), path)
+            return
+        if self.trainer.global_step > 0 or self.trainer.ckpt_path:
+            raise ValueError(f"reference: precomputed: no cached reference log-probs for this data and starting model "
+                             f"({path} is missing), and they cannot be computed from trained weights: start the run "
+                             "anew, or use reference: copy")
+        self.policy.reference_table = self._compute_reference_table(dm, path)
+
+    def _compute_reference_table(self, dm, path: Path):
+        from tqdm.auto import tqdm
+
+        from lightning_meddpo.reference_cache import ReferenceTable
+
+        views = tuple(self.reference_views)
+        table = ReferenceTable(views)
+        for split, loader in dm.reference_dataloaders().items():
+            for batch in tqdm(loader, desc=f"reference log-probs ({split})", disable=self.global_rank != 0):
+                batch = self.trainer.strategy.batch_to_device(batch)
+                with self.trainer.precision_plugin.forward_context():  # the training steps' autocast
+                    table.add(batch.ids, self.policy.starting_logps(batch, views))
+        if self.trainer.world_size > 1:
+            import torch.distributed as dist
+
+            parts: list = [None] * self.trainer.world_size
+            dist.all_gather_object(parts, table.values)
+            for values in parts:
+                table.merge(ReferenceTable(views, values))
+        if self.global_rank == 0:
+            table.save(path, {"views": list(views)})
+            log.info("reference log-probs: %d records computed, cached in %s", len(table), path)
+        return table
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         hparams = checkpoint.get("hyper_parameters")

@@ -43,6 +43,9 @@ class KTO(PreferenceModule):
     accepts_unpaired = True
 
     def __init__(self, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0, **kwargs):
+        if kwargs.get("reference") == "precomputed":
+            raise ValueError("KTO cannot use reference: precomputed: its KL baseline scores completions on other rows' "
+                             "prompts, which change with every shuffle; use reference: copy (or LoRA's adapter)")
         super().__init__(**kwargs)
         self.save_hyperparameters()
 

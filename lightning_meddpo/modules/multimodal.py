@@ -53,6 +53,12 @@ class Multimodal(PreferenceModule):
         super().__init__(**kwargs)
         self.save_hyperparameters()
 
+    @property
+    def reference_views(self) -> tuple[str, ...]:
+        if self.hparams.loss == "copo":
+            return ("chosen", "chosen_mprime")
+        return ("chosen", "rejected", "chosen_mprime")
+
     def views_for(self, batch: PreferenceBatch) -> tuple[str, ...]:
         """The views this loss needs for this batch ("chosen_mprime" only for image-side terms)."""
         loss = self.hparams.loss
