@@ -92,3 +92,27 @@ def test_dpo_learns_the_visual_preference(tmp_path):
     accuracy = [v for _, v in read_scalars(_version_dirs(tmp_path)[0])["val/rewards/accuracies"]]
     # 128 val pairs: chance is 0.5 +- 0.044, so 0.65 is over 3 standard deviations above it
     assert max(accuracy) >= 0.65, accuracy
+
+
+def test_fit_prints_and_logs_what_the_loader_fixed(demo_dir, tmp_path):
+    """Inserted placeholders, truncated responses and skipped records are in the fit's output and in
+    TensorBoard as counts (not only at INFO level)."""
+    import json
+
+    records = json.loads((demo_dir / "train.json").read_text())[:12]
+    records[0]["conversations"][0]["value"] = records[0]["conversations"][0]["value"].replace("<image>\n", "")
+    records[1]["image"] = "images/missing.png"
+    (tmp_path / "images").symlink_to(demo_dir / "images")
+    train = tmp_path / "train.json"
+    train.write_text(json.dumps(records))
+    args = ["--config", "configs/demo/dpo.yaml", *small_demo_args(demo_dir, tmp_path), f"--data.init_args.train_file={train}",
+            "--data.init_args.skip_invalid=true", "--data.init_args.max_length=24", "--trainer.max_steps=1",
+            "--trainer.limit_val_batches=1"]
+    proc = run_cli("fit", *args)
+    out = proc.stdout
+    assert "1 had no <image> placeholder (inserted)" in out and "1 skipped: field image: image file not found" in out
+    assert "responses truncated to max_length=24" in out and "train: 11 pairs" in out
+    (version,) = _version_dirs(tmp_path)
+    scalars = read_scalars(version)
+    assert scalars["data/placeholders_inserted"] == [(0, 1.0)] and scalars["data/skipped"] == [(0, 1.0)]
+    assert scalars["data/train/pairs"] == [(0, 11.0)] and scalars["data/train/truncated_responses"][0][1] > 0

@@ -159,3 +159,25 @@ def test_single_process_shuffle_is_seeded_per_epoch(demo_dir, tiny_processor):
     order = lambda e: (loader.sampler.set_epoch(e), list(loader.sampler))[1]  # noqa: E731
     assert order(0) == order(0) and order(0) != order(1) and sorted(order(1)) == list(range(48))
     assert list(dm.val_dataloader().sampler) == list(range(16))  # val in file order
+
+
+def test_mprime_is_processed_as_its_own_image(demo_dir, tmp_path, tiny_processor):
+    """m' (here a crop of another aspect ratio, as the paper's mDPO crops are) goes through the backbone's
+    own resize/crop/pad exactly as any image, never first resized to m's size."""
+    from PIL import Image
+
+    from lightning_meddpo.data.images import load_image
+
+    def wide_crop(records):
+        for r in records:
+            r["rejected_image"] = "wide.png"
+    path = _copy_demo(demo_dir, tmp_path, wide_crop)
+    crop = Image.open(demo_dir / json.loads((demo_dir / "train.json").read_text())[0]["image"]).crop((0, 8, 32, 20))
+    crop.resize((96, 36)).save(tmp_path / "wide.png")
+    records, _ = read_preference_file(path)
+    encoder = PairEncoder(tiny_processor, 256)
+    pair = PreferenceDataset(records[:1], encoder)[0]
+    expected = encoder.encode_images(load_image(tmp_path / "wide.png")).pixel_values
+    assert torch.equal(pair.prompt_mprime.image.pixel_values, expected)
+    squashed = encoder.encode_images(load_image(tmp_path / "wide.png").resize((32, 32))).pixel_values
+    assert not torch.equal(expected, squashed)  # what resizing to m's size first would have given

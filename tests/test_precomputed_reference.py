@@ -25,7 +25,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return generate_demo_dataset(tmp_path_factory.mktemp("precomputed"), n_train=16, n_val=8, n_test=4, image_pair_fraction=0.5)
+    """Text-rejected pairs, each with an m' (rejected_image)."""
+    return generate_demo_dataset(tmp_path_factory.mktemp("precomputed"), n_train=16, n_val=8, n_test=4)
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """Half text-rejected, half image-rejected pairs (the targeted mix)."""
+    return generate_demo_dataset(tmp_path_factory.mktemp("precomputed_mixed"), n_train=16, n_val=8, n_test=4,
+                                 image_pair_fraction=0.5)
 
 
 def datamodule(module, data, **kwargs):
@@ -42,7 +50,8 @@ def fit(module, dm, steps=2, ckpt_path=None, default_root_dir=None):
 
 
 @pytest.mark.parametrize("cls, kwargs", [(DPO, {}), (Multimodal, {"loss": "mdpo"}), (Multimodal, {"loss": "targeted"})])
-def test_trains_as_a_frozen_copy(tmp_path, data, cls, kwargs):
+def test_trains_as_a_frozen_copy(tmp_path, data, mixed, cls, kwargs):
+    data = mixed if kwargs.get("loss") == "targeted" else data
     runs = {}
     for reference in ("copy", "precomputed"):
         torch.manual_seed(0)

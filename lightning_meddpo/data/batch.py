@@ -120,6 +120,13 @@ class PreferenceBatch:
             return self.prompt_mprime
         return self.prompt
 
+    def with_stand_in_mprime(self) -> PreferenceBatch:
+        """The batch with m standing in as m' where a pair has none (marked in `has_mprime`), so that
+        views on m' can be scored for every row; the rows without a real m' are to be masked."""
+        if self.rejected_images is not None:
+            return self
+        return replace(self, rejected_images=self.images, has_mprime=torch.zeros(len(self), dtype=torch.bool))
+
     def mismatched(self, shift: int = 1) -> PreferenceBatch:
         """Row i: the responses of pair i on the prompt AND image of pair (i+shift) % B (KTO's KL
         baseline pairs completions with the wrong inputs, as TRL's KTO collator does)."""

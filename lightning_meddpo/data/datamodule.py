@@ -25,11 +25,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from lightning_meddpo.data.collate import EncodedPair, PairEncoder, PreferenceCollator, PromptTooLongError
 from lightning_meddpo.data.formats import FORMATS, read_records
 from lightning_meddpo.data.images import DEFAULT_MAX_PIXELS, load_image, to_rgb8
+from lightning_meddpo.data.needs import PairNeeds
 from lightning_meddpo.data.records import PreferenceRecord, ReadReport, RecordError
 
 log = logging.getLogger(__name__)
 
 PROMPT_TOO_LONG = "prompt with image tokens exceeds max_length"
+NO_SIGNAL = "no preference signal for the formulation"
 
 
 def load_record_image(record: PreferenceRecord, field_name: str = "image",
@@ -70,16 +72,19 @@ class PreferenceDataset(Dataset):
     record's rejected_image or the on-the-fly corruption) processed as an image of its own."""
 
     def __init__(self, records: list[PreferenceRecord], encoder: PairEncoder, corruption: Any = None, seed: int = 0,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, needs: PairNeeds | None = None):
         self.records, self.encoder, self.corruption, self.seed = records, encoder, corruption, seed
-        self.max_pixels = max_pixels
+        self.max_pixels, self.needs = max_pixels, needs
         self.epoch = 0  # set by EpochSampler; seeds on-the-fly corruption
 
     def __len__(self) -> int:
         return len(self.records)
 
     def rejected_image(self, record: PreferenceRecord, image: Image.Image) -> Image.Image | None:
-        """m' as it is (no resize to m's size: the processor treats it as any image), or None."""
+        """m' as it is (no resize to m's size: the processor treats it as any image), or None where there
+        is none or the formulation never scores it (then it is not even opened)."""
+        if self.needs is not None and not self.needs.uses_mprime(record.pair_type):
+            return None
         if record.rejected_image is not None:
             return load_record_image(record, "rejected_image", self.max_pixels)
         if self.corruption is not None:
@@ -144,6 +149,8 @@ class PreferenceDataModule(L.LightningDataModule):
         corruption: on-the-fly corruption for m' when a record has no rejected_image (e.g. "crop").
         skip_invalid: count and report invalid records instead of raising on the first. Reading and
             validation skips are counted by reason in `reports[file]` (see also `skipped`) and logged.
+        shuffle: reshuffle the training pairs every epoch (seeded); false trains in file order, every epoch
+            (ordered runs, side-by-side comparisons with another trainer's sequential sampler).
     """
 
     def __init__(
@@ -165,6 +172,7 @@ class PreferenceDataModule(L.LightningDataModule):
         processor: Any = None,
         format: str = "auto",
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        shuffle: bool = True,
     ):
         super().__init__()
         if format not in FORMATS:
@@ -175,6 +183,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.reports: dict[str, ReadReport] = {}
         self.truncated: Counter = Counter()
         self._origin: dict[int, str] = {}  # id(record) -> the file it was read from (its report's key)
+        self.needs: PairNeeds | None = None  # None: read from the trainer's module (PreferenceModule.pair_needs)
 
     @property
     def skipped(self) -> Counter:
@@ -210,23 +219,48 @@ class PreferenceDataModule(L.LightningDataModule):
             log.warning("skipped %s", err)
         return records
 
+    @property
+    def pair_needs(self) -> PairNeeds | None:
+        """What the formulation needs from each pair: set here, or read from the trainer's module."""
+        if self.needs is not None:
+            return self.needs
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        return getattr(module, "pair_needs", None)
+
     def _dataset(self, split: str, records: list[PreferenceRecord]) -> PreferenceDataset:
         if self.processor is None:
             raise ValueError("PreferenceDataModule needs the backbone's processor (the CLI links it from the model)")
         encoder = PairEncoder(self.processor, self.hparams.max_length, self.hparams.image_placeholder)
-        dataset = PreferenceDataset(records, encoder, self.hparams.corruption, self.hparams.seed, self.hparams.max_pixels)
-        self._check_lengths(split, dataset)
+        dataset = PreferenceDataset(records, encoder, self.hparams.corruption, self.hparams.seed, self.hparams.max_pixels,
+                                    needs=self.pair_needs)
+        self._validate(split, dataset)
         return dataset
 
-    def _check_lengths(self, split: str, dataset: PreferenceDataset) -> None:
-        """Decode and encode every pair once: images that cannot be decoded (or are over max_pixels) and
-        prompts that cannot fit raise, or with skip_invalid are removed and counted; truncated responses
-        are counted."""
+    def _validate(self, split: str, dataset: PreferenceDataset) -> None:
+        """Encode every pair once: images that cannot be decoded (or are over max_pixels), prompts that
+        cannot fit, a missing m' the formulation scores and pairs with no preference signal for it raise,
+        or with skip_invalid are removed and counted; truncated responses are counted."""
+        needs = dataset.needs
         kept: list[PreferenceRecord] = []
         skipped: Counter = Counter()
+        no_signal: list[RecordError] = []
         for i, record in enumerate(dataset.records):
             try:
+                if needs is not None and needs.uses_mprime(record.pair_type) and record.rejected_image is None \
+                        and dataset.corruption is None:
+                    raise RecordError(record.source, record.id, "rejected_image",
+                                      f"{needs.formulation} scores the chosen answer on a corrupted image m', and this "
+                                      "record has none: give it a rejected_image or set data.corruption",
+                                      reason=f"field rejected_image: missing ({needs.formulation} scores m')")
                 pair = dataset[i]
+                problem = None if needs is None or record.desirable is not None else needs.missing_signal(
+                    record.pair_type, record.chosen.strip() != record.rejected.strip(), _images_differ(pair))
+                if problem is not None:
+                    error = RecordError(record.source, record.id, "rejected_conversations", problem, reason=NO_SIGNAL)
+                    if not self.hparams.skip_invalid:
+                        no_signal.append(error)
+                        continue
+                    raise error
             except (RecordError, PromptTooLongError) as e:
                 if not self.hparams.skip_invalid:
                     raise
@@ -240,6 +274,14 @@ class PreferenceDataModule(L.LightningDataModule):
                 continue
             kept.append(record)
             self.truncated[split] += pair.truncated
+        if no_signal:
+            shown = "\n  ".join(str(e) for e in no_signal[:10])
+            raise ValueError(
+                f"{split}: {len(no_signal)} of {len(dataset.records)} pairs carry no preference signal for "
+                f"{needs.formulation} (they would train nothing, at a constant loss); the first:\n  {shown}\n"
+                "Use data that differs where the formulation compares (e.g. text-rejected pairs for DPO, image-rejected "
+                "pairs for CoPO), or set data.init_args.skip_invalid=true to skip and count them."
+            )
         dataset.records = kept
         if skipped:
             log.warning("%s: %d records skipped in validation: %s", split, sum(skipped.values()),
@@ -259,12 +301,45 @@ class PreferenceDataModule(L.LightningDataModule):
                 g = torch.Generator().manual_seed(h.seed)
                 order = torch.randperm(len(train), generator=g).tolist()
                 n_val = max(1, int(round(h.val_fraction * len(train))))
+                if n_val >= len(train):
+                    raise ValueError(
+                        f"{h.train_file}: {len(train)} usable record(s); with no val_file, val_fraction={h.val_fraction} "
+                        f"splits off {n_val} for validation and leaves none to train on. Add records, or set "
+                        "data.init_args.val_file (it may be the same file, to validate on the training pairs)")
                 val = [train[i] for i in order[:n_val]]
                 train = [train[i] for i in order[n_val:]]
             self.datasets["train"] = self._dataset("train", train)
             self.datasets["val"] = self._dataset("val", val)
         if stage in ("test", None) and h.test_file and "test" not in self.datasets:
             self.datasets["test"] = self._dataset("test", self._read(h.test_file, "test"))
+        self.report()
+
+    def read_counts(self) -> dict[str, float]:
+        """What reading and validation did, as counts (logged to TensorBoard as data/*)."""
+        counts: dict[str, float] = {
+            "data/placeholders_inserted": sum(r.placeholder_inserted for r in self.reports.values()),
+            "data/skipped": sum(r.n_skipped for r in self.reports.values()),
+        }
+        for split, dataset in self.datasets.items():
+            counts[f"data/{split}/pairs"] = len(dataset)
+            counts[f"data/{split}/truncated_responses"] = self.truncated[split]
+        return counts
+
+    def report(self) -> None:
+        """Print what the loader read, fixed and skipped (placeholders inserted, responses truncated, records
+        skipped by reason) in the run's output, once, and log the counts to the trainer's loggers."""
+        lines = [f"{path}: {report.summary()}" for path, report in self.reports.items()]
+        lines += [f"{split}: {len(d)} pairs" + (f", {self.truncated[split]} responses truncated to max_length="
+                  f"{self.hparams.max_length} (from the end; image tokens are never cut)" if self.truncated[split] else "")
+                  for split, d in self.datasets.items()]
+        if lines == getattr(self, "_reported", None):
+            return
+        self._reported = lines
+        trainer = self.trainer
+        if trainer is None or trainer.is_global_zero:
+            print("data: " + "\n      ".join(lines), flush=True)
+        for logger in (trainer.loggers if trainer is not None else []):
+            logger.log_metrics(self.read_counts(), step=0)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
@@ -316,10 +391,18 @@ class PreferenceDataModule(L.LightningDataModule):
         return {"num_replicas": kwargs.get("num_replicas", 1), "rank": kwargs.get("rank", 0)}
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._loader("train", shuffle=self.hparams.shuffle)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+
+def _images_differ(pair: EncodedPair) -> bool:
+    """m' was processed and its pixels differ from m's."""
+    if pair.prompt_mprime is None:
+        return False
+    a, b = pair.prompt.image.pixel_values, pair.prompt_mprime.image.pixel_values
+    return a.shape != b.shape or not torch.equal(a, b)

@@ -5,7 +5,8 @@ Input (JSON array or JSONL), one of, per record:
     ("answer" is used when present, else "gpt4_answer");
   * conversations: {id, image, conversations: [{from, value}, ...]}: the last gpt turn is the answer and
     every turn before it is the prompt;
-  * captions / reports: {id, image | image_path (a string or one-element list), caption | report}, with
+  * captions / reports: {id | study_id (default: file stem and line), image | image_path | image_paths (a
+    string or a list: the first image), caption | report}, with
     the prompt `CAPTION_PROMPT`.
 Any of them may carry a lesion region, {"region": {"box": [x0, y0, x1, y1]}} (pixels) or
 {"region": {"mask": "masks/x.png"}} (relative to the image root, non-zero = region), used by the
@@ -285,6 +286,12 @@ def read_json_or_jsonl(path: str | Path) -> list[tuple[str, Any]]:
     return load_json_records(Path(path))
 
 
+def default_id(source: str) -> str:
+    """`<file stem>:<line>` (JSONL) or `<file stem>:<index>` (JSON array) for a record without an id."""
+    file, _, where = source.rpartition(":") if not source.endswith("]") else source[:-1].rpartition("[")
+    return f"{PurePosixPath(file).stem}:{where}"
+
+
 def safe_relative_path(value: Any, source: str, record_id: str | None, field_name: str) -> str:
     """A relative POSIX path that cannot escape the image root (no absolute paths, no '..')."""
     if isinstance(value, list) and len(value) == 1:
@@ -327,15 +334,20 @@ def parse_source_record(raw: Any, source: str) -> SourceItem:
     """One input record (question, conversations or caption format) -> SourceItem; problems raise RecordError."""
     if not isinstance(raw, dict):
         raise RecordError(source, None, "<record>", f"expected a JSON object, got {type(raw).__name__}")
-    rid_field = "question_id" if "question_id" in raw else "id"
+    rid_field = next((k for k in ("question_id", "id", "study_id") if raw.get(k) is not None), "id")
     rid = raw.get(rid_field)
+    if (rid is None or str(rid).strip() == "") and ("caption" in raw or "report" in raw):
+        rid = default_id(source)  # the released AMBOSS train file has no ids: file stem and line
     if rid is None or str(rid).strip() == "":
-        raise RecordError(source, None, rid_field, "missing record id (question_id or id)")
+        raise RecordError(source, None, rid_field, "missing record id (question_id, id or study_id)")
     rid = str(rid)
-    img_field = "image" if "image" in raw else "image_path"
-    if img_field not in raw:
-        raise RecordError(source, rid, "image", "missing")
-    image = safe_relative_path(raw[img_field], source, rid, img_field)
+    img_field = next((k for k in ("image", "image_path", "image_paths") if k in raw), None)
+    if img_field is None:
+        raise RecordError(source, rid, "image", "missing (expected image, image_path or image_paths)")
+    value = raw[img_field]
+    if isinstance(value, list) and len(value) > 1:
+        value = value[:1]  # one image per pair: the first (MIMIC-CXR studies list several views)
+    image = safe_relative_path(value, source, rid, img_field)
     if "conversations" in raw:
         conv = raw["conversations"]
         if not isinstance(conv, list) or not conv:

@@ -192,13 +192,15 @@ def check_score(score: Any, source: str, rid: str) -> float | None:
 
 def finish_record(raw: dict[str, Any], source: str, rid: str, image: Any, prompt: tuple[Turn, ...], chosen: str,
                   rejected: str, rejected_image: Any, rejected_field: str, known: frozenset[str]) -> PreferenceRecord:
-    """Checks shared by every format (score, pair type, chosen != rejected) and the record itself."""
+    """Checks shared by every format (score, pair type, chosen != rejected) and the record itself.
+
+    pair_type: "image" (the same answer on both sides, the image rejected) when the record says so or has a
+    rejected_image and equal answers; else "text". An image pair may leave its m' to data.corruption; whether
+    the formulation gets an m' and a difference it can learn from is checked at setup (data/needs.py)."""
     score = check_score(raw.get("weighted_score"), source, rid)
     pair_type = raw.get("pair_type") or ("image" if rejected_image is not None and chosen == rejected else "text")
     if pair_type not in ("text", "image"):
         raise RecordError(source, rid, "pair_type", f"expected 'text' or 'image', got {pair_type!r}")
-    if pair_type == "image" and rejected_image is None:
-        raise RecordError(source, rid, "rejected_image", "an image-rejected pair needs a rejected_image")
     if chosen.strip() == rejected.strip() and pair_type == "text":
         raise RecordError(source, rid, rejected_field, "the rejected response equals the chosen one")
     meta = {k: v for k, v in raw.items() if k not in known}

@@ -8,7 +8,7 @@ per record (a `text` field: VQA; else a report file):
   `answer_field` to choose), `answer_type` CLOSED/OPEN in any capitalisation and with stray whitespace.
   A question without the `<image>` placeholder gets one inserted before it (counted, reported).
   A missing answer_type is inferred (gold yes/no: CLOSED, else OPEN) and counted.
-- Report generation: MIMIC-CXR (`id`, `image_path` as a list or a string, `report`) and AMBOSS/NEJM
+- Report generation: MIMIC-CXR (`id` or `study_id`, `image_path` or `image_paths` as a list or a string, `report`) and AMBOSS/NEJM
   (`image_path`, `caption`). One image per prompt is supported: of a list, the FIRST image is used
   (counted, reported). The prompt is `report_prompt` (configurable). A record without an id gets
   `<file stem>:<line>` (counted).
@@ -173,7 +173,7 @@ def parse_eval_record(
             raise RecordError(source, _sid(rid), names[0], f"missing (expected one of {list(names)})")
         gold = _text(raw, name, source, rid) if name else None
         answer_type = "REPORT"
-        image_name, image_value = _first_image(raw, ("image_path", "image"), source, rid, notes)
+        image_name, image_value = _first_image(raw, ("image_path", "image_paths", "image"), source, rid, notes)
         prompt = report_prompt if IMAGE_TOKEN in report_prompt else f"{IMAGE_TOKEN}\n{report_prompt}"
     image = resolve_image(image_root, image_value, source, _sid(rid), image_name)
     return EvalRecord(id=rid, image=image, image_field=image_value, prompt=(Turn("human", prompt),), gold=gold,

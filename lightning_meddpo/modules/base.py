@@ -18,6 +18,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from lightning_meddpo.backbones.loader import load_model, load_processor, resolve_backbone
 from lightning_meddpo.data.batch import PreferenceBatch
+from lightning_meddpo.data.needs import PairNeeds
 from lightning_meddpo.policy import Mode, PreferencePolicy, ReferenceStrategy
 
 log = logging.getLogger(__name__)
@@ -156,6 +157,16 @@ class PreferenceModule(L.LightningModule):
 
     views: tuple[str, ...] = ("chosen", "rejected")
     accepts_unpaired: bool = False  # unpaired (KTO-format) batches: only KTO can use them
+
+    @property
+    def pair_needs(self) -> PairNeeds:
+        """What this formulation needs from each pair (data/needs.py): the DataModule checks every record
+        against it before step 1, and processes m' only where it is scored."""
+        return PairNeeds(self.formulation_name, signal="text", mprime="never")
+
+    @property
+    def formulation_name(self) -> str:
+        return type(self).__name__
 
     @property
     def reference_views(self) -> tuple[str, ...]:
@@ -300,6 +311,8 @@ class PreferenceModule(L.LightningModule):
         for split, loader in dm.reference_dataloaders().items():
             for batch in tqdm(loader, desc=f"reference log-probs ({split})", disable=self.global_rank != 0):
                 batch = self.trainer.strategy.batch_to_device(batch)
+                if any(v.endswith("_mprime") for v in views):
+                    batch = batch.with_stand_in_mprime()  # a batch of text pairs only (targeted mix): m as m'
                 with self.trainer.precision_plugin.forward_context():  # the training steps' autocast
                     table.add(batch.ids, self.policy.starting_logps(batch, views))
         if self.trainer.world_size > 1:

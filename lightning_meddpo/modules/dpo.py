@@ -83,6 +83,10 @@ class DPO(PreferenceModule):
             self.register_buffer("bco_reward_mean", torch.zeros(()))
             self.register_buffer("bco_reward_count", torch.zeros((), dtype=torch.long))
 
+    @property
+    def formulation_name(self) -> str:
+        return f"DPO (loss_type {self.hparams.loss_type})"
+
     def _bco_delta(self, logps: dict[str, Tensor], ref: dict[str, Tensor]) -> Tensor:
         if self.training:
             batch_mean = bco_batch_reward_mean(

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from lightning_meddpo.data.batch import PreferenceBatch
+from lightning_meddpo.data.needs import PairNeeds
 from lightning_meddpo.losses import anchor_loss, combine, copo_loss, dpo_loss, rewards
 from lightning_meddpo.modules.base import PreferenceModule
 from lightning_meddpo.modules.dpo import image_reward_metrics, logps_metrics, reward_metrics
@@ -52,6 +53,15 @@ class Multimodal(PreferenceModule):
             raise ValueError(f"Multimodal: unknown loss {loss!r}; use one of {MULTIMODAL_LOSSES}")
         super().__init__(**kwargs)
         self.save_hyperparameters()
+
+    @property
+    def pair_needs(self) -> PairNeeds:
+        loss = self.hparams.loss
+        if loss == "copo":
+            return PairNeeds("CoPO", signal="image", mprime="always")
+        if loss == "mdpo":
+            return PairNeeds("mDPO", signal="either", mprime="always")
+        return PairNeeds("the targeted mix", signal="pair_type", mprime="image_pairs")
 
     @property
     def reference_views(self) -> tuple[str, ...]:

@@ -46,6 +46,10 @@ class ReferenceFree(PreferenceModule):
         super().__init__(reference="none", **kwargs)
         self.save_hyperparameters()
 
+    @property
+    def formulation_name(self) -> str:
+        return self.hparams.loss.upper()
+
     def compute_loss(self, batch: PreferenceBatch) -> tuple[Tensor, dict[str, Tensor]]:
         h = self.hparams
         logps = self.policy.logps(batch, self.views)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from lightning_meddpo.data.batch import PreferenceBatch
+from lightning_meddpo.data.needs import PairNeeds
 from lightning_meddpo.losses import nll_loss
 from lightning_meddpo.modules.base import PreferenceModule
 
@@ -18,6 +19,10 @@ class SFT(PreferenceModule):
 
     def __init__(self, *, reference: str = "none", **kwargs):
         super().__init__(reference=reference, **kwargs)
+
+    @property
+    def pair_needs(self) -> PairNeeds:
+        return PairNeeds("SFT", signal="none", mprime="never")  # learns the chosen answer only
 
     def compute_loss(self, batch: PreferenceBatch) -> tuple[Tensor, dict[str, Tensor]]:
         logps = self.policy.logps(batch, self.views)

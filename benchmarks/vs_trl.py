@@ -1,0 +1,322 @@
+"""Our preference step against TRL's DPOTrainer on the same vision-language model, data and order.
+
+    pip install -e ".[bench]"            # trl, only for this benchmark
+    python benchmarks/vs_trl.py                          # both model shapes, every variant, 2 repeats
+    python benchmarks/vs_trl.py --shapes llava_med --variants dpo,dpo_precomputed --steps 12 --repeats 3
+
+Every measurement runs in a fresh process (`--worker`); ours and TRL's alternate, repeat by repeat, so
+a machine that slows down slows both. Each process trains `--steps` optimizer steps on the same pairs in
+file order (ours: data `shuffle: false`; TRL: `train_sampling_strategy="sequential"`), same batch size,
+fp32 (or `--precision bf16`), no gradient checkpointing (TRL turns it on by default; off on both sides
+here), no evaluation, no checkpoints. Both sides get the same strings: the prompt as our chat template
+renders it and each response with its end-of-turn, so both tokenise the same sequences; the first
+step's loss is printed for each side as a check.
+
+Reported per side, as medians over repeats: the step time after `--warmup` steps (pairs/s and tokens/s
+from it, tokens = prompt + response of chosen and rejected, as TRL counts them), the end-to-end time of
+all steps including data loading and collation (pairs/s), and the process's peak memory (CUDA max
+allocated on a GPU, else max RSS). Variants:
+
+  dpo             full fine-tuning, reference = frozen copy          vs TRL DPOTrainer (ref_model copy)
+  dpo_lora        LoRA r=8, reference = adapters disabled            vs TRL DPOTrainer + peft LoRA
+  dpo_precomputed full fine-tuning, reference computed before step 1 vs TRL online (TRL refuses a
+                  (its one-off cost is reported apart)                precomputed reference for images)
+  mdpo            DPO + CoPO + anchor (3 views, m' from the record)  vs the same loss scored TRL's way
+                                                                     (ours with scoring: logits: one row
+                                                                     per view, full logits), TRL has no mDPO
+
+Shapes: `tiny` is the demo backbone (32 px images, 4 image tokens); `llava_med` keeps LLaVA-Med v1.5's
+sequence shape (336 px CLIP input, patch 14: 576 image tokens, short answers) on a small Mistral.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SHAPES = {
+    "tiny": {"image_size": 32, "patch_size": 16, "text_model": "llama"},
+    "llava_med": {"image_size": 336, "patch_size": 14, "text_model": "mistral"},
+}
+VARIANTS = ("dpo", "dpo_lora", "dpo_precomputed", "mdpo")
+
+
+# ---------------------------------------------------------------------------------------------- setup
+
+
+def prepare(shape: str, root: Path, n_pairs: int) -> tuple[Path, Path]:
+    """A tiny LLaVA of the given shape and a demo dataset (every pair with an m'), built once."""
+    from lightning_meddpo.backbones.tiny import build_tiny_backbone
+    from lightning_meddpo.data.synthetic import ensure_demo_dataset
+
+    model_dir = root / f"model-{shape}"
+    if not (model_dir / "config.json").is_file():
+        build_tiny_backbone(model_dir, **SHAPES[shape])
+    data_dir = root / "data"
+    ensure_demo_dataset(data_dir, n_train=n_pairs, n_val=4, n_test=4, seed=0)
+    return model_dir, data_dir
+
+
+def peak_memory_mib() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------------------------------------- workers
+
+
+def run_ours(args) -> dict:
+    import lightning as L
+    import torch
+
+    from lightning_meddpo.lightning_cli import TRAINER_DEFAULTS, MedDPOCLI
+    from lightning_meddpo.modules.base import PreferenceModule
+
+    class Timer(L.Callback):
+        def __init__(self):
+            self.steps, self.losses, self.start = [], [], 0.0
+
+        def on_train_start(self, trainer, pl_module):
+            self.begin = time.perf_counter()
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            _sync()
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            _sync()
+            self.steps.append((time.perf_counter() - self.start, len(batch), batch.sequence_tokens()))
+            self.losses.append(float(outputs["loss"]))
+
+        def on_train_end(self, trainer, pl_module):
+            self.end = time.perf_counter()
+
+    config = "configs/demo/mdpo.yaml" if args.variant == "mdpo" else "configs/demo/dpo.yaml"
+    out = Path(tempfile.mkdtemp(prefix="vs_trl-ours-"))
+    cli_args = [
+        "--config", str(REPO / config), f"--seed_everything={args.seed}",
+        f"--model.init_args.backbone={args.model_dir}", "--model.init_args.lr=1e-5", "--model.init_args.beta=0.1",
+        f"--data.init_args.train_file={args.data_dir / 'train.json'}", f"--data.init_args.val_file={args.data_dir / 'val.json'}",
+        f"--data.init_args.test_file={args.data_dir / 'test.json'}", "--data.init_args.demo=false",
+        "--data.init_args.shuffle=false", f"--data.init_args.batch_size={args.batch_size}", "--data.init_args.max_length=2048",
+        f"--trainer.max_steps={args.steps}", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
+        "--trainer.logger=false", "--trainer.enable_checkpointing=false", "--trainer.callbacks=[]",
+        f"--trainer.default_root_dir={out}", "--trainer.enable_progress_bar=false",
+        f"--trainer.precision={'bf16-mixed' if args.precision == 'bf16' else '32-true'}",
+        f"--trainer.accelerator={'gpu' if _cuda() else 'cpu'}", "--trainer.devices=1",
+    ]
+    if args.variant == "dpo_lora":
+        cli_args += ["--model.init_args.lora={r: 8, alpha: 16}"]
+    if args.variant == "dpo_precomputed":
+        cli_args += ["--model.init_args.reference=precomputed", f"--model.init_args.reference_cache_dir={out / 'cache'}"]
+    if args.scoring:
+        cli_args += [f"--model.init_args.scoring={args.scoring}"]
+    cli = MedDPOCLI(PreferenceModule, None, subclass_mode_model=True, subclass_mode_data=True,
+                    trainer_defaults=TRAINER_DEFAULTS, args=cli_args, run=False, auto_configure_optimizers=False,
+                    save_config_callback=None)
+    timer = Timer()
+    cli.trainer.callbacks.append(timer)
+    start = time.perf_counter()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    result = _summary(timer.steps, args.warmup, timer.end - timer.begin)
+    result.update(first_loss=timer.losses[0], setup_seconds=timer.begin - start, peak_memory_mib=peak_memory_mib())
+    del torch
+    return result
+
+
+def run_trl(args) -> dict:
+    import torch
+    from datasets import Dataset
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from lightning_meddpo.backbones.loader import load_processor
+    from lightning_meddpo.data.collate import PairEncoder
+    from lightning_meddpo.data.records import read_preference_file
+
+    processor = load_processor(str(args.model_dir))
+    encoder = PairEncoder(processor)
+    records, _ = read_preference_file(args.data_dir / "train.json")
+    rows = []
+    for r in records[: args.steps * args.batch_size]:
+        prompt = encoder.render_prompt(r.prompt)
+        rows.append({
+            "prompt": prompt, "chosen": encoder.render_response(r.prompt, prompt, r.chosen),
+            "rejected": encoder.render_response(r.prompt, prompt, r.rejected), "images": [Image.open(r.image).convert("RGB")],
+        })
+    dataset = Dataset.from_list(rows)
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.steps, self.start = [], 0.0
+
+        def on_train_begin(self, *a, **k):
+            self.begin = time.perf_counter()
+
+        def on_step_begin(self, *a, **k):
+            _sync()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            _sync()
+            self.steps.append(time.perf_counter() - self.start)
+
+        def on_train_end(self, *a, **k):
+            self.end = time.perf_counter()
+
+    model = AutoModelForImageTextToText.from_pretrained(args.model_dir, dtype=torch.float32)
+    peft_config = None
+    if args.variant == "dpo_lora":
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    out = tempfile.mkdtemp(prefix="vs_trl-trl-")
+    config = DPOConfig(
+        output_dir=out, per_device_train_batch_size=args.batch_size, max_steps=args.steps, learning_rate=1e-5,
+        beta=0.1, loss_type=["sigmoid"], max_length=None, gradient_checkpointing=False, logging_steps=1,
+        report_to=[], save_strategy="no", eval_strategy="no", train_sampling_strategy="sequential",
+        bf16=args.precision == "bf16", use_cpu=not _cuda(), seed=args.seed, dataloader_num_workers=0,
+        lr_scheduler_type="cosine", warmup_steps=0.03, disable_tqdm=True,
+    )
+    timer = Timer()
+    trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=processor,
+                         peft_config=peft_config, callbacks=[timer])
+    losses = []
+    trainer.add_callback(type("L", (TrainerCallback,), {"on_log": lambda self, a, s, c, logs=None, **k: losses.append(logs)})())
+    trainer.train()
+    tokens = []
+    for i in range(args.steps):
+        batch = rows[i * args.batch_size : (i + 1) * args.batch_size]
+        enc = trainer.data_collator([dict(r, images=list(r["images"])) for r in batch])
+        tokens.append(int(enc["attention_mask"].sum()))
+    steps = [(s, args.batch_size, t) for s, t in zip(timer.steps, tokens)]
+    result = _summary(steps, args.warmup, timer.end - timer.begin)
+    first = next((float(log["loss"]) for log in losses if log and "loss" in log), None)
+    result.update(first_loss=first, setup_seconds=None, peak_memory_mib=peak_memory_mib())
+    return result
+
+
+def _summary(steps: list[tuple[float, int, int]], warmup: int, total: float) -> dict:
+    timed = steps[warmup:]
+    seconds = sum(s for s, _, _ in timed)
+    return {
+        "step_seconds_median": statistics.median(s for s, _, _ in timed),
+        "pairs_per_second": sum(n for _, n, _ in timed) / seconds,
+        "tokens_per_second": sum(t for _, _, t in timed) / seconds,
+        "end_to_end_pairs_per_second": sum(n for _, n, _ in steps) / total,
+    }
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def worker_command(side: str, variant: str, model_dir: Path, data_dir: Path, a, scoring: str | None = None) -> list[str]:
+    cmd = [sys.executable, __file__, "--worker", side, "--variant", variant, "--model-dir", str(model_dir),
+           "--data-dir", str(data_dir), "--steps", str(a.steps), "--warmup", str(a.warmup), "--batch-size",
+           str(a.batch_size), "--precision", a.precision, "--seed", str(a.seed)]
+    return cmd + (["--scoring", scoring] if scoring else [])
+
+
+def run_worker(cmd: list[str]) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": str(REPO), "TRANSFORMERS_VERBOSITY": "error"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"worker failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1])
+
+
+def median_of(results: list[dict]) -> dict:
+    keys = [k for k, v in results[0].items() if isinstance(v, (int, float)) and v is not None]
+    return {k: statistics.median(r[k] for r in results if r.get(k) is not None) for k in keys}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--variant", default="dpo", help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--scoring", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--shapes", default="tiny,llava_med", help="model shapes: tiny, llava_med")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated: {', '.join(VARIANTS)}")
+    p.add_argument("--steps", type=int, default=12, help="optimizer steps per run")
+    p.add_argument("--warmup", type=int, default=3, help="first steps left out of the step time")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=2, help="fresh-process runs per side (medians reported)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "lightning_meddpo_vs_trl")
+    p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    a = p.parse_args(argv)
+    if a.worker:
+        result = run_ours(a) if a.worker == "ours" else run_trl(a)
+        print(json.dumps(result))
+        return [result]
+    rows = []
+    for shape in a.shapes.split(","):
+        model_dir, data_dir = prepare(shape, a.work_dir, a.steps * a.batch_size)
+        for variant in a.variants.split(","):
+            if variant not in VARIANTS:
+                raise SystemExit(f"unknown variant {variant!r}; known: {VARIANTS}")
+            # the baseline: TRL, or for mdpo (which TRL lacks) the same loss scored TRL's way
+            base = (("ours", "logits") if variant == "mdpo" else ("trl", None))
+            runs: dict[str, list[dict]] = {"ours": [], "base": []}
+            for _ in range(a.repeats):
+                runs["ours"].append(run_worker(worker_command("ours", variant, model_dir, data_dir, a)))
+                runs["base"].append(run_worker(worker_command(base[0], variant, model_dir, data_dir, a, base[1])))
+            ours, theirs = median_of(runs["ours"]), median_of(runs["base"])
+            row = {
+                "shape": shape, "variant": variant, "baseline": "TRL DPOTrainer" if base[0] == "trl" else "ours, scoring: logits",
+                "ours": ours, "baseline_result": theirs,
+                "step_speedup": theirs["step_seconds_median"] / ours["step_seconds_median"],
+                "end_to_end_speedup": ours["end_to_end_pairs_per_second"] / theirs["end_to_end_pairs_per_second"],
+                "memory_ratio": ours["peak_memory_mib"] / theirs["peak_memory_mib"],
+                "first_loss": (ours.get("first_loss"), theirs.get("first_loss")),
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print()
+    print("| shape | variant | baseline | step s (ours / base) | step speed-up | end-to-end speed-up | peak MiB (ours / base) | first loss (ours / base) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        o, b = r["ours"], r["baseline_result"]
+        print(f"| {r['shape']} | {r['variant']} | {r['baseline']} | {o['step_seconds_median']:.3f} / {b['step_seconds_median']:.3f} "
+              f"| {r['step_speedup']:.2f}x | {r['end_to_end_speedup']:.2f}x | {o['peak_memory_mib']:.0f} / {b['peak_memory_mib']:.0f} "
+              f"| {r['first_loss'][0]:.4f} / {r['first_loss'][1]:.4f} |")
+    if a.out:
+        a.out.write_text(json.dumps(rows, indent=1) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
