@@ -93,9 +93,9 @@ def write_original(parts: Parts, path: Path, *, fmt: str = "safetensors", with_v
                    drop: tuple[str, ...] = (), vision_prefix: str = "model.vision_tower.vision_tower.vision_model.",
                    ) -> Path:
     path.mkdir(parents=True, exist_ok=True)
-    if vision_tower is None:  # a local CLIP directory holding only the (tiny) config, as mm_vision_tower
-        parts.clip.config.save_pretrained(path.parent / "clip_config_only")
-        vision_tower = str(path.parent / "clip_config_only")
+    if vision_tower is None:  # a local CLIP directory with the same tower, as mm_vision_tower
+        parts.clip.save_pretrained(path.parent / "clip")
+        vision_tower = str(path.parent / "clip")
     tok = make_tokenizer(path)
     sd = parts.original_state_dict(with_vision, vision_prefix)
     sd.update(extra or {})
@@ -162,7 +162,9 @@ def test_converted_logits_equal_composition_of_parts(tmp_path, text, fmt, spare_
     parts = Parts(text, tokenizer_vocab(tmp_path) + spare_rows)
     src = write_original(parts, tmp_path / "src", fmt=fmt)
     report = convert_llava_checkpoint(src, tmp_path / "out")
-    assert report.added_image_token and report.vision_from == "checkpoint"
+    # LLaVA-Med's loader reads the tower from mm_vision_tower; HuatuoGPT-Vision's from the checkpoint
+    expected = str(tmp_path / "clip") if text == "mistral" else "checkpoint"
+    assert report.added_image_token and report.vision_from.startswith(expected)
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     # streamed: one output shard per source shard
     assert sorted(set(index["weight_map"].values())) == [f"model-0000{i}-of-00002.safetensors" for i in (1, 2)]
@@ -289,3 +291,52 @@ def test_unsupported_llava_settings_are_named(tmp_path):
     (src / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConversionError, match="mm_projector_type='linear'.*image_aspect_ratio='anyres'"):
         convert_llava_checkpoint(src, tmp_path / "out")
+
+
+@pytest.mark.parametrize("text", ["mistral", "qwen2"])
+def test_vision_tower_source_follows_the_original_loader(tmp_path, text):
+    """The checkpoint's stored tower differs from the CLIP directory's. LLaVA-Med's loader (llava_mistral)
+    ignores the stored copy and loads mm_vision_tower; HuatuoGPT-Vision's lets the checkpoint's copy win.
+    The converted model gives the logits of the tower the original code runs; `vision_source` overrides."""
+    parts = Parts(text, tokenizer_vocab(tmp_path))
+    clip_dir = tmp_path / "clip_dir"
+    other = CLIPVisionModel(CLIPVisionConfig(**VISION)).eval()  # another tower, in the CLIP directory
+    other.save_pretrained(clip_dir)
+    src = write_original(parts, tmp_path / "src", vision_tower=str(clip_dir))  # parts.clip stored in the checkpoint
+    report = convert_llava_checkpoint(src, tmp_path / "auto")
+    runs_clip_dir = text == "mistral"
+    assert report.vision_from.startswith(str(clip_dir) if runs_clip_dir else "checkpoint")
+    if runs_clip_dir:
+        assert "ignored, as the original loader does" in report.vision_from
+        assert any(k.startswith("model.vision_tower.vision_tower.") for k in report.ignored_keys)
+    stored = parts.clip
+    parts.clip = other if runs_clip_dir else stored
+    check_logits(parts, tmp_path / "auto", report)
+    forced = "checkpoint" if runs_clip_dir else "clip"
+    report = convert_llava_checkpoint(src, tmp_path / "forced", vision_source=forced)
+    parts.clip = stored if runs_clip_dir else other
+    check_logits(parts, tmp_path / "forced", report)
+
+
+def test_llava_med_without_a_local_clip_directory_says_what_to_pass(tmp_path):
+    parts = Parts("mistral", tokenizer_vocab(tmp_path))
+    src = write_original(parts, tmp_path / "src", vision_tower="openai/clip-vit-large-patch14")
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "mm_hidden_size": None}))  # the tower's config is known
+    with pytest.raises(ConversionError, match="--vision-tower-dir.*--vision-source checkpoint"):
+        convert_llava_checkpoint(src, tmp_path / "out")
+
+
+def test_text_config_keeps_no_original_only_fields_and_output_names_no_empty_type(tmp_path, capfd):
+    parts = Parts("mistral", tokenizer_vocab(tmp_path))
+    src = write_original(parts, tmp_path / "src")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.pop("rope_parameters", None)
+    cfg.update(feature_outs="encoder+decoder", segtok_posembed="sincos", proj_vis_to_txt_tokens=False, rope_theta=1e6)
+    (src / "config.json").write_text(json.dumps(cfg))
+    assert main(["--src", str(src), "--out", str(tmp_path / "out")]) == 0
+    text = json.loads((tmp_path / "out" / "config.json").read_text())["text_config"]
+    assert not {"feature_outs", "segtok_posembed", "proj_vis_to_txt_tokens"} & set(text)
+    assert text["rope_parameters"]["rope_theta"] == 1e6  # a legacy field the text config understands is kept
+    printed = capfd.readouterr()
+    assert "model of type ``" not in printed.out + printed.err

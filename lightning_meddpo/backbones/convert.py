@@ -207,9 +207,16 @@ def _text_config(src_cfg: dict, model_type: str):
     def llava_only(k: str) -> bool:
         return "mm_" in k or k in _LLAVA_ONLY_KEYS or k.startswith("s2")
 
-    dropped = sorted(k for k in src_cfg if llava_only(k))
-    log.info("config.json: LLaVA fields not carried into text_config: %s", dropped)
-    return CONFIG_MAPPING[model_type](**{k: v for k, v in src_cfg.items() if not llava_only(k)})
+    cls = CONFIG_MAPPING[model_type]
+    config = cls(**{k: v for k, v in src_cfg.items() if not llava_only(k)})
+    # Fields the text model class does not know (LLaVA-Med's feature_outs, segtok_posembed, ...) would be
+    # saved into text_config as dead attributes: left out. Legacy fields it converts (rope_theta) are kept.
+    unknown = sorted(set(config.to_dict()) - set(cls().to_dict()))
+    for key in unknown:
+        delattr(config, key)
+    dropped = sorted(k for k in src_cfg if llava_only(k)) + unknown
+    log.info("config.json: fields not carried into text_config (LLaVA's, or unknown to %s): %s", cls.__name__, dropped)
+    return config
 
 
 def _check_llava_fields(src_cfg: dict) -> None:
@@ -229,6 +236,23 @@ def _check_llava_fields(src_cfg: dict) -> None:
         problems.append("mm_use_im_start_end=true (image start/end tokens are not supported)")
     if problems:
         raise ConversionError("config.json: unsupported LLaVA settings: " + "; ".join(problems))
+
+
+# Whose vision tower the original loader uses (`vision_source: auto`):
+# - LLaVA-Med (microsoft/LLaVA-Med, `LlavaMistralForCausalLM`): the tower is built with delay_load, so the
+#   checkpoint's model.vision_tower.* weights are unexpected keys, dropped by from_pretrained; builder.py then
+#   loads CLIPVisionModel from mm_vision_tower. The CLIP directory's tower is the one that runs.
+# - HuatuoGPT-Vision (FreedomIntelligence/HuatuoGPT-Vision cli.py, `LlavaQwen2ForCausalLM` /
+#   `LlavaLlamaForCausalLM`): init_vision_encoder_from_ckpt=True, then the tower is loaded again from the
+#   checkpoint directory itself: the checkpoint's copy wins.
+CLIP_DIRECTORY_ARCHS = {"LlavaMistralForCausalLM"}
+CLIP_DIRECTORY_TYPES = {"llava_mistral"}
+
+
+def original_vision_source(src_cfg: dict) -> str:
+    """"clip" or "checkpoint": where the model's original loader takes the vision tower from."""
+    archs = set(src_cfg.get("architectures") or [])
+    return "clip" if archs & CLIP_DIRECTORY_ARCHS or src_cfg.get("model_type") in CLIP_DIRECTORY_TYPES else "checkpoint"
 
 
 def _vision_dir(src_cfg: dict, vision_tower_dir: str | os.PathLike | None) -> Path | None:
@@ -335,6 +359,20 @@ class ConversionReport:
     ignored_keys: list[str]
 
 
+def _load_tokenizer(src: Path):
+    """The source tokenizer. AutoTokenizer reads config.json on the way and warns that its llava_* model type
+    is unknown to transformers ("... a model of type ``"): expected here, so that warning is silenced."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(src)
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def _pad_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
     """Append rows initialised to the mean of the existing rows (the image token's row is never read as an
     input embedding, since image features replace it; its lm_head row gets an average logit)."""
@@ -352,21 +390,25 @@ def convert_llava_checkpoint(
     dtype: str | torch.dtype | None = None,
     chat_template: str | None = None,
     pad_vocab_to_multiple_of: int | None = None,
+    vision_source: str = "auto",
 ) -> ConversionReport:
     """Convert `src_dir` (original LLaVA layout) into a `LlavaForConditionalGeneration` directory `out_dir`.
 
     vision_tower_dir: a CLIP directory (CLIPModel or CLIPVisionModel, config.json + weights, optionally
-        preprocessor_config.json). Used for the vision config, for the image mean/std and, when the checkpoint
-        has no `model.vision_tower.*` weights, for the tower weights. Defaults to mm_vision_tower if that is a
+        preprocessor_config.json). Used for the vision config, for the image mean/std and for the tower weights
+        when `vision_source` says so (or the checkpoint has none). Defaults to mm_vision_tower if that is a
         local directory.
     dtype: cast floating tensors (e.g. "bfloat16"); default: the source config's torch_dtype, else unchanged.
     chat_template: name in `backbones.templates` (default per text model: mistral -> mistral_instruct,
         qwen2 -> qwen_2, llama -> v1); "none" for no template.
     pad_vocab_to_multiple_of: round the embedding rows up (e.g. 64) after adding the image token.
+    vision_source: where the vision tower's weights come from: "auto" follows the model's original loader
+        (LLaVA-Med: the CLIP directory of mm_vision_tower / vision_tower_dir, the checkpoint's copy ignored;
+        HuatuoGPT-Vision: the checkpoint's copy, else the CLIP directory), "checkpoint" or "clip" force one.
+        The report's `vision_from` says which was used.
     """
     from safetensors.torch import save_file
     from transformers import (
-        AutoTokenizer,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaImageProcessorPil,
@@ -379,7 +421,10 @@ def convert_llava_checkpoint(
     src, out = Path(src_dir), Path(out_dir)
     if out.resolve() == src.resolve():
         raise ConversionError(f"{out}: the output directory must differ from the source (shards would be overwritten)")
+    if vision_source not in ("auto", "checkpoint", "clip"):
+        raise ConversionError(f"vision_source={vision_source!r}: expected auto, checkpoint or clip")
     src_cfg = _read_json(src / "config.json")
+    wanted = original_vision_source(src_cfg) if vision_source == "auto" else vision_source
     _check_llava_fields(src_cfg)
     text_type = _text_model_type(src_cfg)
     text_config = _text_config(src_cfg, text_type)
@@ -390,7 +435,7 @@ def convert_llava_checkpoint(
                               f"hidden_size={vision_config.hidden_size}")
 
     # -- tokenizer: add the image token if missing.
-    tokenizer = AutoTokenizer.from_pretrained(src)
+    tokenizer = _load_tokenizer(src)
     added = IMAGE_TOKEN not in tokenizer.get_vocab()
     if added:
         tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
@@ -443,6 +488,7 @@ def convert_llava_checkpoint(
     seen: dict[str, str] = {}
     unexpected, ignored, bad_shape = [], [], []
     has_vision = False
+    skipped_tower = 0
     for shard in llava.shards:
         mapping = {}
         for k, shape in _shard_shapes(shard).items():
@@ -450,6 +496,10 @@ def convert_llava_checkpoint(
                 ignored.append(k)
                 continue
             tk = _map_llava_key(k)
+            if wanted == "clip" and tk is not None and tk.startswith("model.vision_tower."):
+                ignored.append(k)  # the original loader never reads the checkpoint's tower
+                skipped_tower += 1
+                continue
             if tk == "lm_head.weight" and config.tie_word_embeddings:
                 ignored.append(k)  # tied to embed_tokens: the saved copy is redundant
                 continue
@@ -469,11 +519,16 @@ def convert_llava_checkpoint(
     vision_from = "checkpoint"
     if not has_vision:
         if vdir is None:
+            why = ("the original loader takes the tower from mm_vision_tower, not from the checkpoint"
+                   if skipped_tower else "the checkpoint has no model.vision_tower.* weights")
             raise ConversionError(
-                f"{src}: the checkpoint has no model.vision_tower.* weights and no CLIP directory was given "
-                f"(mm_vision_tower={src_cfg.get('mm_vision_tower')!r}); pass vision_tower_dir (--vision-tower-dir)"
+                f"{src}: {why}, and no CLIP directory was given (mm_vision_tower={src_cfg.get('mm_vision_tower')!r} "
+                "is not a local directory); pass vision_tower_dir (--vision-tower-dir)"
+                + ("; or vision_source='checkpoint' (--vision-source checkpoint) to use the checkpoint's copy instead"
+                   if skipped_tower else "")
             )
-        vision_from = str(vdir)
+        vision_from = str(vdir) + (f" (the checkpoint's {skipped_tower} vision tower tensors ignored, as the "
+                                   "original loader does)" if skipped_tower else "")
         for shard in _find_source(vdir).shards:
             mapping = {}
             for k, shape in _shard_shapes(shard).items():
@@ -581,6 +636,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--chat-template", default=None,
                         help="template name from lightning_meddpo.backbones.templates, or 'none'")
     parser.add_argument("--pad-vocab-to-multiple-of", type=int, default=None)
+    parser.add_argument("--vision-source", choices=["auto", "checkpoint", "clip"], default="auto",
+                        help="vision tower weights: auto follows the original loader (LLaVA-Med: the CLIP directory; "
+                             "HuatuoGPT-Vision: the checkpoint's copy), or force one")
     return parser
 
 
@@ -588,6 +646,7 @@ def run(args: argparse.Namespace) -> ConversionReport:
     return convert_llava_checkpoint(
         args.src, args.out, vision_tower_dir=args.vision_tower_dir, dtype=args.dtype,
         chat_template=args.chat_template, pad_vocab_to_multiple_of=args.pad_vocab_to_multiple_of,
+        vision_source=args.vision_source,
     )
 
 
