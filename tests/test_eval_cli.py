@@ -14,7 +14,7 @@ import torch
 from lightning_meddpo.data.records import RecordError
 from lightning_meddpo.eval.datamodule import EvalDataModule, read_eval_file
 from lightning_meddpo.eval.generate import EvalBatch, GenerationSettings, PredictionWriter, generate
-from tests.conftest import run_cli, small_demo_args
+from tests.conftest import REPO, run_cli, small_demo_args
 
 try:
     from tests.llm_server import FakeLLMServer, last_user
@@ -57,7 +57,7 @@ def report_file(tmp_path, demo_dir) -> Path:
 
 
 def test_vqa_quirks(vqa_file):
-    records, report = read_eval_file(vqa_file)
+    records, report = read_eval_file(vqa_file, image_placement="keep")
     by_id = {r.id: r for r in records}
     assert [r.answer_type for r in records] == ["CLOSED", "OPEN", "OPEN", "CLOSED"]
     assert by_id[1].prompt[0].text == "<image>\nIs there a lesion in this image?"
@@ -72,6 +72,11 @@ def test_vqa_quirks(vqa_file):
     assert notes["had answer_type in another spelling (normalised)"] == 2
     assert notes["had no answer_type (inferred from the gold: yes/no = CLOSED)"] == 1
     assert "4 records read (2 CLOSED, 2 OPEN)" in report.summary()
+    # the default, as LLaVA-Med's model_vqa.py (the paper's inference): <image> moved before the question
+    records, report = read_eval_file(vqa_file)
+    assert {r.id: r.prompt[0].text for r in records}["q3"] == "<image>\nWhat is the imaging modality?"
+    assert all(r.prompt[0].text.startswith("<image>\n") and r.prompt[0].text.count("<image>") == 1 for r in records)
+    assert report.notes["had <image> elsewhere (moved to the front, as LLaVA-Med's model_vqa.py)"] >= 1
     # answer_field picks the field explicitly
     records, _ = read_eval_file(vqa_file, answer_field="gpt4_answer", skip_invalid=True)
     assert {r.id: r.gold for r in records}["q3"] == "This is a CT scan."
@@ -180,8 +185,8 @@ def test_cli_test_subcommand_writes_predictions_and_metrics(tmp_path, demo_dir):
     assert [r["gold"] for r in rows] == [q["answer"] for q in questions]
     assert all(r["prompt"].startswith("<image>\n") for r in rows)  # the demo questions lack the placeholder
     scalars = read_scalars(version)
-    for tag in ("test/closed_accuracy", "test/closed_accuracy_strict", "test/open_recall", "test/open_exact_match",
-                "test/open_f1"):
+    for tag in ("test/closed_accuracy", "test/closed_accuracy_strict", "test/closed_accuracy_run_eval", "test/open_recall",
+                "test/open_recall_clipped", "test/open_exact_match", "test/open_f1"):
         assert tag in scalars, sorted(scalars)
         assert 0.0 <= scalars[tag][-1][1] <= 1.0
 
@@ -199,3 +204,20 @@ def test_test_on_preference_pairs_keeps_the_preference_metrics(tmp_path, demo_di
     assert "test/loss" in result and "test/rewards/accuracies" in result
     assert not any(k.startswith("test/closed") for k in result)
     assert not (tmp_path / "predictions.jsonl").exists()
+
+
+def test_paper_inference_prompt_mistral_instruct_one_bos(vqa_file, tiny_processor):
+    """configs/eval/vqa.yaml: LLaVA-Med's mistral_instruct conversation with `<image>\n` + question, as the
+    paper's vqa_inference.sh ran it, tokenised with exactly one BOS (the template writes it)."""
+    import yaml
+
+    from lightning_meddpo.eval.datamodule import EvalDataModule
+
+    settings = yaml.safe_load((REPO / "configs/eval/vqa.yaml").read_text())["init_args"]
+    assert settings["chat_template"] == "mistral_instruct" and settings["image_placement"] == "front"
+    dm = EvalDataModule(test_file=str(vqa_file), processor=tiny_processor, chat_template="mistral_instruct")
+    dm.setup("test")
+    item = dm.datasets["test"][2]  # q3: "What is the imaging modality? <image>"
+    text = tiny_processor.tokenizer.decode(item.input_ids)
+    assert text.startswith("<s>[INST] <image>") and text.endswith("What is the imaging modality? [/INST]")
+    assert int((item.input_ids == tiny_processor.tokenizer.bos_token_id).sum()) == 1

@@ -8,9 +8,14 @@ import pytest
 import torch
 
 from lightning_meddpo.eval.metrics import (
+    llava_med_closed_outcome,
+    llava_med_f1,
+    llava_med_normalize,
     BLEU,
     ClosedAccuracy,
     ExactMatch,
+    ClippedOpenRecall,
+    ClosedAccuracyRunEval,
     OpenRecall,
     RougeL,
     StrictClosedAccuracy,
@@ -98,7 +103,7 @@ def test_open_recall_exact_f1():
     preds = ["The left lower lobe", "", "right lung, right lung", "Liver."]
     golds = ["left lobe", "heart", "right lung", "the liver"]
     # recall: 2/2, 0, 2/2, 1/1
-    assert value(OpenRecall, preds, golds) == pytest.approx((1 + 0 + 1 + 1) / 4)
+    assert value(ClippedOpenRecall, preds, golds) == pytest.approx((1 + 0 + 1 + 1) / 4)
     # exact: only "Liver." == "the liver" after normalisation
     assert value(ExactMatch, preds, golds) == pytest.approx(1 / 4)
     # F1: (p=2/3, r=1) -> 0.8 ; 0 ; (p=2/4, r=1) -> 2/3 ; 1
@@ -107,7 +112,7 @@ def test_open_recall_exact_f1():
 
 def test_open_recall_clips_repeated_gold_tokens():
     # gold has "lung" twice; a single "lung" in the prediction covers half of those two tokens.
-    assert value(OpenRecall, ["lung"], ["lung lung"]) == pytest.approx(0.5)
+    assert value(ClippedOpenRecall, ["lung"], ["lung lung"]) == pytest.approx(0.5)
 
 
 def test_empty_gold_and_length_mismatch_are_errors():
@@ -175,7 +180,8 @@ ALL_PREDS = ["yes", "A nodule.", "left lung", "", "there is a small nodule in th
 ALL_GOLDS = ["yes", "no", "lung", "yes", "there is a nodule in the left lung", "T2"]
 
 
-@pytest.mark.parametrize("cls", [ClosedAccuracy, StrictClosedAccuracy, OpenRecall, ExactMatch, TokenF1, BLEU, RougeL])
+@pytest.mark.parametrize("cls", [ClosedAccuracy, StrictClosedAccuracy, ClosedAccuracyRunEval, OpenRecall, ClippedOpenRecall,
+                                 ExactMatch, TokenF1, BLEU, RougeL])
 def test_two_ranks_merge_equals_one_process(cls):
     whole = cls()
     whole.update(ALL_PREDS, ALL_GOLDS)
@@ -203,3 +209,31 @@ def test_states_are_summed_across_ranks():
     for cls in (ClosedAccuracy, BLEU, RougeL):
         m = cls()
         assert m._reductions and all(fx.__name__ in {"dim_zero_sum", "sum"} for fx in m._reductions.values())
+
+
+# ------------------------------------------------------------------ LLaVA-Med's run_eval.py, exactly
+def test_llava_med_recall_counts_repeated_prediction_words():
+    """calculate_f1score: tp is the prediction's count of gold words, so 15 x "lung" against
+    "Lung, Spinal Cord" scores 15 / (15 + 2) there; our clipped recall gives 1/3."""
+    pred, gold = " ".join(["lung"] * 15), "Lung, Spinal Cord"
+    assert value(OpenRecall, [pred], [gold]) == pytest.approx(15 / 17)
+    assert value(ClippedOpenRecall, [pred], [gold]) == pytest.approx(1 / 3)
+    f1, precision, recall = llava_med_f1("a left lung lesion", "left lung")
+    assert (precision, recall) == (pytest.approx(2 / 3), 1.0) and f1 == pytest.approx(0.8)  # "a" dropped as an article
+    assert llava_med_f1("", "lung") == (0.0, 0.0, 0.0) and llava_med_f1("heart", "lung") == (0.0, 0.0, 0.0)
+
+
+def test_llava_med_normalize_word_quirks():
+    assert llava_med_normalize("The left-lung, two nodules.") == "left lung 2 nodules"
+    assert llava_med_normalize("none of them") == "0 of them"  # its manual map has none -> 0
+    assert llava_med_normalize("size 2.5 cm") == "size 2.5 cm"  # a period before a digit stays
+    assert llava_med_normalize("dont know") == "don't know"
+
+
+def test_run_eval_closed_accuracy_drops_wrong_yes_no_answers_from_the_denominator():
+    preds = ["Yes, there is.", "No.", "yes", "The lung", "nodule seen"]
+    golds = ["yes", "yes", "no", "yes", "no"]
+    # hit; yes/no present but wrong: not counted; not counted; no yes/no: a miss; "no" inside "nodule": a hit
+    assert [llava_med_closed_outcome(p, g) for p, g in zip(preds, golds)] == [1, None, None, 0, 1]
+    assert value(ClosedAccuracyRunEval, preds, golds) == pytest.approx(2 / 3)
+    assert value(ClosedAccuracy, preds, golds) == pytest.approx(2 / 5)  # every question counted

@@ -45,12 +45,13 @@ class PairEncoder:
     """Renders and tokenises prompts and responses with the processor's chat template.
 
     `image_placeholder` replaces the dataset's `<image>` (e.g. Qwen2-VL's vision tokens); by default
-    the processor's own image token.
+    the processor's own image token. `chat_template` (a Jinja template) replaces the processor's own.
     """
 
     processor: object
     max_length: int = 2048
     image_placeholder: str | None = None
+    chat_template: str | None = None
     _placeholder: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -66,16 +67,21 @@ class PairEncoder:
             msgs.append({"role": "assistant", "content": response})
         return msgs
 
+    def _apply(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        template = {"chat_template": self.chat_template} if self.chat_template else {}
+        return self.processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False,
+                                                  **template)
+
     def render_prompt(self, prompt: tuple[Turn, ...]) -> str:
         """The prompt turns with the template's generation prompt (the assistant's turn opened)."""
-        return self.processor.apply_chat_template(self.messages(prompt), add_generation_prompt=True, tokenize=False)
+        return self._apply(self.messages(prompt), add_generation_prompt=True)
 
     def render_response(self, prompt: tuple[Turn, ...], prompt_text: str, response: str) -> str:
         """The response as the template writes it after `prompt_text`, with its end-of-turn token.
 
         A newline the template puts after the end-of-turn token (ChatML's `<|im_end|>\\n`) is not part
         of the response: it is never generated, so it is not scored."""
-        full = self.processor.apply_chat_template(self.messages(prompt, response), add_generation_prompt=False, tokenize=False)
+        full = self._apply(self.messages(prompt, response), add_generation_prompt=False)
         if not full.startswith(prompt_text):
             raise ValueError("the chat template does not render the prompt as a prefix of the conversation")
         return full[len(prompt_text) :].rstrip("\n")

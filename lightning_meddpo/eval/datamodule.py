@@ -31,6 +31,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_meddpo.backbones.templates import get_chat_template
 from lightning_meddpo.data.batch import pad_stack
 from lightning_meddpo.data.collate import PairEncoder, PromptTooLongError
 from lightning_meddpo.data.images import load_image
@@ -40,7 +41,6 @@ from lightning_meddpo.eval.generate import EvalBatch, GenerationSettings, JudgeS
 log = logging.getLogger(__name__)
 
 DEFAULT_REPORT_PROMPT = "Describe the findings in this medical image."
-TOKEN_LEVEL_EXTRAS = ("mm_token_type_ids", "token_type_ids")
 Format = Literal["auto", "vqa", "report"]
 
 
@@ -127,8 +127,18 @@ def _answer_type(raw: dict, gold: str | None, source: str, rid: Any, notes: Coun
     return canonical
 
 
-def _with_placeholder(text: str, source: str, rid: Any, name: str, notes: Counter) -> str:
+def _with_placeholder(text: str, source: str, rid: Any, name: str, notes: Counter, placement: str = "front") -> str:
+    """The question with one image placeholder. "front": as LLaVA-Med's model_vqa.py (the paper's VQA
+    inference), every `<image>` removed and `<image>\n` put before the stripped question; "keep": the file's
+    placement (one placeholder at most), inserted in front when absent. Changes are counted in `notes`."""
     count = text.count(IMAGE_TOKEN)
+    if placement == "front":
+        question = text.replace(IMAGE_TOKEN, "").strip()
+        if count == 0:
+            notes[f"had no {IMAGE_TOKEN} placeholder (put in front)"] += 1
+        elif not text.startswith(f"{IMAGE_TOKEN}\n") or count > 1:
+            notes[f"had {IMAGE_TOKEN} elsewhere (moved to the front, as LLaVA-Med's model_vqa.py)"] += 1
+        return f"{IMAGE_TOKEN}\n{question}"
     if count > 1:
         raise RecordError(source, _sid(rid), name, f"{count} {IMAGE_TOKEN} placeholders; one image per question is supported")
     if count == 0:
@@ -140,7 +150,7 @@ def _with_placeholder(text: str, source: str, rid: Any, name: str, notes: Counte
 def parse_eval_record(
     raw: Any, source: str, image_root: Path, notes: Counter, *, fmt: Format = "auto",
     answer_field: str | None = None, report_prompt: str = DEFAULT_REPORT_PROMPT, require_gold: bool = True,
-    default_id: str | None = None,
+    default_id: str | None = None, image_placement: str = "front",
 ) -> EvalRecord:
     """Parse one benchmark question or report record (see module docstring); quirks are counted in `notes`."""
     if not isinstance(raw, dict):
@@ -160,7 +170,7 @@ def parse_eval_record(
             notes[f"gold from {name}"] += 1
         answer_type = _answer_type(raw, gold, source, rid, notes)
         image_name, image_value = _first_image(raw, ("image", "image_path"), source, rid, notes)
-        prompt = _with_placeholder(question, source, rid, "text", notes)
+        prompt = _with_placeholder(question, source, rid, "text", notes, image_placement)
     else:
         if rid is None:
             rid = raw.get("study_id")
@@ -183,6 +193,7 @@ def parse_eval_record(
 def read_eval_file(
     path: str | Path, image_root: str | Path | None = None, *, fmt: Format = "auto", answer_field: str | None = None,
     report_prompt: str = DEFAULT_REPORT_PROMPT, require_gold: bool = True, skip_invalid: bool = False,
+    image_placement: str = "front",
 ) -> tuple[list[EvalRecord], EvalReadReport]:
     """Read and validate an evaluation file. Errors raise unless skip_invalid, which counts and reports them."""
     path = Path(path)
@@ -197,7 +208,7 @@ def read_eval_file(
             line = source.rsplit(":", 1)[-1] if source.startswith(f"{path}:") else str(i)
             record = parse_eval_record(
                 raw, source, root, report.notes, fmt=fmt, answer_field=answer_field, report_prompt=report_prompt,
-                require_gold=require_gold, default_id=f"{path.stem}:{line}",
+                require_gold=require_gold, default_id=f"{path.stem}:{line}", image_placement=image_placement,
             )
             key = str(record.id)
             if key in seen:
@@ -234,22 +245,20 @@ class EvalDataset(Dataset):
         return len(self.records)
 
     def prompt_text(self, record: EvalRecord) -> str:
-        return self.encoder.processor.apply_chat_template(
-            self.encoder.messages(record.prompt), add_generation_prompt=True, tokenize=False)
+        return self.encoder.render_prompt(record.prompt)
 
     def __getitem__(self, index: int) -> EvalItem:
+        """The prompt tokenised exactly as in training (one BOS, image tokens expanded by the processor)."""
         record = self.records[index]
         image = load_image(record.image, record_id=_sid(record.id))
-        enc = dict(self.encoder.processor(text=[self.prompt_text(record)], images=[image], return_tensors="pt"))
-        input_ids = enc.pop("input_ids")[0]
-        enc.pop("attention_mask", None)
+        encoded = self.encoder.encode_prompt(self.prompt_text(record), image)
+        input_ids = encoded.tokens["input_ids"]
         if self.max_length is not None and input_ids.numel() > self.max_length:
             raise PromptTooLongError(
                 f"{record.source} id={record.id!r}: the prompt with its image tokens is {input_ids.numel()} tokens, "
                 f"more than max_length={self.max_length}")
-        pixel_values = enc.pop("pixel_values")
-        token_extra = {k: enc.pop(k)[0] for k in TOKEN_LEVEL_EXTRAS if k in enc}
-        return EvalItem(record, input_ids, pixel_values, token_extra, enc)
+        token_extra = {k: v for k, v in encoded.tokens.items() if k != "input_ids"}
+        return EvalItem(record, input_ids, encoded.image.pixel_values, token_extra, dict(encoded.image.extra))
 
 
 @dataclass
@@ -290,6 +299,11 @@ class EvalDataModule(L.LightningDataModule):
         report_prompt: the instruction for report records (the `<image>` placeholder goes before it).
         batch_size, num_workers: DataLoader settings (prompts are left-padded).
         max_length: fail on a prompt (with image tokens) longer than this, naming the record.
+        chat_template: a template name (backbones/templates.py) for the generation prompts; default: the
+            model's. The paper ran LLaVA-Med's VQA inference with `mistral_instruct` (vqa_inference.sh), though
+            its training used `v1`: configs/eval/vqa.yaml sets it.
+        image_placement: "front" (LLaVA-Med's model_vqa.py, the paper's inference: `<image>` removed from the
+            question and `<image>\n` put in front) or "keep" (the file's placement).
         generation: max_new_tokens, temperature (0 = greedy), top_p, num_beams, repetition_penalty.
         judge: an OpenAI-compatible NLI judge for reports (url, model, api_key_env, cache_dir).
         limit: evaluate only the first N records (smoke tests).
@@ -309,6 +323,8 @@ class EvalDataModule(L.LightningDataModule):
         num_workers: int = 0,
         max_length: int | None = None,
         image_placeholder: str | None = None,
+        chat_template: str | None = None,
+        image_placement: Literal["front", "keep"] = "front",
         generation: GenerationSettings | None = None,
         judge: JudgeSettings | None = None,
         limit: int | None = None,
@@ -339,7 +355,7 @@ class EvalDataModule(L.LightningDataModule):
         h = self.hparams
         records, report = read_eval_file(
             path, h.image_root, fmt=h.format, answer_field=h.answer_field, report_prompt=h.report_prompt,
-            require_gold=require_gold, skip_invalid=h.skip_invalid,
+            require_gold=require_gold, skip_invalid=h.skip_invalid, image_placement=h.image_placement,
         )
         if h.limit is not None:
             records = records[: h.limit]
@@ -350,7 +366,8 @@ class EvalDataModule(L.LightningDataModule):
             log.warning("skipped %s", err)
         if not records:
             raise ValueError(f"{path}: no usable records ({report.summary()})")
-        encoder = PairEncoder(self.processor, h.max_length or 1 << 30, h.image_placeholder)
+        template = get_chat_template(h.chat_template) if h.chat_template else None
+        encoder = PairEncoder(self.processor, h.max_length or 1 << 30, h.image_placeholder, chat_template=template)
         return EvalDataset(records, encoder, h.max_length)
 
     def setup(self, stage: str | None = None) -> None:

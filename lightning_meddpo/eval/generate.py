@@ -6,8 +6,9 @@ Used by `PreferenceModule.test_step` / `predict_step` when the batch is an `Eval
 - `generate(model, processor, batch)`: one batched `model.generate` on LEFT-padded prompts (the
   collator pads left, so every row's new tokens start at the same column); greedy by default. The
   settings (`GenerationSettings`) travel with the batch, so the module needs no generation init args.
-- `EvalMetrics`: the torchmetrics per answer type — CLOSED: closed_accuracy (LLaVA-Med containment)
-  and closed_accuracy_strict; OPEN: open_recall, open_exact_match, open_f1; REPORT: bleu, rouge_l and,
+- `EvalMetrics`: the torchmetrics per answer type — CLOSED: closed_accuracy (LLaVA-Med containment),
+  closed_accuracy_strict and closed_accuracy_run_eval (LLaVA-Med run_eval.py's, its denominator included);
+  OPEN: open_recall (LLaVA-Med's exactly), open_recall_clipped, open_exact_match, open_f1; REPORT: bleu, rouge_l and,
   when a judge is configured, nli/completeness and nli/hallucination (+ pooled). States are summed
   across ranks by torchmetrics, so `compute()` is the whole test set's value on every rank.
 - `PredictionWriter`: a callback writing one JSON line per question (question_id, image, prompt,
@@ -30,7 +31,17 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from lightning_meddpo.eval.metrics import BLEU, ClosedAccuracy, ExactMatch, OpenRecall, RougeL, StrictClosedAccuracy, TokenF1
+from lightning_meddpo.eval.metrics import (
+    BLEU,
+    ClippedOpenRecall,
+    ClosedAccuracy,
+    ClosedAccuracyRunEval,
+    ExactMatch,
+    OpenRecall,
+    RougeL,
+    StrictClosedAccuracy,
+    TokenF1,
+)
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +136,10 @@ class EvalMetrics(nn.Module):
     """The generation metrics of a test run, grouped by answer type (see module docstring)."""
 
     GROUPS = {
-        "CLOSED": {"closed_accuracy": ClosedAccuracy, "closed_accuracy_strict": StrictClosedAccuracy},
-        "OPEN": {"open_recall": OpenRecall, "open_exact_match": ExactMatch, "open_f1": TokenF1},
+        "CLOSED": {"closed_accuracy": ClosedAccuracy, "closed_accuracy_strict": StrictClosedAccuracy,
+                   "closed_accuracy_run_eval": ClosedAccuracyRunEval},
+        "OPEN": {"open_recall": OpenRecall, "open_recall_clipped": ClippedOpenRecall, "open_exact_match": ExactMatch,
+                 "open_f1": TokenF1},
         "REPORT": {"bleu": BLEU, "rouge_l": RougeL},
     }
 

@@ -19,8 +19,17 @@ VQA metrics:
   reproduce that too. Default False.)
 - `StrictClosedAccuracy` — yes/no gold: the first token of the prediction that is "yes" or "no"
   decides (none: miss); other gold: normalised exact match.
-- `OpenRecall` — LLaVA-Med's reported open-question "recall": share of gold tokens that occur in the
-  prediction (multiset-clipped), averaged over questions.
+- `ClosedAccuracyRunEval` — LLaVA-Med's `llava/eval/run_eval.py` yes/no accuracy exactly: after its own
+  `normalize_word`, a prediction containing "yes" or "no" (substrings: "nodule" counts) is a hit if it
+  contains the gold; a prediction with neither counts as a miss; but a prediction containing yes/no WITHOUT
+  the gold is left out of the denominator (run_eval appends nothing for it), so wrong yes/no answers raise
+  this accuracy instead of lowering it. `closed_accuracy` counts every question; `closed_accuracy_strict`
+  lets only the first yes/no word decide. Report all three; compare runs on the same one.
+- `OpenRecall` — LLaVA-Med's reported open-question recall exactly (`calculate_f1score` in its
+  eval_metrics/evaluate_metrics.py, after its `normalize_word`): tp counts every occurrence of a gold word in
+  the prediction, so a prediction repeating "lung" 15 times scores 15/17 = 0.88 against "Lung, Spinal Cord".
+- `ClippedOpenRecall` — ours: share of gold tokens found in the prediction, each matched at most as often as
+  it occurs in the gold (0.33 for the example above), averaged over questions.
 - `ExactMatch` — normalised string equality. `TokenF1` — SQuAD-style token F1 (multiset overlap).
 
 Report metrics (on `tokens(text, answer_mode=False)`: lower-cased, punctuation removed, articles and
@@ -32,7 +41,8 @@ tokenise with punctuation):
 - `RougeL` — sentence-level ROUGE-L F-measure (LCS; beta = 1, as rouge-score), averaged over samples.
 
 Pure per-sample helpers (`closed_hit`, `strict_closed_hit`, `token_recall`, `exact_match`,
-`token_f1`, `rouge_l`, `bleu_stats`, `corpus_bleu`) are exported for analysis notebooks.
+`token_f1`, `rouge_l`, `bleu_stats`, `corpus_bleu`, `llava_med_normalize`, `llava_med_f1`,
+`llava_med_closed_outcome`) are exported for analysis notebooks.
 """
 
 from __future__ import annotations
@@ -49,7 +59,9 @@ from torchmetrics import Metric
 __all__ = [
     "normalize_answer", "tokens", "closed_hit", "strict_closed_hit", "token_recall", "exact_match",
     "token_f1", "lcs_length", "rouge_l", "bleu_stats", "corpus_bleu",
-    "ClosedAccuracy", "StrictClosedAccuracy", "OpenRecall", "ExactMatch", "TokenF1", "BLEU", "RougeL",
+    "llava_med_normalize", "llava_med_f1", "llava_med_closed_outcome",
+    "ClosedAccuracy", "StrictClosedAccuracy", "ClosedAccuracyRunEval", "OpenRecall", "ClippedOpenRecall", "ExactMatch",
+    "TokenF1", "BLEU", "RougeL",
 ]
 
 _ARTICLES = frozenset({"a", "an", "the"})
@@ -270,11 +282,127 @@ class StrictClosedAccuracy(_MeanScore):
         return float(strict_closed_hit(pred, gold))
 
 
-class OpenRecall(_MeanScore):
-    """LLaVA-Med open-question recall: mean share of gold tokens present in the prediction."""
+class ClippedOpenRecall(_MeanScore):
+    """Our open-question recall: mean share of gold tokens present in the prediction, each gold token
+    matched at most as often as it occurs (see `OpenRecall` for LLaVA-Med's, which does not clip)."""
 
     def score(self, pred: str, gold: str) -> float:
         return token_recall(pred, gold)
+
+
+class OpenRecall(_MeanScore):
+    """LLaVA-Med's open-question recall, exactly as its run_eval.py computes it (see module docstring)."""
+
+    def score(self, pred: str, gold: str) -> float:
+        return llava_med_f1(pred.lower(), gold.lower())[2]
+
+
+class ClosedAccuracyRunEval(Metric):
+    """LLaVA-Med run_eval.py's yes/no accuracy, denominator included (see module docstring): states are the
+    hits and the questions run_eval counts, both summed across ranks."""
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("hits", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("counted", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, preds: Sequence[str], golds: Sequence[str]) -> None:
+        preds, golds = _check_lists(preds, golds)
+        for i, (p, g) in enumerate(zip(preds, golds)):
+            _gold(g, i)
+            outcome = llava_med_closed_outcome(p, g)
+            if outcome is not None:
+                self.counted += 1
+                self.hits += outcome
+
+    def compute(self) -> torch.Tensor:
+        if self.counted == 0:
+            return torch.tensor(float("nan"), dtype=torch.float64, device=self.hits.device)
+        return self.hits / self.counted
+
+
+# ------------------------------------------------------------------ LLaVA-Med's own scoring, reproduced
+# microsoft/LLaVA-Med llava/eval/eval_metrics/glossary.py (normalize_word), utils.py (split_sentence) and
+# evaluate_metrics.py (calculate_f1score), as run_eval.py calls them. Written from their behaviour, quirks kept.
+_LLAVA_MED_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+_LLAVA_MED_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: a lookahead for "<=digit", i.e. any period not before a digit
+_LLAVA_MED_COMMA = re.compile(r"(\d)(\,)(\d)")
+_LLAVA_MED_MAP = {"none": "0", **_NUMBERS}
+_LLAVA_MED_CONTRACTIONS = {  # its glossary's table, whole (keys with capitals never match: it lower-cases first)
+    'aint': "ain't", 'arent': "aren't", 'cant': "can't", 'couldve': "could've", 'couldnt': "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", 'didnt': "didn't", 'doesnt': "doesn't",
+    'dont': "don't", 'hadnt': "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", 'hasnt': "hasn't",
+    'havent': "haven't", 'hed': "he'd", "hed've": "he'd've", "he'dve": "he'd've", 'hes': "he's", 'howd': "how'd",
+    'howll': "how'll", 'hows': "how's", "Id've": "I'd've", "I'dve": "I'd've", 'Im': "I'm", 'Ive': "I've",
+    'isnt': "isn't", 'itd': "it'd", "itd've": "it'd've", "it'dve": "it'd've", 'itll': "it'll", "let's": "let's",
+    'maam': "ma'am", 'mightnt': "mightn't", "mightnt've": "mightn't've", "mightn'tve": "mightn't've",
+    'mightve': "might've", 'mustnt': "mustn't", 'mustve': "must've", 'neednt': "needn't", 'notve': "not've",
+    'oclock': "o'clock", 'oughtnt': "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at",
+    'shant': "shan't", "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's", 'shouldve': "should've",
+    'shouldnt': "shouldn't", "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've",
+    "somebody'd": 'somebodyd', "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
+    'somebodyll': "somebody'll", 'somebodys': "somebody's", 'someoned': "someone'd", "someoned've": "someone'd've",
+    "someone'dve": "someone'd've", 'someonell': "someone'll", 'someones': "someone's", 'somethingd': "something'd",
+    "somethingd've": "something'd've", "something'dve": "something'd've", 'somethingll': "something'll",
+    'thats': "that's", 'thered': "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+    'therere': "there're", 'theres': "there's", 'theyd': "they'd", "theyd've": "they'd've", "they'dve": "they'd've",
+    'theyll': "they'll", 'theyre': "they're", 'theyve': "they've", 'twas': "'twas", 'wasnt': "wasn't",
+    "wed've": "we'd've", "we'dve": "we'd've", 'weve': "we've", 'werent': "weren't", 'whatll': "what'll",
+    'whatre': "what're", 'whats': "what's", 'whatve': "what've", 'whens': "when's", 'whered': "where'd",
+    'wheres': "where's", 'whereve': "where've", 'whod': "who'd", "whod've": "who'd've", "who'dve": "who'd've",
+    'wholl': "who'll", 'whos': "who's", 'whove': "who've", 'whyll': "why'll", 'whyre': "why're", 'whys': "why's",
+    'wont': "won't", 'wouldve': "would've", 'wouldnt': "wouldn't", "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've", 'yall': "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", 'youd': "you'd",
+    "youd've": "you'd've", "you'dve": "you'd've", 'youll': "you'll", 'youre': "you're", 'youve': "you've",
+}
+
+
+def llava_med_normalize(text: str) -> str:
+    """LLaVA-Med's `normalize_word`: punctuation dropped where it touches a space (or the text has a digit
+    comma digit), else replaced by a space; periods not before a digit removed (at most 32 of them: the
+    original passes re.UNICODE as the count); lower-cased; none/zero..ten -> digits; articles dropped;
+    contractions restored; commas removed."""
+    kept = text
+    for p in _LLAVA_MED_PUNCT:
+        if (p + " " in text or " " + p in text) or _LLAVA_MED_COMMA.search(text) is not None:
+            kept = kept.replace(p, "")
+        else:
+            kept = kept.replace(p, " ")
+    kept = _LLAVA_MED_PERIOD.sub("", kept, 32)
+    words = [_LLAVA_MED_MAP.get(w, w) for w in kept.lower().split()]
+    words = [_LLAVA_MED_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES]
+    return " ".join(words).replace(",", "")
+
+
+def llava_med_f1(pred: str, gold: str) -> tuple[float, float, float]:
+    """(f1, precision, recall) of LLaVA-Med's `calculate_f1score`: word counts after `llava_med_normalize`;
+    tp = the prediction's count of every word also in the gold (not clipped), fp = the prediction's other
+    words, fn = the gold's words missing from the prediction; all zero when either side is empty or tp = 0."""
+    p_words = Counter(llava_med_normalize(pred).split())
+    g_words = Counter(llava_med_normalize(gold).split())
+    if not p_words or not g_words:
+        return 0.0, 0.0, 0.0
+    tp = sum(n for w, n in p_words.items() if w in g_words)
+    fp = sum(n for w, n in p_words.items() if w not in g_words)
+    fn = sum(n for w, n in g_words.items() if w not in p_words)
+    if tp == 0:
+        return 0.0, 0.0, 0.0
+    precision, recall = tp / (tp + fp), tp / (tp + fn)
+    return 2 * precision * recall / (precision + recall), precision, recall
+
+
+def llava_med_closed_outcome(pred: str, gold: str) -> int | None:
+    """run_eval.py's closed-question rule: 1 (hit), 0 (a prediction without yes/no) or None (a prediction
+    with yes/no that misses the gold: run_eval records nothing for it)."""
+    p, g = llava_med_normalize(pred.lower()), llava_med_normalize(gold.lower())
+    if "yes" in p or "no" in p:
+        return 1 if g in p else None
+    return 0
 
 
 class ExactMatch(_MeanScore):

@@ -19,7 +19,8 @@ RESULT_NAME = "result.json"
 
 # Column order of the table: generation metrics first, then the training-side ones.
 METRIC_ORDER = (
-    "closed_accuracy", "closed_accuracy_strict", "open_recall", "open_exact_match", "open_f1",
+    "closed_accuracy", "closed_accuracy_strict", "closed_accuracy_run_eval", "open_recall", "open_recall_clipped",
+    "open_exact_match", "open_f1",
     "bleu", "rouge_l", "nli/completeness", "nli/hallucination", "val_reward_accuracy", "val_reward_margin", "val_loss",
 )
 # Training curves plotted by default: (TensorBoard tag, title).
