@@ -110,6 +110,32 @@ def sigmoid_loss(margin: Tensor, *, beta: float, label_smoothing: float = 0.0, *
     return _smoothed_logistic(beta * margin, label_smoothing)
 
 
+@register_dpo_loss("sigmoid_norm")
+def sigmoid_norm_loss(
+    margin: Tensor,
+    *,
+    beta: float,
+    policy_chosen: Tensor | None = None,
+    policy_rejected: Tensor | None = None,
+    reference_chosen: Tensor | None = None,
+    reference_rejected: Tensor | None = None,
+    chosen_tokens: Tensor | None = None,
+    rejected_tokens: Tensor | None = None,
+    **_: object,
+) -> Tensor:
+    """Length-normalised DPO, TRL's `sigmoid_norm` (DPOTrainer, TRL 1.16): the per-side log-ratios divided
+    by their response token counts (clamped at 1) before the DPO sigmoid,
+        -log sigma(beta (h_w/|y_w| - h_l/|y_l|)).
+    """
+    pc = _require(policy_chosen, "policy_chosen", "sigmoid_norm")
+    pr = _require(policy_rejected, "policy_rejected", "sigmoid_norm")
+    rc = _require(reference_chosen, "reference_chosen", "sigmoid_norm")
+    rr = _require(reference_rejected, "reference_rejected", "sigmoid_norm")
+    nc = _require(chosen_tokens, "chosen_tokens", "sigmoid_norm").clamp(min=1)
+    nr = _require(rejected_tokens, "rejected_tokens", "sigmoid_norm").clamp(min=1)
+    return -F.logsigmoid(beta * ((pc - rc) / nc - (pr - rr) / nr))
+
+
 @register_dpo_loss("ipo")
 def ipo_loss(
     margin: Tensor,
@@ -412,8 +438,25 @@ def dpo_loss(
 
 
 def nll_loss(logps: Tensor, tokens: Tensor) -> Tensor:
-    """Length-normalised negative log-likelihood -logp(y)/|y| (the SFT baseline and DPO+NLL term)."""
+    """Length-normalised negative log-likelihood -logp(y)/|y| per sequence (the SFT baseline and DPO+NLL
+    term; the paper's released DPO+NLL averages per sequence, then over the batch)."""
     return -logps / tokens.clamp(min=1)
+
+
+def nll_token_mean(logps: Tensor, tokens: Tensor) -> Tensor:
+    """Negative log-likelihood averaged over all response tokens of the batch, -sum(logp) / sum(|y|): a
+    scalar, TRL's `sft` loss type (DPOTrainer, TRL 1.16, per device batch). Long responses weigh more than
+    under `nll_loss(...).mean()`."""
+    return -logps.sum() / tokens.sum().clamp(min=1)
+
+
+def reduce_nll(logps: Tensor, tokens: Tensor, reduction: str) -> Tensor:
+    """The batch's NLL, "sequence" (mean of per-sequence means, ours and the paper's) or "token" (TRL's)."""
+    if reduction == "sequence":
+        return nll_loss(logps, tokens).mean()
+    if reduction == "token":
+        return nll_token_mean(logps, tokens)
+    raise ValueError(f"nll_reduction must be 'sequence' or 'token', got {reduction!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -637,6 +680,7 @@ LOSSES.update(
         "dpo": dpo_loss,
         "nll": nll_loss,
         "sft": nll_loss,
+        "sft_token_mean": nll_token_mean,
         "simpo": simpo_loss,
         "cpo": cpo_loss,
         "orpo": orpo_loss,

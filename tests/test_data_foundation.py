@@ -181,3 +181,20 @@ def test_mprime_is_processed_as_its_own_image(demo_dir, tmp_path, tiny_processor
     assert torch.equal(pair.prompt_mprime.image.pixel_values, expected)
     squashed = encoder.encode_images(load_image(tmp_path / "wide.png").resize((32, 32))).pixel_values
     assert not torch.equal(expected, squashed)  # what resizing to m's size first would have given
+
+
+def test_shuffle_false_trains_in_file_order_every_epoch(demo_dir, tiny_processor):
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+
+    dm = PreferenceDataModule(train_file=str(demo_dir / "train.json"), val_file=str(demo_dir / "val.json"),
+                              processor=tiny_processor, batch_size=8, shuffle=False)
+    dm.setup("fit")
+    ids = [r.id for r in dm.datasets["train"].records]
+    for epoch in (0, 1):
+        loader = dm.train_dataloader()
+        _set_sampler_epoch(loader, epoch)
+        assert [i for batch in loader for i in batch.ids] == ids
+    shuffled = PreferenceDataModule(train_file=str(demo_dir / "train.json"), val_file=str(demo_dir / "val.json"),
+                                    processor=tiny_processor, batch_size=8)
+    shuffled.setup("fit")
+    assert [i for batch in shuffled.train_dataloader() for i in batch.ids] != ids

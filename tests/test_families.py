@@ -314,3 +314,42 @@ def test_bco_pair_running_mean_is_a_buffer(batch):
     module.eval()
     module.compute_loss(batch)
     assert int(module.bco_reward_count) == 2  # validation does not move the baseline
+
+
+# -- TRL's conventions, by name ----------------------------------------------------------------------
+
+
+def test_trl_conventions_selectable(batch):
+    """bco_pair without the running mean (TRL 1.16 DPOTrainer), sigmoid_norm, and TRL's token-mean SFT."""
+    module = build(DPO, loss_type="bco_pair", bco_baseline="none", beta=0.5)
+    perturb(module)
+    assert "bco_reward_mean" not in module.state_dict()
+    views = ("chosen", "rejected")
+    pol, ref = module.policy.logps(batch, views), module.policy.reference_logps(batch, views)
+    loss, metrics = module.compute_loss(batch)
+    expected = dpo_loss(pol["chosen"], pol["rejected"], ref["chosen"], ref["rejected"], beta=0.5, loss_type="bco_pair")
+    assert torch.allclose(metrics["loss/dpo"], expected.detach(), atol=1e-5) and "bco/delta" not in metrics
+
+    sft = build(SFT, nll_reduction="token")
+    loss, _ = sft.compute_loss(batch)
+    logps, tokens = sft.policy.logps(batch, ("chosen",))["chosen"], batch.chosen.lengths
+    assert torch.isclose(loss, -logps.sum() / tokens.sum(), atol=1e-5)
+    sft.hparams.nll_reduction = "sequence"
+    loss_seq, _ = sft.compute_loss(batch)
+    assert torch.isclose(loss_seq, (-logps / tokens).mean(), atol=1e-5) and not torch.isclose(loss, loss_seq)
+
+
+@pytest.mark.parametrize("schedule, at_3_of_10", [("cosine", 0.5 * (1 + math.cos(math.pi * 0.3))), ("linear", 0.7),
+                                                  ("constant", 1.0)])
+def test_lr_schedules(schedule, at_3_of_10):
+    from types import SimpleNamespace
+
+    module = build(SFT, lr=1.0, warmup_ratio=0.0, lr_schedule=schedule)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=10)
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(at_3_of_10)
+    module._trainer = None

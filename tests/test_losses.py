@@ -73,6 +73,8 @@ def expected_dpo(loss_type: str, e: float = 0.0, tau: float = 0.05, delta: float
             out.append(-(1 - e) * ls(z) - e * ls(-z))
         elif loss_type == "ipo":
             out.append(((hw / NC[i] - hl / NR[i]) - 1 / (2 * BETA)) ** 2)
+        elif loss_type == "sigmoid_norm":  # TRL 1.16's: the sigmoid on length-normalised log-ratios
+            out.append(-ls(BETA * (hw / NC[i] - hl / NR[i])))
         elif loss_type == "hinge":
             out.append(max(0.0, 1 - z))
         elif loss_type == "robust":
@@ -101,7 +103,7 @@ def expected_dpo(loss_type: str, e: float = 0.0, tau: float = 0.05, delta: float
 @pytest.mark.parametrize(
     "loss_type",
     [
-        "sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
+        "sigmoid", "sigmoid_norm", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
         "apo_zero", "apo_down", "discopop",
     ],
 )
@@ -204,7 +206,7 @@ def test_dpo_family_gradient_signs(loss_type: str) -> None:
 
 def test_registry_covers_requested_types() -> None:
     assert set(L.DPO_LOSS_TYPES) == {
-        "sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
+        "sigmoid", "sigmoid_norm", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
         "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop",
     }
 
@@ -389,7 +391,7 @@ def test_mdpo_combination_uses_mprime() -> None:
 
 
 def test_losses_registry_names_every_loss() -> None:
-    expected = {"dpo", "nll", "sft", "simpo", "cpo", "orpo", "copo", "anchor", "mmedpo", "kto"} | set(L.DPO_LOSS_TYPES)
+    expected = {"dpo", "nll", "sft", "sft_token_mean", "simpo", "cpo", "orpo", "copo", "anchor", "mmedpo", "kto"} | set(L.DPO_LOSS_TYPES)
     assert set(L.LOSSES) == expected
     assert all(callable(f) for f in L.LOSSES.values())
     for name in L.DPO_LOSS_TYPES:  # DPO-family entries are dpo_loss with loss_type bound
@@ -405,3 +407,18 @@ def test_nll_and_rewards() -> None:
     r = L.rewards(t(PC, grad=True), t(RC), BETA)
     close(r, [0.1, -0.1, 0.1])
     assert not r.requires_grad
+
+
+
+def test_nll_reductions_sequence_and_token() -> None:
+    """"sequence": the mean of per-sequence means (the paper's); "token": TRL's `sft`, one mean over all
+    chosen tokens of the batch."""
+    logps, tokens = t(PC, grad=True), t(NC)
+    seq = L.reduce_nll(logps, tokens, "sequence")
+    assert float(seq) == pytest.approx((10 / 3 + 20 / 4 + 5 / 2) / 3)
+    tok = L.reduce_nll(logps, tokens, "token")
+    assert float(tok) == pytest.approx(35 / 9)
+    tok.backward()
+    assert logps.grad.tolist() == pytest.approx([-1 / 9] * 3)  # every token weighs the same: lowering the NLL raises logp
+    with pytest.raises(ValueError, match="nll_reduction"):
+        L.reduce_nll(logps, tokens, "pair")

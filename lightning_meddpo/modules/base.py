@@ -10,11 +10,16 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
 from torch import Tensor
-from transformers import get_cosine_schedule_with_warmup
+from transformers import (
+    get_constant_schedule_with_warmup,
+    get_cosine_schedule_with_warmup,
+    get_linear_schedule_with_warmup,
+)
 
 from lightning_meddpo.backbones.loader import load_model, load_processor, resolve_backbone
 from lightning_meddpo.data.batch import PreferenceBatch
@@ -133,7 +138,9 @@ class PreferenceModule(L.LightningModule):
             $LIGHTNING_MEDDPO_CACHE or ~/.cache/lightning_meddpo, under reference_logps/).
         init_from: start from an earlier run: a Lightning .ckpt or an HF model directory.
         chat_template: one of ours by name (see backbones/templates.py); default: the checkpoint's.
-        lr, weight_decay, warmup_ratio: AdamW with a cosine schedule after linear warmup.
+        lr, weight_decay, warmup_ratio: AdamW, linear warmup over warmup_ratio of the steps, then `lr_schedule`.
+        lr_schedule: "cosine" to 0 (the paper's: LLaVA's --lr_scheduler_type cosine), "linear" to 0 (the
+            transformers Trainer's and so TRL's default) or "constant".
         lora: train LoRA adapters instead of all weights (`lora: {r, alpha, dropout, target_modules}`);
             the reference is then the model with adapters disabled (`copy` is switched to `adapter`).
         trust_remote_code: let `from_pretrained` run code from the checkpoint (off by default).
@@ -191,6 +198,7 @@ class PreferenceModule(L.LightningModule):
         save_reference: bool = False,
         scoring: Mode = "packed",
         reference_cache_dir: str | None = None,
+        lr_schedule: Literal["cosine", "linear", "constant"] = "cosine",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -429,5 +437,14 @@ class PreferenceModule(L.LightningModule):
         params = [p for p in self.policy.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = get_cosine_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio * total), total)
+        warmup = int(self.hparams.warmup_ratio * total)
+        schedule = self.hparams.get("lr_schedule", "cosine")
+        if schedule == "cosine":
+            scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
+        elif schedule == "linear":
+            scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total)
+        elif schedule == "constant":
+            scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
+        else:
+            raise ValueError(f"lr_schedule must be cosine, linear or constant, got {schedule!r}")
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

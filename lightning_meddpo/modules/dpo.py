@@ -6,11 +6,13 @@ Also the metric helpers every family shares (`reward_metrics`, `image_reward_met
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
 from lightning_meddpo.data.batch import PreferenceBatch
-from lightning_meddpo.losses import DISCOPOP_DEFAULT_TAU, bco_batch_reward_mean, dpo_loss, nll_loss, rewards
+from lightning_meddpo.losses import DISCOPOP_DEFAULT_TAU, bco_batch_reward_mean, dpo_loss, nll_loss, reduce_nll, rewards
 from lightning_meddpo.modules.base import PreferenceModule
 
 
@@ -55,11 +57,15 @@ class DPO(PreferenceModule):
 
     Args:
         beta: temperature of the implicit reward.
-        loss_type: a name from losses.DPO_LOSS_TYPES (sigmoid, ipo, hinge, robust, exo_pair, nca_pair,
-            bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop).
+        loss_type: a name from losses.DPO_LOSS_TYPES (sigmoid, sigmoid_norm, ipo, hinge, robust, exo_pair,
+            nca_pair, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop).
         label_smoothing: cDPO / robust-DPO noise rate (exo_pair's epsilon, aot's smoothing).
         nll_weight: weight of the NLL on the chosen response (DPO+NLL / RPO; the paper uses 1.0).
+        nll_reduction: "sequence" (each sequence's per-token mean, then the batch mean: the paper's) or
+            "token" (the mean over all chosen tokens of the batch: TRL's `sft` loss type).
         discopop_tau: DiscoPOP's mixing temperature.
+        bco_baseline: bco_pair's reward shift delta: "running_mean" (BCO as published, and TRL's BCOTrainer)
+            or "none" (delta = 0: TRL 1.16 DPOTrainer's `bco_pair`).
 
     bco_pair's baseline delta is the running mean (over training steps, every step's batch mean
     reduced across ranks, equal weight per step, as TRL's RunningMoments) of the rewards
@@ -75,11 +81,13 @@ class DPO(PreferenceModule):
         label_smoothing: float = 0.0,
         nll_weight: float = 0.0,
         discopop_tau: float = DISCOPOP_DEFAULT_TAU,
+        nll_reduction: Literal["sequence", "token"] = "sequence",
+        bco_baseline: Literal["running_mean", "none"] = "running_mean",
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.save_hyperparameters()
-        if loss_type == "bco_pair":  # only then, so other runs' checkpoints keep their keys
+        if loss_type == "bco_pair" and bco_baseline == "running_mean":  # only then: other runs keep their keys
             self.register_buffer("bco_reward_mean", torch.zeros(()))
             self.register_buffer("bco_reward_count", torch.zeros((), dtype=torch.long))
 
@@ -103,7 +111,7 @@ class DPO(PreferenceModule):
         ref = self.policy.reference_logps(batch, self.views)
         tokens = self.policy.tokens(batch, self.views)
         extra = {}
-        if h.loss_type == "bco_pair":
+        if h.loss_type == "bco_pair" and h.get("bco_baseline", "running_mean") == "running_mean":
             extra["bco_delta"] = self._bco_delta(logps, ref)
         per_pair = dpo_loss(
             logps["chosen"], logps["rejected"], ref["chosen"], ref["rejected"],
@@ -114,9 +122,8 @@ class DPO(PreferenceModule):
         metrics = {"loss/dpo": per_pair.detach()}
         loss = per_pair.mean()
         if h.nll_weight:
-            nll = nll_loss(logps["chosen"], tokens["chosen"])
-            metrics["loss/nll"] = nll.detach()
-            loss = loss + h.nll_weight * nll.mean()
+            metrics["loss/nll"] = nll_loss(logps["chosen"], tokens["chosen"]).detach()
+            loss = loss + h.nll_weight * reduce_nll(logps["chosen"], tokens["chosen"], h.get("nll_reduction", "sequence"))
         if "bco_delta" in extra:
             metrics["bco/delta"] = extra["bco_delta"]
         metrics.update(reward_metrics(
