@@ -13,9 +13,11 @@ renders it and each response with its end-of-turn, so both tokenise the same seq
 step's loss is printed for each side as a check.
 
 Reported per side, as medians over repeats: the step time after `--warmup` steps (pairs/s and tokens/s
-from it, tokens = prompt + response of chosen and rejected, as TRL counts them), the end-to-end time of
-all steps including data loading and collation (pairs/s), and the process's peak memory (CUDA max
-allocated on a GPU, else max RSS). Variants:
+from it, tokens = prompt + response of chosen and rejected, as TRL counts them), the end-to-end rate over
+the same steps with everything between them (data loading, collation, logging: wall time from the start
+of the first timed step to the end of the last), and the process's peak memory (CUDA max allocated on a
+GPU, else max RSS). The warmup steps are left out of both: the first step pays one-off costs (Lightning
+creates its logged metrics there, ~0.25 s) that do not recur. Variants:
 
   dpo             full fine-tuning, reference = frozen copy          vs TRL DPOTrainer (ref_model copy)
   dpo_lora        LoRA r=8, reference = adapters disabled            vs TRL DPOTrainer + peft LoRA
@@ -91,7 +93,7 @@ def run_ours(args) -> dict:
             self.steps, self.losses, self.start = [], [], 0.0
 
         def on_train_start(self, trainer, pl_module):
-            self.begin = time.perf_counter()
+            self.begin = time.perf_counter()  # setup (model, data, a precomputed reference) ends here
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             _sync()
@@ -99,11 +101,8 @@ def run_ours(args) -> dict:
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             _sync()
-            self.steps.append((time.perf_counter() - self.start, len(batch), batch.sequence_tokens()))
+            self.steps.append((self.start, time.perf_counter(), len(batch), batch.sequence_tokens()))
             self.losses.append(float(outputs["loss"]))
-
-        def on_train_end(self, trainer, pl_module):
-            self.end = time.perf_counter()
 
     config = "configs/demo/mdpo.yaml" if args.variant == "mdpo" else "configs/demo/dpo.yaml"
     out = Path(tempfile.mkdtemp(prefix="vs_trl-ours-"))
@@ -132,7 +131,7 @@ def run_ours(args) -> dict:
     cli.trainer.callbacks.append(timer)
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    result = _summary(timer.steps, args.warmup, timer.end - timer.begin)
+    result = _summary(timer.steps, args.warmup)
     result.update(first_loss=timer.losses[0], setup_seconds=timer.begin - start, peak_memory_mib=peak_memory_mib())
     del torch
     return result
@@ -165,19 +164,13 @@ def run_trl(args) -> dict:
         def __init__(self):
             self.steps, self.start = [], 0.0
 
-        def on_train_begin(self, *a, **k):
-            self.begin = time.perf_counter()
-
         def on_step_begin(self, *a, **k):
             _sync()
             self.start = time.perf_counter()
 
         def on_step_end(self, *a, **k):
             _sync()
-            self.steps.append(time.perf_counter() - self.start)
-
-        def on_train_end(self, *a, **k):
-            self.end = time.perf_counter()
+            self.steps.append((self.start, time.perf_counter()))
 
     model = AutoModelForImageTextToText.from_pretrained(args.model_dir, dtype=torch.float32)
     peft_config = None
@@ -204,21 +197,23 @@ def run_trl(args) -> dict:
         batch = rows[i * args.batch_size : (i + 1) * args.batch_size]
         enc = trainer.data_collator([dict(r, images=list(r["images"])) for r in batch])
         tokens.append(int(enc["attention_mask"].sum()))
-    steps = [(s, args.batch_size, t) for s, t in zip(timer.steps, tokens)]
-    result = _summary(steps, args.warmup, timer.end - timer.begin)
+    steps = [(a, b, args.batch_size, t) for (a, b), t in zip(timer.steps, tokens)]
+    result = _summary(steps, args.warmup)
     first = next((float(log["loss"]) for log in losses if log and "loss" in log), None)
     result.update(first_loss=first, setup_seconds=None, peak_memory_mib=peak_memory_mib())
     return result
 
 
-def _summary(steps: list[tuple[float, int, int]], warmup: int, total: float) -> dict:
+def _summary(steps: list[tuple[float, float, int, int]], warmup: int) -> dict:
+    """steps: (start, end, pairs, tokens) of every optimizer step; the first `warmup` are left out."""
     timed = steps[warmup:]
-    seconds = sum(s for s, _, _ in timed)
+    seconds = sum(end - start for start, end, _, _ in timed)
+    pairs = sum(n for _, _, n, _ in timed)
     return {
-        "step_seconds_median": statistics.median(s for s, _, _ in timed),
-        "pairs_per_second": sum(n for _, n, _ in timed) / seconds,
-        "tokens_per_second": sum(t for _, _, t in timed) / seconds,
-        "end_to_end_pairs_per_second": sum(n for _, n, _ in steps) / total,
+        "step_seconds_median": statistics.median(end - start for start, end, _, _ in timed),
+        "pairs_per_second": pairs / seconds,
+        "tokens_per_second": sum(t for _, _, _, t in timed) / seconds,
+        "end_to_end_pairs_per_second": pairs / (timed[-1][1] - timed[0][0]),
     }
 
 

@@ -79,13 +79,26 @@ def test_lora_reference_is_the_model_with_adapters_disabled(data):
         assert torch.allclose(base_logps[v], ref1[v], atol=1e-5)
 
 
+def test_lora_adapts_the_language_model_only_by_default(data):
+    """As LLaVA's LoRA training: CLIP's q/k/v projections share the target names but stay unadapted, so
+    the adapter-disabled reference reuses the policy's image features."""
+    module = built(lora={"r": 4, "alpha": 8})
+    adapted = [n for n, _ in module.policy.model.named_modules() if n.endswith("lora_A")]
+    assert adapted and all("language_model" in n for n in adapted)
+    assert module.policy.shares_image_features
+    vision = built(lora={"r": 4, "alpha": 8, "vision": True})
+    assert any("vision_tower" in n for n, _ in vision.policy.model.named_modules() if n.endswith("lora_A"))
+    assert not vision.policy.shares_image_features
+
+
 def test_lora_settings_are_saved_as_a_plain_dict():
     from lightning_meddpo.modules import LoraSettings
 
     module = DPO(lora=LoraSettings(r=2, target_modules=["q_proj"]))
     checkpoint = {"hyper_parameters": dict(module.hparams)}
     module.on_save_checkpoint(checkpoint)
-    assert checkpoint["hyper_parameters"]["lora"] == {"r": 2, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj"]}
+    assert checkpoint["hyper_parameters"]["lora"] == {"r": 2, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj"],
+                                                      "vision": False}
     assert checkpoint["meddpo"]["module_class"] == "lightning_meddpo.modules.dpo.DPO"
 
 

@@ -9,7 +9,7 @@ these parts: either one row per view, or one packed row per image whose response
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import Tensor
@@ -108,6 +108,19 @@ class PreferenceBatch:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def to(self, device) -> PreferenceBatch:
+        """Every tensor on `device` (non-blocking from pinned memory); ids and the rest as they are."""
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (TokenRows, EncodedImages)):
+                moved[f.name] = value.to(device)
+            elif isinstance(value, Tensor):
+                moved[f.name] = value.to(device)
+        if self.rejected is self.chosen:  # an unpaired batch: one completion, kept one object
+            moved["rejected"] = moved["chosen"]
+        return replace(self, **moved)
 
     def sequence_tokens(self) -> int:
         """Tokens of every pair's chosen and rejected sequences (prompt + response each, no padding):

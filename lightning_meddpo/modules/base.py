@@ -31,12 +31,18 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LoraSettings:
-    """peft LoRA settings; with LoRA the reference is the model with adapters disabled."""
+    """peft LoRA settings; with LoRA the reference is the model with adapters disabled.
+
+    `target_modules` are matched in the language model only, as LLaVA's own LoRA training does (its
+    find_all_linear_names skips the vision tower and the projector; CLIP's attention has q/k/v projections
+    of the same names); `vision: true` adapts the vision tower too. With the tower unadapted, the
+    reference reuses the policy's image features."""
 
     r: int = 16
     alpha: int = 32
     dropout: float = 0.0
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    vision: bool = False
 
 
 FREEZABLE = ("vision_tower", "projector", "language_model")
@@ -238,9 +244,9 @@ class PreferenceModule(L.LightningModule):
             from peft import LoraConfig, get_peft_model
 
             lora = h.lora if isinstance(h.lora, LoraSettings) else LoraSettings(**h.lora)
-            model = get_peft_model(
-                model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules)
-            )
+            exclude = None if lora.vision else r".*(vision_tower|visual|multi_modal_projector).*"
+            model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                     target_modules=lora.target_modules, exclude_modules=exclude))
         freeze_parts(model, self.frozen_parts)
         freeze_unused_vision_layers(model)
         return model
@@ -375,8 +381,16 @@ class PreferenceModule(L.LightningModule):
             self.log(f"{stage}/{name}", value.float().mean(), on_step=on_step, on_epoch=True, sync_dist=True, batch_size=len(batch))
         return loss
 
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        """Our batches move their tensors themselves: Lightning's generic walk deep-copies a dataclass
+        batch (every tensor, pixels included) before moving it, on every step."""
+        if isinstance(batch, PreferenceBatch):
+            return batch.to(device)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor:
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        # batch_size given: else Lightning walks the whole batch to infer it, on every call
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False, batch_size=len(batch))
         return self._step(batch, "train")
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -385,7 +399,7 @@ class PreferenceModule(L.LightningModule):
             norm = torch.nn.utils.get_total_norm(grads)
             if hasattr(norm, "full_tensor"):  # sharded (FSDP2 DTensor) gradients
                 norm = norm.full_tensor()
-            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False, batch_size=1)
 
     def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor:
         return self._step(batch, "val")
