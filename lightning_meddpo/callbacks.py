@@ -1,4 +1,4 @@
-"""Lightning callbacks: resumable checkpoints and throughput logging."""
+"""Lightning callbacks: resumable, atomic checkpoints and throughput logging."""
 
 from __future__ import annotations
 
@@ -8,21 +8,61 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from lightning_meddpo.checkpoints import commit, temporary_sibling
 from lightning_meddpo.data.batch import PreferenceBatch
 
 
 class ResumableCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint whose last.ckpt is always the latest state, and is found again on resume.
+    """ModelCheckpoint whose last.ckpt is always the latest state, saved often enough, and never torn.
 
-    Lightning 2.6 rewrites last.ckpt only when a new top-k checkpoint is saved at that step, so a run
-    whose validation stops improving ends with a stale last.ckpt; here it is written after every
-    save point and at the end of training. And `--ckpt_path last` searches every version of the run
-    (logger save_dir/name), where Lightning only looks in the new run's own version directory.
+    - Lightning 2.6 rewrites last.ckpt only when a new top-k checkpoint is saved at that step, so a run
+      whose validation stops improving ends with a stale last.ckpt; here it is written after every save
+      point and at the end of training.
+    - `last_every_n_steps` / `last_every_minutes`: last.ckpt is also written every N optimizer steps and/or
+      every T minutes (whichever comes first), so a crash loses at most that much; the monitored best
+      checkpoints are unaffected.
+    - Every save is atomic (checkpoints.py): written beside its final name, fsynced, then renamed, also for
+      sharded (FSDP2) directories, so a kill during a save leaves the previous checkpoint whole.
+    - `--ckpt_path last` (Lightning's search, outside our CLI) also looks in the run's other version
+      directories; the CLI resolves `last` itself and refuses a run trained with other settings.
+    - The "could not find the monitored key" warning is given only once validation has logged something
+      (a short run that stops before its first validation is not misconfigured).
+
+    Args:
+        last_every_n_steps: write last.ckpt every this many optimizer steps (None: only at save points).
+        last_every_minutes: write last.ckpt when this many minutes passed since the last save (None: off).
     """
+
+    def __init__(self, *args, last_every_n_steps: int | None = None, last_every_minutes: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if last_every_n_steps is not None and last_every_n_steps < 1:
+            raise ValueError(f"last_every_n_steps must be >= 1, got {last_every_n_steps}")
+        self.last_every_n_steps = last_every_n_steps
+        self.last_every_minutes = last_every_minutes
+        self._last_saved_at = time.monotonic()
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        path = Path(filepath)
+        tmp = temporary_sibling(path)
+        super()._save_checkpoint(trainer, str(tmp))
+        trainer.strategy.barrier("atomic_checkpoint")
+        if trainer.is_global_zero and tmp.exists():
+            commit(tmp, path)
+        trainer.strategy.barrier("atomic_checkpoint_done")
+        self._last_checkpoint_saved = filepath
+        self._last_saved_at = time.monotonic()
 
     def _save_last_if_behind(self, trainer: L.Trainer) -> None:
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        due = self.last_every_n_steps is not None and trainer.global_step % self.last_every_n_steps == 0
+        if self.last_every_minutes is not None:
+            due = due or trainer.strategy.broadcast(time.monotonic() - self._last_saved_at >= 60 * self.last_every_minutes)
+        if due:
+            self._save_last_if_behind(trainer)
 
     # Lightning saves either at train-epoch end or at validation end (never both); follow it, after
     # its own top-k save, so last.ckpt never pre-empts the best checkpoint of the same step.
@@ -39,6 +79,12 @@ class ResumableCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
         self._save_last_if_behind(trainer)
+
+    def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
+        if self.monitor is not None and self.monitor not in monitor_candidates and \
+                not any(str(k).startswith("val/") for k in monitor_candidates):
+            return  # no validation has run yet: nothing to rank, nothing misconfigured
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
 
     def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
         found = super()._find_last_checkpoints(trainer)

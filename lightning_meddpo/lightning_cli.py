@@ -3,19 +3,30 @@
 The module is chosen by class_path (SFT, DPO, ...); the DataModule by class_path too. The model's
 processor is linked into the DataModule at instantiation, so data and model always agree on the
 tokenizer and image preprocessing.
+
+`--ckpt_path` never changes what the user configured: Lightning's CLI would parse the checkpoint's saved
+hyper-parameters over the config (a checkpoint could switch on trust_remote_code, swap the backbone, or
+silently replace a `--model.init_args.beta` given on the command line). Here the checkpoint is read and
+compared instead: one of another module class, backbone, formulation or LoRA setting is refused with an
+error naming the difference, and the saved config.yaml states what actually ran. `--ckpt_path last`
+resumes the newest run of this config only when that run was trained with the same model settings.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
+from lightning_meddpo.checkpoints import CheckpointError, read_checkpoint_meta
 from lightning_meddpo.modules.base import PreferenceModule
 
 # Logger and checkpointing live in the configs (configs/*/base_trainer.yaml) so they stay configurable;
 # without a config, Lightning's own defaults (TensorBoard) write under runs/.
 TRAINER_DEFAULTS = {"default_root_dir": "runs"}
+# Hyper-parameters that decide what a checkpoint IS: a different value is another model, not a setting.
+IDENTITY = ("backbone", "loss_type", "loss", "lora")
 
 
 def run_name(config_files: list) -> str:
@@ -26,9 +37,89 @@ def run_name(config_files: list) -> str:
     return f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem
 
 
+def _plain(value: Any) -> Any:
+    """Namespaces and dataclasses as dicts, for comparing a config with a checkpoint's hyper-parameters."""
+    if hasattr(value, "as_dict"):
+        return _plain(value.as_dict())
+    if hasattr(value, "__dataclass_fields__"):
+        return {k: _plain(getattr(value, k)) for k in value.__dataclass_fields__}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if k != "_instantiator"}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def config_differences(model_config: Any, checkpoint: dict[str, Any], keys: tuple[str, ...] | None = None) -> list[str]:
+    """`name: checkpoint value -> configured value` for each hyper-parameter that differs (all of them, or
+    `keys`), and the module class."""
+    config = _plain(model_config)
+    class_path = config.get("class_path", "")
+    args = config.get("init_args") or {}
+    saved_class = (checkpoint.get("meddpo") or {}).get("module_class", "")
+    out = []
+    if saved_class and class_path and saved_class.rpartition(".")[2] != class_path.rpartition(".")[2]:
+        out.append(f"module class: {saved_class} -> {class_path}")
+    hparams = _plain(checkpoint.get("hyper_parameters") or {})
+    for key in keys if keys is not None else sorted(set(args) & set(hparams)):
+        if key in args and key in hparams and args[key] != hparams[key]:
+            out.append(f"{key}: {hparams[key]!r} -> {args[key]!r}")
+    return out
+
+
 class MedDPOCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.processor", "data.init_args.processor", apply_on="instantiate")
+
+    def _parse_ckpt_path(self) -> None:
+        """Check `--ckpt_path` against the config instead of applying its hyper-parameters (see module
+        docstring); resolve `last` to the run this config means."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path:
+            return
+        if ckpt_path == "last":
+            resolved = self._last_of_this_config(config)
+            if resolved is None:
+                return  # nothing to resume: Lightning starts anew (and says so)
+            config.ckpt_path = ckpt_path = str(resolved)
+        checkpoint = read_checkpoint_meta(ckpt_path)
+        differences = config_differences(config.model, checkpoint, IDENTITY)
+        if differences:
+            raise CheckpointError(
+                f"{ckpt_path} was trained as another model than this config describes: " + "; ".join(differences)
+                + ". Use a checkpoint of this model, or the config it was trained with (its run's config.yaml)."
+            )
+
+    def _last_of_this_config(self, config) -> Path | None:
+        """The newest last.ckpt among this config's runs, if it was trained with this config's model
+        settings; a run with other settings is not resumed by `last` (an error says how to resume it)."""
+        logger = config.trainer.get("logger")
+        init_args = getattr(logger, "init_args", None) if logger is not None else None
+        if init_args is None or not getattr(init_args, "save_dir", None):
+            return None
+        name = self._logger_name(config, init_args)
+        found = sorted((Path(init_args.save_dir) / name).glob("*/checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            return None
+        newest = found[-1]
+        differences = config_differences(config.model, read_checkpoint_meta(newest))
+        if differences:
+            raise CheckpointError(
+                f"--ckpt_path last would resume {newest}, which was trained with other settings: "
+                + "; ".join(differences) + f". To resume it anyway pass --ckpt_path {newest}; to start anew, "
+                "drop --ckpt_path."
+            )
+        return newest
+
+    def _logger_name(self, config, init_args) -> str:
+        name = getattr(init_args, "name", None) or "lightning_logs"
+        if name == "auto":
+            name = run_name([p for p in (config.get("config") or []) if "strategies" not in str(p)])
+        return str(name)
 
     def before_instantiate_classes(self) -> None:
         """A TensorBoard logger named `auto` is named after the config file (see run_name)."""
@@ -36,11 +127,10 @@ class MedDPOCLI(LightningCLI):
         logger = config.trainer.get("logger")
         init_args = getattr(logger, "init_args", None)
         if init_args is not None and getattr(init_args, "name", None) == "auto":
-            paths = [p for p in (config.get("config") or []) if "strategies" not in str(p)]
-            init_args.name = run_name(paths)
+            init_args.name = self._logger_name(config, init_args)
 
 
-def run_lightning_cli(argv: list[str]) -> MedDPOCLI:
+def run_lightning_cli(argv: list[str] | None) -> MedDPOCLI:
     return MedDPOCLI(
         PreferenceModule,
         None,

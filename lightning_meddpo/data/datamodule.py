@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import logging
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from typing import Any
 import lightning as L
 import torch
 from PIL import Image, UnidentifiedImageError
+from collections.abc import Callable
+
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_meddpo.data.collate import EncodedPair, PairEncoder, PreferenceCollator, PromptTooLongError
@@ -32,6 +35,7 @@ log = logging.getLogger(__name__)
 
 PROMPT_TOO_LONG = "prompt with image tokens exceeds max_length"
 NO_SIGNAL = "no preference signal for the formulation"
+WEIGHT_WARN = 100.0  # weighted_score above this is warned about
 
 
 def load_record_image(record: PreferenceRecord, field_name: str = "image",
@@ -120,12 +124,33 @@ class EpochSampler(DistributedSampler):
     (it seeds on-the-fly corruption, so m' changes every epoch). Being a DistributedSampler, Lightning
     uses it as it is under DDP / FSDP instead of wrapping it, and a wrapper would swallow set_epoch."""
 
-    def __init__(self, dataset: PreferenceDataset, shuffle: bool, seed: int, num_replicas: int = 1, rank: int = 0):
+    def __init__(self, dataset: PreferenceDataset, shuffle: bool, seed: int, num_replicas: int = 1, rank: int = 0,
+                 resume_skip: Callable[[int], int] | None = None):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.resume_skip = resume_skip  # epoch -> indices of that epoch already trained on (once, after a resume)
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
         self.dataset.epoch = epoch
+
+    def __iter__(self):
+        order = list(super().__iter__())
+        skip = self.resume_skip(self.epoch) if self.resume_skip is not None else 0
+        return iter(order[skip:])
+
+
+class ResumableLoader(DataLoader):
+    """The training DataLoader. A resume mid-epoch continues in it where the run stopped: the DataModule
+    restores the position (its state_dict) and the sampler leaves out the epoch's batches already trained
+    on. The loader is marked stateful so Lightning does not warn that it restarts the epoch; its own
+    state is empty (the position lives in the DataModule, which Lightning restores before any data is
+    drawn)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 class PreferenceDataModule(L.LightningDataModule):
@@ -252,6 +277,10 @@ class PreferenceDataModule(L.LightningDataModule):
                                       f"{needs.formulation} scores the chosen answer on a corrupted image m', and this "
                                       "record has none: give it a rejected_image or set data.corruption",
                                       reason=f"field rejected_image: missing ({needs.formulation} scores m')")
+                weight_problem = needs.weight_problem(record.weighted_score) if needs is not None else None
+                if weight_problem is not None:
+                    raise RecordError(record.source, record.id, "weighted_score", weight_problem,
+                                      reason=f"field weighted_score: missing or negative ({needs.formulation})")
                 pair = dataset[i]
                 problem = None if needs is None or record.desirable is not None else needs.missing_signal(
                     record.pair_type, record.chosen.strip() != record.rejected.strip(), _images_differ(pair))
@@ -274,6 +303,11 @@ class PreferenceDataModule(L.LightningDataModule):
                 continue
             kept.append(record)
             self.truncated[split] += pair.truncated
+        large = [r.id for r in kept if needs is not None and needs.weight and (r.weighted_score or 0) > WEIGHT_WARN]
+        if large:
+            warnings.warn(f"{split}: {len(large)} weighted_score values above {WEIGHT_WARN:g} (e.g. records {large[:5]}): "
+                          "clinical-relevance weights are usually in [0, 1]; such a pair dominates its batch's loss",
+                          stacklevel=2)
         if no_signal:
             shown = "\n  ".join(str(e) for e in no_signal[:10])
             raise ValueError(
@@ -341,19 +375,38 @@ class PreferenceDataModule(L.LightningDataModule):
         for logger in (trainer.loggers if trainer is not None else []):
             logger.log_metrics(self.read_counts(), step=0)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool, cls: type[DataLoader] = DataLoader,
+                resume_skip: Callable[[int], int] | None = None) -> DataLoader:
         if split not in self.datasets:
             raise ValueError(f"no {split} data: set data.{split}_file in the config")
         dataset = self.datasets[split]
         batch_size = self.hparams.batch_size if split == "train" else (self.hparams.eval_batch_size or self.hparams.batch_size)
-        return DataLoader(
+        return cls(
             dataset,
             batch_size=batch_size,
-            sampler=EpochSampler(dataset, shuffle, self.hparams.seed, **self._sharding()),
+            sampler=EpochSampler(dataset, shuffle, self.hparams.seed, **self._sharding(), resume_skip=resume_skip),
             num_workers=self.hparams.num_workers,
             collate_fn=PreferenceCollator(self.processor.tokenizer.pad_token_id),
             persistent_workers=False,
         )
+
+    # -- resuming mid-epoch: the position is part of the DataModule's checkpoint state ------------------
+    def state_dict(self) -> dict[str, int]:
+        """(epoch, batches of it trained on) as the trainer counts them, when it saves."""
+        if self.trainer is None:
+            return {}
+        return {"epoch": self.trainer.current_epoch,
+                "position": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = (int(state["epoch"]), int(state["position"])) if state else None
+
+    def _resume_skip(self, epoch: int) -> int:
+        """Sample indices to leave out of `epoch`'s order: the batches trained on before a resume, once."""
+        resume, self._resume = getattr(self, "_resume", None), None
+        if resume is None or resume[0] != epoch:
+            return 0
+        return resume[1] * self.hparams.batch_size
 
     # -- for a precomputed reference (reference_cache.py) --------------------------------------------
     def reference_dataloaders(self) -> dict[str, DataLoader]:
@@ -391,7 +444,7 @@ class PreferenceDataModule(L.LightningDataModule):
         return {"num_replicas": kwargs.get("num_replicas", 1), "rank": kwargs.get("rank", 0)}
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=self.hparams.shuffle)
+        return self._loader("train", shuffle=self.hparams.shuffle, cls=ResumableLoader, resume_skip=self._resume_skip)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)

@@ -22,11 +22,22 @@ MprimeUse = Literal["never", "always", "image_pairs"]
 
 @dataclass(frozen=True)
 class PairNeeds:
-    """signal: what must differ between the sides of a pair; mprime: which records the loss scores on m'."""
+    """signal: what must differ between the sides of a pair; mprime: which records the loss scores on m';
+    weight: every record needs a `weighted_score` >= 0 (MMedPO's clinical-relevance weight)."""
 
     formulation: str
     signal: Signal = "text"
     mprime: MprimeUse = "never"
+    weight: bool = False
+
+    def weight_problem(self, score: float | None) -> str | None:
+        if not self.weight:
+            return None
+        if score is None:
+            return f"{self.formulation} weights each pair by its weighted_score, and this record has none"
+        if score < 0:
+            return f"{self.formulation} needs a weighted_score >= 0 (a negative weight reverses the preference), got {score}"
+        return None
 
     def uses_mprime(self, pair_type: str) -> bool:
         return self.mprime == "always" or (self.mprime == "image_pairs" and pair_type == "image")

@@ -8,6 +8,7 @@ DataModule; the model is built in `configure_model`, as FSDP and fast init want.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -22,6 +23,7 @@ from transformers import (
 )
 
 from lightning_meddpo.backbones.loader import load_model, load_processor, resolve_backbone
+from lightning_meddpo.checkpoints import restore_rng_state, rng_state
 from lightning_meddpo.data.batch import PreferenceBatch
 from lightning_meddpo.data.needs import PairNeeds
 from lightning_meddpo.policy import Mode, PreferencePolicy, ReferenceStrategy
@@ -47,6 +49,7 @@ class LoraSettings:
 
 FREEZABLE = ("vision_tower", "projector", "language_model")
 REFERENCE_PREFIX = "policy.reference."
+ZERO_GRAD_PATIENCE = 20  # steps of an exactly-zero gradient norm before the run warns that nothing trains
 
 
 def _drop_reference_keys(module, state_dict, prefix, local_metadata) -> None:
@@ -58,6 +61,13 @@ def _drop_reference_keys(module, state_dict, prefix, local_metadata) -> None:
 def _allow_missing_reference_keys(module, incompatible_keys) -> None:
     """load_state_dict post-hook: a checkpoint without the reference is complete (it is rebuilt)."""
     incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if REFERENCE_PREFIX not in k]
+
+
+def check_beta(beta: float) -> None:
+    """The implicit-reward temperature must be positive: at 0 the preference terms have no gradient, and
+    below 0 they learn the reverse preference while the logged reward accuracy still rises."""
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta} (0 trains nothing; < 0 learns the rejected answers)")
 
 
 def part_parameters(model: torch.nn.Module, part: str) -> list[torch.nn.Parameter]:
@@ -147,6 +157,9 @@ class PreferenceModule(L.LightningModule):
         lr, weight_decay, warmup_ratio: AdamW, linear warmup over warmup_ratio of the steps, then `lr_schedule`.
         lr_schedule: "cosine" to 0 (the paper's: LLaVA's --lr_scheduler_type cosine), "linear" to 0 (the
             transformers Trainer's and so TRL's default) or "constant".
+        nonfinite: a NaN/inf training loss or gradient "stop"s the run with the step, the batch's record ids
+            and the loss terms, or is skipped on every rank ("skip": no update; counted, logged as
+            train/nonfinite_skipped). Never trained on.
         lora: train LoRA adapters instead of all weights (`lora: {r, alpha, dropout, target_modules}`);
             the reference is then the model with adapters disabled (`copy` is switched to `adapter`).
         trust_remote_code: let `from_pretrained` run code from the checkpoint (off by default).
@@ -205,6 +218,7 @@ class PreferenceModule(L.LightningModule):
         scoring: Mode = "packed",
         reference_cache_dir: str | None = None,
         lr_schedule: Literal["cosine", "linear", "constant"] = "cosine",
+        nonfinite: Literal["stop", "skip"] = "stop",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -214,8 +228,15 @@ class PreferenceModule(L.LightningModule):
         if not save_reference:
             self.register_state_dict_post_hook(_drop_reference_keys)
             self.register_load_state_dict_post_hook(_allow_missing_reference_keys)
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr} (at lr 0 nothing trains)")
+        if nonfinite not in ("stop", "skip"):
+            raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
         self.processor = load_processor(backbone, chat_template=chat_template, trust_remote_code=trust_remote_code)
         self.policy: PreferencePolicy | None = None
+        self._nonfinite_skipped = 0
+        self._zero_grad_steps = 0
+        self._batch_ids: list[str] = []
 
     @property
     def reference_strategy(self) -> ReferenceStrategy:
@@ -348,7 +369,15 @@ class PreferenceModule(L.LightningModule):
         checkpoint["meddpo"] = {
             "module_class": f"{type(self).__module__}.{type(self).__qualname__}",
             "reference_saved": bool(self.hparams.save_reference) and self.reference_strategy == "copy",
+            "rng": rng_state(),  # a resumed run continues every generator where it stopped
+            "nonfinite_skipped": self._nonfinite_skipped,
         }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("meddpo") or {}
+        if saved.get("rng"):
+            restore_rng_state(saved["rng"])
+        self._nonfinite_skipped = int(saved.get("nonfinite_skipped", 0))
 
     @staticmethod
     def require_mprime(batch: PreferenceBatch, needed: Tensor | None = None) -> None:
@@ -373,8 +402,11 @@ class PreferenceModule(L.LightningModule):
             raise ValueError(f"records {batch.ids[:4]}... are unpaired (KTO format: completion + label); "
                              f"{type(self).__name__} needs preference pairs (use lightning_meddpo.modules.KTO)")
         loss, metrics = self.compute_loss(batch)
+        if stage == "train" and self._skip_nonfinite(bool(torch.isfinite(loss)), lambda: self._nonfinite_report(
+                f"the training loss is {loss.item()}", batch.ids, metrics)):
+            return None  # Lightning skips the backward and the optimizer step
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"{stage} loss is {loss.item()} on records {batch.ids}")
+            raise FloatingPointError(self._nonfinite_report(f"the {stage} loss is {loss.item()}", batch.ids, metrics))
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(batch))
         for name, value in metrics.items():
@@ -388,18 +420,54 @@ class PreferenceModule(L.LightningModule):
             return batch.to(device)
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
-    def training_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor | None:
+        self._batch_ids = batch.ids
         # batch_size given: else Lightning walks the whole batch to infer it, on every call
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False, batch_size=len(batch))
         return self._step(batch, "train")
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.policy.model.parameters() if p.grad is not None]
-        if grads:
-            norm = torch.nn.utils.get_total_norm(grads)
-            if hasattr(norm, "full_tensor"):  # sharded (FSDP2 DTensor) gradients
-                norm = norm.full_tensor()
-            self.log("train/grad_norm", norm, on_step=True, on_epoch=False, batch_size=1)
+        if not grads:
+            return
+        norm = torch.nn.utils.get_total_norm(grads)
+        if hasattr(norm, "full_tensor"):  # sharded (FSDP2 DTensor) gradients
+            norm = norm.full_tensor()
+        if self._skip_nonfinite(bool(torch.isfinite(norm)), lambda: self._nonfinite_report(
+                f"the gradient norm is {norm.item()}", self._batch_ids, {})):
+            for p in self.policy.model.parameters():
+                p.grad = None  # the optimizer leaves parameters without a gradient as they are
+            return
+        self.log("train/grad_norm", norm, on_step=True, on_epoch=False, batch_size=1)
+        self._warn_if_nothing_trains(float(norm))
+
+    # -- a step that would train on NaN / inf never does --------------------------------------------
+    def _skip_nonfinite(self, finite: bool, report) -> bool:
+        """False if every rank's value is finite. Else stop with `report()` (nonfinite: stop), or count
+        the step and return True so the caller skips it on every rank (nonfinite: skip)."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        bad = strategy.reduce_boolean_decision(not finite, all=False) if strategy is not None else not finite
+        if not bad:
+            return False
+        if self.hparams.get("nonfinite", "stop") == "stop":
+            raise FloatingPointError(report() + " (set model.init_args.nonfinite=skip to skip such steps and count them)")
+        self._nonfinite_skipped += 1
+        log.warning("skipped: %s", report())
+        self.log("train/nonfinite_skipped", float(self._nonfinite_skipped), on_step=True, on_epoch=False, batch_size=1)
+        return True
+
+    def _nonfinite_report(self, what: str, ids: list[str], metrics: dict[str, Tensor]) -> str:
+        terms = ", ".join(f"{k}={v.float().mean().item():.4g}" for k, v in metrics.items() if k.startswith("loss/"))
+        step = self._trainer.global_step if self._trainer is not None else "?"
+        return f"{what} at step {step} on records {list(ids)}" + (f" (terms: {terms})" if terms else "")
+
+    def _warn_if_nothing_trains(self, norm: float) -> None:
+        """A gradient norm of exactly 0 step after step: nothing is learning (all frozen, no signal)."""
+        self._zero_grad_steps = self._zero_grad_steps + 1 if norm == 0.0 else 0
+        if self._zero_grad_steps == ZERO_GRAD_PATIENCE:
+            warnings.warn(f"the gradient norm has been exactly 0 for {ZERO_GRAD_PATIENCE} steps (step "
+                          f"{self.global_step}): nothing is training. Are all parts frozen, or do the pairs carry no "
+                          "preference signal for this formulation?", stacklevel=2)
 
     def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor:
         return self._step(batch, "val")

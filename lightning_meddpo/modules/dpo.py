@@ -13,7 +13,7 @@ from torch import Tensor
 
 from lightning_meddpo.data.batch import PreferenceBatch
 from lightning_meddpo.losses import DISCOPOP_DEFAULT_TAU, bco_batch_reward_mean, dpo_loss, nll_loss, reduce_nll, rewards
-from lightning_meddpo.modules.base import PreferenceModule
+from lightning_meddpo.modules.base import PreferenceModule, check_beta
 
 
 def reward_metrics(chosen: Tensor, rejected: Tensor, prefix: str = "rewards") -> dict[str, Tensor]:
@@ -85,6 +85,7 @@ class DPO(PreferenceModule):
         bco_baseline: Literal["running_mean", "none"] = "running_mean",
         **kwargs,
     ):
+        check_beta(beta)
         super().__init__(**kwargs)
         self.save_hyperparameters()
         if loss_type == "bco_pair" and bco_baseline == "running_mean":  # only then: other runs keep their keys

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from lightning_meddpo.data.batch import PreferenceBatch
 from lightning_meddpo.losses import kto_kl_baseline, kto_loss, rewards
-from lightning_meddpo.modules.base import PreferenceModule
+from lightning_meddpo.modules.base import PreferenceModule, check_beta
 from lightning_meddpo.modules.dpo import global_mean, logps_metrics, reward_metrics
 
 
@@ -46,6 +46,7 @@ class KTO(PreferenceModule):
         if kwargs.get("reference") == "precomputed":
             raise ValueError("KTO cannot use reference: precomputed: its KL baseline scores completions on other rows' "
                              "prompts, which change with every shuffle; use reference: copy (or LoRA's adapter)")
+        check_beta(beta)
         super().__init__(**kwargs)
         self.save_hyperparameters()
 

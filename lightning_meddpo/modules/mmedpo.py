@@ -7,7 +7,7 @@ from torch import Tensor
 from lightning_meddpo.data.batch import PreferenceBatch
 from lightning_meddpo.data.needs import PairNeeds
 from lightning_meddpo.losses import mmedpo_loss, rewards
-from lightning_meddpo.modules.base import PreferenceModule
+from lightning_meddpo.modules.base import PreferenceModule, check_beta
 from lightning_meddpo.modules.dpo import logps_metrics, reward_metrics
 
 
@@ -26,12 +26,13 @@ class MMedPO(PreferenceModule):
     views = ("chosen", "rejected_mprime")
 
     def __init__(self, beta: float = 0.1, **kwargs):
+        check_beta(beta)
         super().__init__(**kwargs)
         self.save_hyperparameters()
 
     @property
     def pair_needs(self) -> PairNeeds:
-        return PairNeeds("MMedPO", signal="either", mprime="always")  # y_w on m against y_l on m'
+        return PairNeeds("MMedPO", signal="either", mprime="always", weight=True)  # y_w on m against y_l on m'
 
     def compute_loss(self, batch: PreferenceBatch) -> tuple[Tensor, dict[str, Tensor]]:
         if batch.weights is None:

@@ -13,7 +13,7 @@ from torch import Tensor
 from lightning_meddpo.data.batch import PreferenceBatch
 from lightning_meddpo.data.needs import PairNeeds
 from lightning_meddpo.losses import anchor_loss, combine, copo_loss, dpo_loss, rewards
-from lightning_meddpo.modules.base import PreferenceModule
+from lightning_meddpo.modules.base import PreferenceModule, check_beta
 from lightning_meddpo.modules.dpo import image_reward_metrics, logps_metrics, reward_metrics
 
 MULTIMODAL_LOSSES = ("copo", "mdpo", "targeted")
@@ -51,6 +51,7 @@ class Multimodal(PreferenceModule):
     ):
         if loss not in MULTIMODAL_LOSSES:
             raise ValueError(f"Multimodal: unknown loss {loss!r}; use one of {MULTIMODAL_LOSSES}")
+        check_beta(beta)
         super().__init__(**kwargs)
         self.save_hyperparameters()
 

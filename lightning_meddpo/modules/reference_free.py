@@ -6,7 +6,7 @@ from torch import Tensor
 
 from lightning_meddpo.data.batch import PreferenceBatch
 from lightning_meddpo.losses import cpo_loss, log_odds, nll_loss, orpo_loss, simpo_loss
-from lightning_meddpo.modules.base import PreferenceModule
+from lightning_meddpo.modules.base import PreferenceModule, check_beta
 from lightning_meddpo.modules.dpo import logps_metrics, reward_metrics
 
 REFERENCE_FREE_LOSSES = ("simpo", "cpo", "orpo")
@@ -43,6 +43,8 @@ class ReferenceFree(PreferenceModule):
             raise ValueError(f"ReferenceFree: unknown loss {loss!r}; use one of {REFERENCE_FREE_LOSSES}")
         if reference != "none":
             raise ValueError(f"ReferenceFree ({loss}) uses no reference model: reference must be 'none', got {reference!r}")
+        if loss in ("simpo", "cpo"):
+            check_beta(beta)
         super().__init__(reference="none", **kwargs)
         self.save_hyperparameters()
 

@@ -1,0 +1,128 @@
+"""Checkpoint files: read safely, written atomically, with the random state a bit-identical resume needs.
+
+- `read_checkpoint_meta(path)`: a Lightning checkpoint's metadata (hyper-parameters, our `meddpo` record,
+  loop state) without its weights, for checking it before a run. A missing, truncated or foreign file is a
+  `CheckpointError` naming the file and what is wrong, never a torch traceback. Files are read with
+  `torch.load(weights_only=True)` and memory-mapped; a sharded (FSDP2) directory's `meta.pt` likewise.
+- `atomic_write(path, write)`: `write(tmp)` then fsync and rename over `path`: a kill during a save never
+  leaves a truncated checkpoint in place of the good one (Lightning's own save goes through a temporary
+  file in the system temp directory and `shutil.move`, which is a copy, not a rename, across filesystems).
+- `rng_state()` / `restore_rng_state()`: the torch (CPU and CUDA), numpy and python generators, as plain
+  lists so a checkpoint still loads with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+METADATA = "meta.pt"  # what Lightning's ModelParallelStrategy writes beside the shards
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, with the file and the reason."""
+
+
+def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's contents other than the weights (see module docstring)."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / METADATA).is_file() or not (path / ".metadata").is_file():
+            raise CheckpointError(f"{path}: a directory, but not a sharded Lightning checkpoint (no {METADATA} / .metadata)")
+        file = path / METADATA
+    elif path.is_file():
+        file = path
+    else:
+        raise CheckpointError(f"{path}: no such checkpoint file or directory")
+    if file.stat().st_size == 0:
+        raise CheckpointError(f"{file}: the file is empty (an interrupted save?)")
+    try:
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read is the same answer to the user
+        raise CheckpointError(
+            f"{file}: cannot be read as a checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}); it may be "
+            "truncated by an interrupted save, or not a Lightning checkpoint"
+        ) from None
+    if not isinstance(checkpoint, dict) or "pytorch-lightning_version" not in checkpoint:
+        raise CheckpointError(f"{file}: not a Lightning checkpoint (no 'pytorch-lightning_version' entry)")
+    if not path.is_dir() and "state_dict" not in checkpoint:
+        raise CheckpointError(f"{file}: a Lightning checkpoint without weights (no 'state_dict')")
+    checkpoint.pop("state_dict", None)
+    return checkpoint
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def temporary_sibling(path: Path) -> Path:
+    """Where a save goes before it is complete: beside `path` (same filesystem: the rename is atomic), the
+    same name on every rank (sharded saves write one directory together), hidden from `last*` globs."""
+    return path.with_name(f".{path.name}.partial")
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` (a file, or a directory of shards), fsync, then rename over `path` (see module docstring)."""
+    path = Path(path)
+    tmp = temporary_sibling(path)
+    write(tmp)
+    commit(tmp, path)
+
+
+def commit(tmp: Path, path: Path) -> None:
+    """Move a fully written `tmp` (file or directory) to `path`, replacing what was there."""
+    _fsync_tree(tmp)
+    if tmp.is_dir() and path.exists():  # a directory cannot be renamed over another: move the old one aside first
+        old = path.with_name(f".{path.name}.{os.getpid()}.old")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    else:
+        os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global generator's state, as plain Python values (weights_only-loadable)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
