@@ -61,7 +61,12 @@ def module_spec(checkpoint: dict[str, Any], config: str | None) -> tuple[str, di
     class_path = (checkpoint.get("meddpo") or {}).get("module_class") or hparams.get("_class_path")
     if class_path is None:
         raise ValueError("the checkpoint does not name its module class; pass --config with the run's config.yaml")
-    return class_path, {k: v for k, v in hparams.items() if not k.startswith("_")}
+    if not class_path.startswith("lightning_meddpo.modules."):
+        raise ValueError(f"the checkpoint names the module class {class_path!r}, not one of lightning_meddpo.modules: "
+                         "it is not imported from a checkpoint; pass --config with the run's config.yaml")
+    args = {k: v for k, v in hparams.items() if not k.startswith("_")}
+    args["trust_remote_code"] = False  # never switched on by a file: only by --trust-remote-code
+    return class_path, args
 
 
 def build_module(class_path: str, init_args: dict[str, Any]):
@@ -84,12 +89,17 @@ def policy_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return weights
 
 
-def export(ckpt_path: str, out: str, *, config: str | None = None, merge: bool = True, dtype: str | None = None) -> Path:
-    """Write the policy of a Lightning checkpoint as a Hugging Face directory; returns `out`."""
+def export(ckpt_path: str, out: str, *, config: str | None = None, merge: bool = True, dtype: str | None = None,
+           trust_remote_code: bool = False) -> Path:
+    """Write the policy of a Lightning checkpoint as a Hugging Face directory; returns `out`. The backbone's
+    own code (trust_remote_code) runs only when the caller asks here or in their --config, never because a
+    checkpoint's saved hyper-parameters say so."""
     from lightning_meddpo.backbones.qwen import save_processor
 
     checkpoint = read_checkpoint(ckpt_path)
     class_path, init_args = module_spec(checkpoint, config)
+    if trust_remote_code:
+        init_args["trust_remote_code"] = True
     module = build_module(class_path, init_args)
     model = module.policy.model
     missing, unexpected = model.load_state_dict(policy_state_dict(checkpoint["state_dict"]), strict=False)
@@ -120,8 +130,11 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--config", help="the run's config.yaml (default: read the module from the checkpoint)")
     parser.add_argument("--no-merge", dest="merge", action="store_false", help="save LoRA adapters unmerged")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast the weights (default: as trained)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let the backbone run its own code (never taken from the checkpoint)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    out = export(args.ckpt_path, args.out, config=args.config, merge=args.merge, dtype=args.dtype)
+    out = export(args.ckpt_path, args.out, config=args.config, merge=args.merge, dtype=args.dtype,
+                 trust_remote_code=args.trust_remote_code)
     print(out)
     return out

@@ -7,14 +7,16 @@ library only (urllib, json, hashlib, threading): no SDK dependency.
 - The API key is read from the environment variable whose *name* is ``api_key_env`` (default
   ``OPENAI_API_KEY``). A missing key is allowed (local servers such as vLLM or llama.cpp); the
   ``Authorization`` header is then simply not sent.
-- Network errors, timeouts, HTTP 429 and HTTP 5xx are retried with exponential backoff
-  (``backoff_base * 2**attempt``, capped at ``backoff_max``; a ``Retry-After`` header is honoured up to
-  the cap). Other HTTP errors, and an HTTP 200 whose body is not a chat completion, fail at once.
-  Every error (`LLMError`, with ``.url``, ``.status``, ``.attempts``) names the URL and the status.
+- Network errors, timeouts, HTTP 429 and HTTP 5xx, and an HTTP 200 whose body is not a chat completion
+  (a proxy's error page, a truncated reply) are retried with exponential backoff (``backoff_base *
+  2**attempt``, capped at ``backoff_max``; a ``Retry-After`` header is honoured up to the cap). Other HTTP
+  errors fail at once. Every error (`LLMError`, with ``.url``, ``.status``, ``.attempts``) names the URL
+  and the status, and never the API key: its value is masked wherever a server echoes it.
 - With ``cache_dir`` set, each reply is stored as one JSON file named by the sha256 of
   (url, model, messages, temperature). Files are written to a temporary name and moved into place with
-  ``os.replace`` (atomic on POSIX), so concurrent writers — threads or processes, e.g. several ranks —
-  never leave a torn entry; a rerun reads the cache and sends no request.
+  ``os.replace`` (atomic on POSIX) after an fsync, so concurrent writers — threads or processes, e.g.
+  several ranks — never leave a torn entry, and a killed job keeps every reply it finished: a rerun reads
+  them and sends no request for them. Entries hold the request and the reply, never the key.
 - ``complete_many`` runs many conversations through a thread pool and returns replies in input order.
 """
 
@@ -43,9 +45,14 @@ RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504}) | frozenset(r
 class LLMError(RuntimeError):
     """A chat-completions request that failed for good. `status` is the HTTP status (None: no reply)."""
 
-    def __init__(self, message: str, *, url: str, status: int | None = None, attempts: int = 1):
+    def __init__(self, message: str, *, url: str, status: int | None = None, attempts: int = 1, secret: str | None = None):
         self.url, self.status, self.attempts = url, status, attempts
-        super().__init__(message)
+        super().__init__(mask(message, secret))
+
+
+def mask(text: str, secret: str | None) -> str:
+    """`text` with every occurrence of `secret` (an API key) replaced by "***"."""
+    return text.replace(secret, "***") if secret else text
 
 
 def _check_messages(messages: Messages) -> list[Message]:
@@ -158,6 +165,8 @@ class LLMClient:
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(entry, f, ensure_ascii=False)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
             try:
@@ -171,9 +180,12 @@ class LLMClient:
             self.stats[name] += 1
 
     # --------------------------------------------------------------- request
+    def _key(self) -> str | None:
+        return os.environ.get(self.api_key_env) or None
+
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        key = os.environ.get(self.api_key_env)
+        key = self._key()
         if key:
             headers["Authorization"] = f"Bearer {key}"
         return headers
@@ -223,7 +235,11 @@ class LLMClient:
             retry_after = None
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    return self._parse_reply(resp.read())
+                    raw = resp.read()
+                try:
+                    return self._parse_reply(raw)
+                except LLMError as e:  # HTTP 200 but no chat completion: retried like a server error
+                    last_status, last = 200, str(e)
             except urllib.error.HTTPError as e:
                 try:
                     detail = e.read()[:500].decode("utf-8", "replace")
@@ -233,7 +249,7 @@ class LLMClient:
                 last = f"HTTP {e.code} {e.reason}: {detail}".strip()
                 if e.code not in RETRY_STATUS:
                     raise LLMError(f"POST {self.endpoint} failed: {last}", url=self.endpoint,
-                                   status=e.code, attempts=attempt + 1) from e
+                                   status=e.code, attempts=attempt + 1, secret=self._key()) from None
                 retry_after = e.headers.get("Retry-After") if e.headers else None
             except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout, OSError) as e:
                 reason = getattr(e, "reason", e)
@@ -243,7 +259,7 @@ class LLMClient:
                 self._sleep(self._backoff(attempt, retry_after))
         status = f"HTTP {last_status}" if last_status is not None else "no HTTP reply"
         raise LLMError(f"POST {self.endpoint} failed after {self.max_attempts} attempt(s) ({status}); last: {last}",
-                       url=self.endpoint, status=last_status, attempts=self.max_attempts)
+                       url=self.endpoint, status=last_status, attempts=self.max_attempts, secret=self._key())
 
     # ------------------------------------------------------------------- API
     def complete(self, messages: Messages, *, use_cache: bool = True) -> str:

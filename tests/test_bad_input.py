@@ -188,3 +188,49 @@ def test_skips_are_logged_by_reason(root, tiny_processor, caplog):
                           "field weighted_score: expected a finite number": 1}
     assert "2 records read; 1 skipped: field <line>: malformed JSON; 1 skipped: field image" in caplog.text
     assert "skipped" in caplog.text and "id='s'" in caplog.text
+
+
+def test_image_linked_out_of_the_root(root, tiny_processor, tmp_path_factory):
+    """A symbolic link inside the image root pointing elsewhere is an escape too."""
+    outside = tmp_path_factory.mktemp("outside") / "secret.png"
+    Image.fromarray(skdata.retina()[::16, ::16]).save(outside)
+    (root / "images" / "link.png").symlink_to(outside)
+    path = write(root, [rec("ok1"), rec("ok2"), rec("b", image="images/link.png")])
+    expect(path, tiny_processor, 3, "b", "image", "outside the image root", "field image: image path escapes the image root")
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels (PIL refuses it before decoding: a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00")) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_is_refused_and_skippable(root, tiny_processor):
+    (root / "images" / "bomb.png").write_bytes(png_claiming(40_000, 40_000))
+    path = write(root, [rec("ok1"), rec("b", image="images/bomb.png"), rec("ok2")])
+    expect(path, tiny_processor, 2, "b", "image", "bomb.png", "field image: image larger than max_pixels")
+
+
+def test_dicom_is_named(root, tiny_processor):
+    import shutil
+
+    shutil.copy(os.path.join(os.path.dirname(pydicom.data.__file__), "test_files", "CT_small.dcm"), root / "images" / "ct.dcm")
+    path = write(root, [rec("ok1"), rec("ok2"), rec("b", image="images/ct.dcm")])
+    expect(path, tiny_processor, 3, "b", "image", "DICOM is not supported; convert it to PNG", "field image: DICOM file")
+
+
+def test_non_utf8_and_bom_files(root, tiny_processor):
+    good = [rec("ok1"), rec("ok2", chosen="The nodule is in the left lung (café).")]
+    bom = root / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in good).encode("utf-8"))
+    assert [r.id for r in setup_dm(bom, tiny_processor).datasets["test"].records] == ["ok1", "ok2"]
+    latin = root / "latin1.jsonl"
+    latin.write_bytes("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in good).encode("latin-1"))
+    with pytest.raises(RecordError, match=r"latin1.jsonl:2.*not UTF-8 text: byte 0xe9"):
+        setup_dm(latin, tiny_processor)

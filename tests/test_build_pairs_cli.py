@@ -67,8 +67,11 @@ def test_cli_lexicon_and_image_pairs(vqa, tmp_path):
     img = next(r for r in recs if r["id"] == "q1-image")
     assert img["corruption"]["spec"]["t"] == 400 and img["corruption"]["type"] == "diffusion"
     redo, _ = corrupt(load_image(root / img["image"]), img["corruption"]["spec"], img["corruption"]["seed"])
-    assert np.array_equal(np.asarray(Image.open(root / img["rejected_image"]).convert("RGB")), np.asarray(redo))
-    records, report = read_preference_file(out, root)  # the training loader reads the output as is
+    assert np.array_equal(np.asarray(Image.open(out.parent / img["rejected_image"]).convert("RGB")), np.asarray(redo))
+    assert not (root / "rejected_images").exists()  # nothing written into the source image folder
+    # the training loader reads the output with the roots the summary prints
+    assert f"--data.init_args.image_root={root} --data.init_args.rejected_image_root={out.parent}" in text
+    records, report = read_preference_file(out, root, rejected_image_root=out.parent)
     assert report.read == 5 and not report.skipped
 
 
@@ -128,3 +131,63 @@ def test_cli_errors_are_clear(vqa, tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             main(["--input", str(src), "--out", str(tmp_path / "o.json"), *argv])
         assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_rewriter_against_a_flaky_server_killed_and_rerun(tmp_path):
+    """The server fails now and then (a 500, a 429, a non-chat HTTP 200); the job is killed mid-way and
+    rerun: every reply finished before the kill comes from the cache (never requested again), the output
+    is complete, and the API key is in no cache entry, output or log line."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from tests.conftest import REPO
+
+    (tmp_path / "images").mkdir()
+    Image.fromarray(skdata.retina()[::16, ::16]).save(tmp_path / "images" / "retina.png")
+    rows = [{"question_id": f"q{i}", "image": "images/retina.png", "text": f"Question {i}?", "answer": f"Answer {i}."}
+            for i in range(12)]
+    src = tmp_path / "vqa.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out, cache, secret = tmp_path / "pairs.json", tmp_path / "cache", "sk-secret-4f1c9a"
+    lock, calls, answered = threading.Lock(), [0], []
+
+    def responder(body):
+        question = first_user(body).split("Question ")[1].split("?")[0]
+        with lock:
+            calls[0] += 1
+            n = calls[0]
+        time.sleep(0.15)  # slow enough to be killed mid-way
+        if n % 7 == 3:
+            return 500, {"error": f"overloaded (your key {secret} is fine)"}  # echoes the key: must be masked
+        if n % 7 == 5:
+            return 200, "<html>proxy error</html>"
+        with lock:
+            answered.append(question)
+        return f"Rewritten answer {question}, changed."
+
+    cmd = [sys.executable, "-m", "lightning_meddpo", "build-pairs", "--input", str(src), "--out", str(out),
+           "--mode", "text", "--rewriter-url", None, "--rewriter-cache-dir", str(cache), "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OPENAI_API_KEY": secret}
+    with FakeLLMServer(responder) as srv:
+        cmd[cmd.index(None)] = srv.url
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while len(answered) < 4 and proc.poll() is None:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        time.sleep(0.3)  # a reply in flight when the job died may still finish server-side
+        before = set(answered)
+        assert 4 <= len(before) < 12 and not out.exists()
+        cached = {q for q in before if any(f"Question {q}?" in p.read_text() for p in cache.rglob("*.json"))}
+        requested_before = srv.count
+        rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        again = [first_user(b).split("Question ")[1].split("?")[0] for b in srv.requests[requested_before:]]
+    assert len(cached) >= 3 and not cached & set(again)  # replies finished before the kill: never requested again
+    pairs = json.loads(out.read_text())
+    assert len(pairs) == 12 and all(p["rejected_conversations"][-1]["value"].startswith("Rewritten") for p in pairs)
+    everything = [p.read_text() for p in cache.rglob("*") if p.is_file()] + [out.read_text(), rerun.stdout, rerun.stderr]
+    assert not any(secret in text for text in everything)

@@ -4,6 +4,8 @@ are atomic; unreadable checkpoints are clear errors; a NaN never trains."""
 
 from __future__ import annotations
 
+import shutil
+
 import json
 import os
 import signal
@@ -48,7 +50,7 @@ def write_config(root: Path, data: dict, formulation: str) -> Path:
             r.pop("rejected_image")
         train = root / "train.json"
         train.write_text(json.dumps(records))
-        (root / "images").symlink_to(data["images"])
+        shutil.copytree(data["images"], root / "images")
         config["data"]["init_args"].update(train_file=str(train), val_file=str(train), corruption="crop")
     path = root / "run.yaml"
     path.write_text(json.dumps(config))
@@ -228,3 +230,13 @@ def test_a_nonfinite_gradient_stops_or_is_dropped():
     module.hparams.nonfinite = "skip"
     module.on_before_optimizer_step(None)
     assert all(p.grad is None for p in params) and module._nonfinite_skipped == 1  # no update from it
+
+
+def test_a_gradient_that_stays_zero_is_warned_about():
+    module = DPO(beta=0.5)
+    module.configure_model()
+    for p in module.policy.model.parameters():
+        p.grad = None  # e.g. every part frozen: no gradient at all
+    with pytest.warns(UserWarning, match="exactly 0 for 20 steps.*nothing is training"):
+        for _ in range(20):
+            module.on_before_optimizer_step(None)

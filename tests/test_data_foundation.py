@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import json
 from pathlib import Path
 
@@ -18,7 +20,7 @@ def _copy_demo(demo_dir: Path, tmp_path: Path, edit) -> Path:
     """A copy of the demo train file (images linked) with `edit(records)` applied."""
     records = json.loads((demo_dir / "train.json").read_text())[:6]
     edit(records)
-    (tmp_path / "images").symlink_to(demo_dir / "images")
+    shutil.copytree(demo_dir / "images", tmp_path / "images")
     path = tmp_path / "train.json"
     path.write_text(json.dumps(records))
     return path

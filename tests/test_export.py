@@ -73,7 +73,9 @@ def test_export_full_finetune_same_logits(tmp_path, data):
     # the checkpoint leaves the copy reference out (it equals the starting weights) ...
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert not [k for k in state["state_dict"] if k.startswith("policy.reference.")]
-    assert state["meddpo"] == {"module_class": "lightning_meddpo.modules.dpo.DPO", "reference_saved": False}
+    meddpo = state["meddpo"]
+    assert meddpo["module_class"] == "lightning_meddpo.modules.dpo.DPO" and meddpo["reference_saved"] is False
+    assert set(meddpo) == {"module_class", "reference_saved", "rng", "nonfinite_skipped"}
     # ... and a fresh module loads it strictly, with the reference rebuilt from the backbone
     fresh = DPO(beta=0.5, lr=1e-2)
     fresh.configure_model()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import json
 
 import lightning as L
@@ -35,7 +37,7 @@ def write(path, rows):
 
 @pytest.fixture
 def kto_file(demo_dir, tmp_path):
-    (tmp_path / "images").symlink_to(demo_dir / "images")
+    shutil.copytree(demo_dir / "images", tmp_path / "images")
     return write(tmp_path / "kto.jsonl", kto_rows(demo_dir))
 
 

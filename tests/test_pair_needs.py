@@ -4,6 +4,8 @@ where a loss scores it."""
 
 from __future__ import annotations
 
+import shutil
+
 import json
 from pathlib import Path
 
@@ -20,7 +22,7 @@ def paper_file(demo_dir: Path, tmp_path: Path, name: str, edit) -> Path:
     for i, r in enumerate(records):
         edit(r, i)
     if not (tmp_path / "images").exists():
-        (tmp_path / "images").symlink_to(demo_dir / "images")
+        shutil.copytree(demo_dir / "images", tmp_path / "images")
     path = tmp_path / name
     path.write_text(json.dumps(records))
     return path

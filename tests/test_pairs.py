@@ -135,13 +135,14 @@ def test_build_pairs_llava_med_both(tmp_path, image_root):
         else:
             assert r["rejected_conversations"] == r["conversations"]
             assert not os.path.isabs(r["rejected_image"]) and r["rejected_image"].endswith(".png")
-            bad = Image.open(image_root / r["rejected_image"])
+            assert not (image_root / r["rejected_image"]).exists()  # the source image folder is only read
+            bad = Image.open(out.parent / r["rejected_image"])
             redo, _ = corrupt(load_image(image_root / r["image"]), r["corruption"]["spec"], r["corruption"]["seed"])
             assert np.array_equal(np.asarray(bad.convert("RGB")), np.asarray(redo))  # provenance reproduces it
     t1 = next(r for r in recs if r["id"] == "1-text")
     assert t1["answer_type"] == "OPEN" and t1["source_id"] == "1"
-    # the output is readable by the preference loader with the same image root
-    records, report = read_preference_file(out, image_root)
+    # the output is readable by the preference loader with the two roots
+    records, report = read_preference_file(out, image_root, rejected_image_root=out.parent)
     assert report.read == 5 and {r.pair_type for r in records} == {"text", "image"}
     # same seed -> same bytes; another seed -> different pairs
     out2 = tmp_path / "again.json"
@@ -191,7 +192,7 @@ def test_build_pairs_image_crop_caption(tmp_path, image_root):
     s = build_pairs(src, image_root, out, mode="image", progress=False, rejected_image_dir="neg")
     (r,) = json.loads(out.read_text())
     assert s.written == {"image": 1} and r["pair_type"] == "image" and r["corruption"]["type"] == "crop"
-    assert r["rejected_image"].startswith("neg/crop/") and (image_root / r["rejected_image"]).is_file()
+    assert r["rejected_image"].startswith("neg/crop/") and (out.parent / r["rejected_image"]).is_file()
     assert 0.01 <= r["corruption"]["resolved"]["area_fraction"] <= 0.2
 
 
@@ -235,7 +236,7 @@ def test_build_pairs_region_noise_from_record(tmp_path, image_root):
     orig = np.asarray(load_image(image_root / "images" / "retina.png"))
     for rid, region in [("box", (slice(5, 25), slice(5, 25))), ("mask", (slice(10, 30), slice(40, 70))),
                         ("none", (slice(H // 4, H // 4 + H // 2), slice(W // 4, W // 4 + W // 2)))]:
-        got = np.asarray(Image.open(image_root / recs[rid]["rejected_image"]).convert("RGB"))
+        got = np.asarray(Image.open(out.parent / recs[rid]["rejected_image"]).convert("RGB"))
         inside = np.zeros((H, W), bool)
         inside[region] = True
         assert np.array_equal(got[~inside], orig[~inside]) and (got[inside] != orig[inside]).any(), rid
@@ -244,7 +245,7 @@ def test_build_pairs_region_noise_from_record(tmp_path, image_root):
     assert prov["spec"]["mask"]["file"] == "masks/m.png"
     from lightning_meddpo.data.images import reproduce
     again = reproduce(Image.fromarray(orig), prov, mask=mask > 0)
-    assert np.array_equal(np.asarray(again), np.asarray(Image.open(image_root / recs["mask"]["rejected_image"])))
+    assert np.array_equal(np.asarray(again), np.asarray(Image.open(out.parent / recs["mask"]["rejected_image"])))
     bad = _jsonl(tmp_path / "bad.jsonl", [{"id": "x", "image": "images/retina.png", "caption": "c",
                                            "region": {"box": [500, 500, 600, 600]}}])
     with pytest.raises(RecordError, match=r"id='x'.*'region'"):

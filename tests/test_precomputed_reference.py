@@ -140,7 +140,7 @@ def test_refused_where_it_cannot_be_right(tmp_path, data):
         r["rejected_conversations"][1]["value"] = "The image shows the liver." if "liver" not in r["conversations"][1]["value"] else "The image shows the lung."
     train = tmp_path / "train.json"
     train.write_text(json.dumps(records))
-    (tmp_path / "images").symlink_to(data["images"])
+    shutil.copytree(data["images"], tmp_path / "images")
     module = Multimodal(loss="copo", reference="precomputed", reference_cache_dir=str(tmp_path / "cache"))
     dm = PreferenceDataModule(str(train), str(train), batch_size=4, processor=module.processor, corruption="crop")
     with pytest.raises(ValueError, match="new corruption every epoch"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import json
 from pathlib import Path
 
@@ -52,7 +54,7 @@ def test_amboss_train_file_without_ids(tmp_path):
 
 def test_one_record_with_only_train_file_says_why(tmp_path, demo_dir, tiny_processor):
     records = json.loads((demo_dir / "train.json").read_text())[:1]
-    (tmp_path / "images").symlink_to(demo_dir / "images")
+    shutil.copytree(demo_dir / "images", tmp_path / "images")
     one = tmp_path / "one.json"
     one.write_text(json.dumps(records))
     dm = PreferenceDataModule(str(one), processor=tiny_processor)

@@ -22,14 +22,23 @@ from lightning_meddpo.backbones.tiny import TINY_SCHEME, build_once, default_cac
 TINY_QWEN = ("qwen2_vl", "qwen2_5_vl")
 
 
+def looks_like_a_path(name_or_path: str) -> bool:
+    """A local path rather than a hub id ("org/name"): absolute, relative with ./ ../ ~, or several levels."""
+    return name_or_path.startswith(("/", "./", "../", "~", ".")) or name_or_path.count("/") > 1 or "\\" in name_or_path
+
+
 def resolve_backbone(name_or_path: str) -> str:
-    """A path or hub id that `from_pretrained` understands."""
+    """A path or hub id that `from_pretrained` understands; a local path that is not a directory is a
+    FileNotFoundError saying so (from_pretrained would take it for a hub id and say something else)."""
     if name_or_path.startswith(TINY_SCHEME):
         name = name_or_path.removeprefix(TINY_SCHEME)
         if name in TINY_QWEN:
             return str(_resolve_tiny_qwen(name))
         return str(resolve_tiny(name_or_path))
-    return name_or_path
+    if looks_like_a_path(name_or_path) and not Path(name_or_path).expanduser().is_dir():
+        raise FileNotFoundError(f"backbone {name_or_path}: no such directory (a model directory, a hub id like "
+                                "org/name, or tiny://llama)")
+    return str(Path(name_or_path).expanduser()) if looks_like_a_path(name_or_path) else name_or_path
 
 
 def _resolve_tiny_qwen(version: str) -> Path:

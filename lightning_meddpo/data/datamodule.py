@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_meddpo.data.collate import EncodedPair, PairEncoder, PreferenceCollator, PromptTooLongError
 from lightning_meddpo.data.formats import FORMATS, read_records
-from lightning_meddpo.data.images import DEFAULT_MAX_PIXELS, load_image, to_rgb8
+from lightning_meddpo.data.images import DEFAULT_MAX_PIXELS, is_dicom, load_image, to_rgb8
 from lightning_meddpo.data.needs import PairNeeds
 from lightning_meddpo.data.records import PreferenceRecord, ReadReport, RecordError
 
@@ -43,12 +43,19 @@ def load_record_image(record: PreferenceRecord, field_name: str = "image",
     """Decode a record's image (a path or a PIL image) to 8-bit RGB; failures are RecordErrors."""
     value = getattr(record, field_name)
     label = "a PIL image" if isinstance(value, Image.Image) else str(value)
+    if not isinstance(value, Image.Image) and is_dicom(value):
+        raise RecordError(record.source, record.id, field_name, f"{label} is a DICOM file: DICOM is not supported; "
+                          "convert it to PNG (windowed as you want the model to see it)",
+                          reason=f"field {field_name}: DICOM file")
     try:
         if isinstance(value, Image.Image):
             size = value.size
         else:
             with Image.open(value) as im:
                 size = im.size
+    except Image.DecompressionBombError as e:
+        raise RecordError(record.source, record.id, field_name, f"image {label} is refused as a decompression bomb: {e}",
+                          reason=f"field {field_name}: image larger than max_pixels") from None
     except (OSError, UnidentifiedImageError, SyntaxError) as e:
         raise RecordError(record.source, record.id, field_name, f"cannot decode image {label}: {e}",
                           reason=f"field {field_name}: image cannot be decoded") from e
@@ -164,7 +171,10 @@ class PreferenceDataModule(L.LightningDataModule):
         format: "auto" (directory: hf_dataset; file: paper, trl or kto by its fields), "paper", "trl",
             "kto" or "hf_dataset" (see data/formats.py). For a DatasetDict the split "train" / "validation" (or
             "val") / "test" is used, or the only split.
-        image_root: directory image paths are relative to (default: each file's directory).
+        image_root: directory image paths are relative to (default: each file's directory). Paths may not
+            leave it, also not through a symbolic link.
+        rejected_image_root: directory `rejected_image` paths are relative to (default: image_root); build-pairs
+            writes its corrupted images beside its output and prints this setting.
         max_pixels: images with more pixels are refused (an error, or a skip with skip_invalid).
         demo: generate the synthetic demo dataset into the files' directory if it is missing;
             a dict passes sizes to it (n_train, n_val, n_test, image_pair_fraction, ...). The files must be
@@ -184,6 +194,7 @@ class PreferenceDataModule(L.LightningDataModule):
         val_file: str | None = None,
         test_file: str | None = None,
         image_root: str | None = None,
+        rejected_image_root: str | None = None,
         val_fraction: float = 0.1,
         batch_size: int = 4,
         eval_batch_size: int | None = None,
@@ -236,7 +247,8 @@ class PreferenceDataModule(L.LightningDataModule):
                 names = datasets.load_from_disk(path).keys()
                 wanted = {"train": ["train"], "val": ["validation", "val", "valid"], "test": ["test"]}[split]
                 hf_split = next((n for n in wanted if n in names), None)
-        records, report = read_records(path, h.image_root, format=h.format, skip_invalid=h.skip_invalid, split=hf_split)
+        records, report = read_records(path, h.image_root, format=h.format, skip_invalid=h.skip_invalid, split=hf_split,
+                                       rejected_image_root=h.rejected_image_root)
         self.reports[path] = report
         self._origin.update({id(r): path for r in records})
         log.info("%s: %s", path, report.summary())
@@ -421,7 +433,7 @@ class PreferenceDataModule(L.LightningDataModule):
         h = self.hparams
         files = [f for f in (h.train_file, h.val_file) if f]
         records = [r for split in ("train", "val") if split in self.datasets for r in self.datasets[split].records]
-        settings = ("image_root", "val_fraction", "max_length", "image_placeholder", "corruption", "seed", "format",
+        settings = ("image_root", "rejected_image_root", "val_fraction", "max_length", "image_placeholder", "corruption", "seed", "format",
                     "skip_invalid", "max_pixels")
         return {
             "files": [file_digest(f) if Path(f).is_file() else weights_fingerprint(f) for f in files],

@@ -38,6 +38,7 @@ from PIL import Image, UnidentifiedImageError
 
 from lightning_meddpo.data.records import (
     IMAGE_TOKEN,
+    ImageRoots,
     PreferenceRecord,
     ReadReport,
     RecordError,
@@ -258,7 +259,7 @@ def open_image_bytes(data: bytes, source: str, rid: str, field_name: str) -> Ima
         raise RecordError(source, rid, field_name, f"cannot identify the image bytes: {e}") from e
 
 
-def image_value(value: Any, image_root: Path, source: str, rid: str, field_name: str) -> Path | Image.Image:
+def image_value(value: Any, image_root: Path | ImageRoots, source: str, rid: str, field_name: str) -> Path | Image.Image:
     """A path (relative to the image root), a `datasets` Image value {"bytes", "path"}, or a PIL image."""
     if isinstance(value, Image.Image):
         return value
@@ -271,7 +272,7 @@ def image_value(value: Any, image_root: Path, source: str, rid: str, field_name:
     return resolve_image(image_root, value, source, rid, field_name)
 
 
-def _one_image(raw: dict[str, Any], source: str, rid: str, image_root: Path) -> Path | Image.Image:
+def _one_image(raw: dict[str, Any], source: str, rid: str, image_root: Path | ImageRoots) -> Path | Image.Image:
     name = "images" if "images" in raw else "image"
     value = raw.get(name)
     if value is None:
@@ -283,7 +284,7 @@ def _one_image(raw: dict[str, Any], source: str, rid: str, image_root: Path) -> 
     return image_value(value, image_root, source, rid, name)
 
 
-def parse_trl_record(raw: Any, source: str, image_root: Path, default_id: str) -> tuple[PreferenceRecord, bool]:
+def parse_trl_record(raw: Any, source: str, image_root: Path | ImageRoots, default_id: str) -> tuple[PreferenceRecord, bool]:
     """One TRL preference row -> (record, whether an image placeholder was inserted)."""
     if not isinstance(raw, dict):
         raise RecordError(source, None, "<record>", f"expected an object, got {type(raw).__name__}")
@@ -301,7 +302,7 @@ def parse_trl_record(raw: Any, source: str, image_root: Path, default_id: str) -
     return record, inserted
 
 
-def parse_kto_record(raw: Any, source: str, image_root: Path, default_id: str) -> tuple[PreferenceRecord, bool]:
+def parse_kto_record(raw: Any, source: str, image_root: Path | ImageRoots, default_id: str) -> tuple[PreferenceRecord, bool]:
     """One unpaired KTO row (prompt, completion, label, images) -> (record with `desirable`, placeholder inserted)."""
     if not isinstance(raw, dict):
         raise RecordError(source, None, "<record>", f"expected an object, got {type(raw).__name__}")
@@ -340,18 +341,20 @@ def read_records(
     format: Format = "auto",
     skip_invalid: bool = False,
     split: str | None = None,
+    rejected_image_root: str | Path | None = None,
 ) -> tuple[list[PreferenceRecord], ReadReport]:
     """Read preference records of any supported format (see the module docstring).
 
     `source` is a file, a save_to_disk directory, or a `datasets.Dataset` object. Image paths are
-    relative to `image_root` (default: the file's directory, or the dataset directory).
+    relative to `image_root` (default: the file's directory, or the dataset directory); rejected images to
+    `rejected_image_root` (default: `image_root`).
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if not isinstance(source, (str, Path)):  # a datasets.Dataset object
         label = getattr(source, "info", None) and source.info.dataset_name or "dataset"
         rows = dataset_rows(source, label)
-        root = Path(image_root) if image_root is not None else Path.cwd()
+        root = ImageRoots(Path(image_root) if image_root is not None else Path.cwd(), _opt_path(rejected_image_root))
         schema = format if format in ("paper", "trl", "kto") else detect_schema(rows, label)
         return _parse_rows(rows, schema, root, label, skip_invalid)
     path = Path(source)
@@ -359,7 +362,8 @@ def read_records(
         raise FileNotFoundError(f"preference data not found: {path}")
     if format == "auto" and path.is_dir():
         format = "hf_dataset"
-    root = Path(image_root) if image_root is not None else (path if path.is_dir() else path.parent)
+    root = ImageRoots(Path(image_root) if image_root is not None else (path if path.is_dir() else path.parent),
+                      _opt_path(rejected_image_root))
     if format == "hf_dataset":
         label = f"{path}[{split}]" if split else str(path)
         rows = dataset_rows(load_hf_dataset(path, split), label)
@@ -371,7 +375,11 @@ def read_records(
     return _parse_rows(rows, schema, root, path.stem, skip_invalid)
 
 
-def _parse_rows(rows: list[Row], schema: str, root: Path, stem: str, skip_invalid: bool):
+def _opt_path(value: str | Path | None) -> Path | None:
+    return Path(value) if value is not None else None
+
+
+def _parse_rows(rows: list[Row], schema: str, root: ImageRoots, stem: str, skip_invalid: bool):
     if schema == "paper":
         return collect(rows, lambda raw, src, i: parse_paper_record(raw, src, root), skip_invalid)
     stem = stem or "row"

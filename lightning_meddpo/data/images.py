@@ -86,6 +86,9 @@ def load_image(
     of ours) are refused before decoding.
     """
     rid = f" id={record_id!r}" if record_id else ""
+    if is_dicom(path):
+        raise ValueError(f"record{rid}: field {field_name!r}: {path} is a DICOM file: DICOM is not supported; "
+                         "convert it to PNG (windowed as you want the model to see it)")
     try:
         with Image.open(path) as im:
             w, h = im.size
@@ -100,6 +103,16 @@ def load_image(
         raise ValueError(f"record{rid}: field {field_name!r}: image {path} is too large: {e}") from e
     except (OSError, UnidentifiedImageError, SyntaxError) as e:
         raise ValueError(f"record{rid}: field {field_name!r}: cannot decode image {path}: {e}") from e
+
+
+def is_dicom(path: str | Path) -> bool:
+    """A DICOM Part 10 file: "DICM" after its 128-byte preamble."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
 
 
 # ------------------------------------------------------------------------------------------------- seeds

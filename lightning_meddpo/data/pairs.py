@@ -17,9 +17,10 @@ Output (JSON array, or JSONL when out_path ends in .jsonl), the paper's format, 
                    "pair_type": "text", "error_type": "laterality" | "anatomy" | ... | "rewriter"}
   image-rejected: {"id": "<src>-image", "source_id", "image", "rejected_image", "conversations",
                    "rejected_conversations" (== conversations), "pair_type": "image", "corruption": {...}}
-Image paths are relative to the image root, which is both the input and the output image root: corrupted
-images are written as PNG under `image_root / rejected_image_dir / <corruption type>/`, so records.py reads
-both `image` and `rejected_image` against the same root. The corruption provenance (type, full spec, seed,
+`image` paths stay relative to the source image root, which is only read: corrupted images are written as
+PNG under `rejected_image_root / rejected_image_dir / <corruption type>/`, where `rejected_image_root` is
+the output file's folder unless given, and `rejected_image` is relative to it. Train on the output with
+data.init_args.image_root (the source root) and data.init_args.rejected_image_root (printed at the end). The corruption provenance (type, full spec, seed,
 resolved random draws) reproduces the image: `images.corrupt(load_image(image), c["spec"], c["seed"])`.
 
 Text-rejected answers come from `perturb_answer` (the lexicon in lexicon.py: whole-word, case-preserving
@@ -408,6 +409,8 @@ class BuildSummary:
     """What build_pairs did: records read, pairs written by type, skips by reason (with example ids)."""
 
     out_path: str = ""
+    image_root: str = ""
+    rejected_image_root: str = ""
     read: int = 0
     written: Counter = field(default_factory=Counter)  # pair_type -> n
     error_types: Counter = field(default_factory=Counter)  # error_type -> n (text pairs)
@@ -435,6 +438,10 @@ class BuildSummary:
             lines.append(f"  {self.placeholder_inserted} prompts had no {IMAGE_TOKEN} placeholder (inserted)")
         for reason, n in sorted(self.skipped.items()):
             lines.append(f"  skipped {n}: {reason} (e.g. {', '.join(self.examples.get(reason, []))})")
+        if self.total_written:
+            lines.append(f"  train on it with --data.init_args.train_file={self.out_path} "
+                         f"--data.init_args.image_root={self.image_root}"
+                         + (f" --data.init_args.rejected_image_root={self.rejected_image_root}" if self.written.get("image") else ""))
         return "\n".join(lines)
 
 
@@ -474,11 +481,13 @@ def build_pairs(
     rejected_image_dir: str = "rejected_images",
     skip_invalid: bool = False,
     lexicon: dict[str, Any] | None = None,
+    rejected_image_root: str | Path | None = None,
 ) -> BuildSummary:
     """Build text- and/or image-rejected preference pairs from a VQA/caption file (see the module docstring).
 
     mode: "text" (lexicon or `rewriter` perturbation of the answer), "image" (`corruption` of the image,
-    written as PNG under image_root/rejected_image_dir/<type>/), or "both" (one of each per source record).
+    written as PNG under rejected_image_root/rejected_image_dir/<type>/; rejected_image_root defaults to the
+    output's folder, never the source image root), or "both" (one of each per source record).
     error_types: subset of lexicon.ERROR_TYPES (None: all). rewriter(question, answer) -> rejected answer
     (or (rejected, error_type)) replaces the lexicon builder when given. Seeds are per record:
     seed_for(f"text:{id}" or id, 0, seed), so a record's pair does not depend on its position in the file.
@@ -490,13 +499,14 @@ def build_pairs(
     if mode not in ("text", "image", "both"):
         raise ValueError(f"mode must be 'text', 'image' or 'both', got {mode!r}")
     image_root, out_path = Path(image_root), Path(out_path)
+    rejected_root = Path(rejected_image_root) if rejected_image_root is not None else out_path.parent
     if out_path.resolve() == Path(input_path).resolve():
         raise ValueError(f"out_path {out_path} is the input file; write the pairs to another file")
     spec = normalize_spec(corruption) if mode in ("image", "both") else None
     rel_dir = safe_relative_path(rejected_image_dir, "build_pairs", None, "rejected_image_dir")
     error_types = list(error_types) if error_types is not None else None
     _tables(lexicon, error_types)  # validate the names up front
-    summary = BuildSummary(out_path=str(out_path))
+    summary = BuildSummary(out_path=str(out_path), image_root=str(image_root), rejected_image_root=str(rejected_root))
     out: list[dict[str, Any]] = []
     seen: dict[str, str] = {}
     raws = read_json_or_jsonl(input_path)
@@ -536,7 +546,7 @@ def build_pairs(
             if rec is not None:
                 out.append(rec)
         if mode in ("image", "both"):
-            rec = _image_pair(item, chosen, base, img, image_root, rel_dir, spec, seed, summary)
+            rec = _image_pair(item, chosen, base, img, image_root, rejected_root, rel_dir, spec, seed, summary)
             if rec is not None:
                 out.append(rec)
     _write_records(out, out_path)
@@ -574,7 +584,7 @@ def _text_pair(item, chosen, base, error_types, seed, rewriter, lexicon, summary
             "pair_type": "text", "error_type": error_type}
 
 
-def _image_pair(item, chosen, base, img, image_root, rel_dir, spec, seed, summary) -> dict[str, Any] | None:
+def _image_pair(item, chosen, base, img, image_root, rejected_root, rel_dir, spec, seed, summary) -> dict[str, Any] | None:
     region = item.extra.get("region")
     mask_file = None
     if spec["type"] == "region_noise" and region is not None:
@@ -596,7 +606,7 @@ def _image_pair(item, chosen, base, img, image_root, rel_dir, spec, seed, summar
     if mask_file is not None:
         prov["spec"]["mask"]["file"] = mask_file  # reproduce(image, prov, mask=<that file loaded, > 0>)
     rel = f"{rel_dir}/{prov['type']}/{_safe_stem(item.id)}.png"
-    dest = image_root / rel
+    dest = rejected_root / rel
     dest.parent.mkdir(parents=True, exist_ok=True)
     bad.save(dest, format="PNG")
     summary.written["image"] += 1
@@ -637,8 +647,7 @@ def make_parser():
     )
     p.add_argument("--input", required=True, help="source records: LLaVA-Med questions, conversations or captions")
     p.add_argument("--image-root", default=None,
-                   help="directory image paths are relative to; rejected images are written under it "
-                        "(default: the input file's directory)")
+                   help="directory image paths are relative to, only read (default: the input file's directory)")
     p.add_argument("--out", required=True, help="output file (.json array, or .jsonl)")
     p.add_argument("--mode", choices=("text", "image", "both"), default="both",
                    help="text-rejected pairs, image-rejected pairs, or one of each per record (default: both)")
@@ -650,8 +659,11 @@ def make_parser():
     p.add_argument("--seed", type=int, default=0, help="base seed; each record's draws derive from it and its id")
     p.add_argument("--skip-invalid", action="store_true",
                    help="count and report malformed records instead of stopping at the first")
+    p.add_argument("--rejected-image-root", default=None,
+                   help="where corrupted images are written (default: the --out file's folder; never the source "
+                        "image root unless you name it here)")
     p.add_argument("--rejected-image-dir", default="rejected_images",
-                   help="folder under the image root for corrupted images (default: rejected_images)")
+                   help="folder under the rejected image root for corrupted images (default: rejected_images)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("LLM rewriter (text pairs from an OpenAI-compatible model instead of the lexicon)")
     g.add_argument("--rewriter-url", default=None, help="API base, e.g. http://127.0.0.1:8000/v1")
@@ -701,6 +713,7 @@ def main(argv: Sequence[str] | None = None) -> BuildSummary:
             input_path, image_root, args.out, mode=args.mode, corruption=corruption, error_types=error_types,
             seed=args.seed, rewriter=rewriter, progress=not args.no_progress,
             rejected_image_dir=args.rejected_image_dir, skip_invalid=args.skip_invalid,
+            rejected_image_root=args.rejected_image_root,
         )
     except (RecordError, ValueError, RuntimeError, OSError) as e:
         hint = "" if args.skip_invalid or not isinstance(e, RecordError) else " (--skip-invalid counts such records and goes on)"

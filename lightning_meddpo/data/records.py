@@ -99,9 +99,21 @@ class ReadReport:
         return "; ".join(parts)
 
 
+def read_text(path: Path) -> str:
+    """A data file as text: UTF-8, a leading byte order mark ignored; anything else is a RecordError
+    naming the file and the first offending byte."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise RecordError(f"{path}:{line}", None, "<file>", f"not UTF-8 text: byte 0x{raw[e.start]:02x} at offset "
+                          f"{e.start} (save the file as UTF-8)") from None
+
+
 def load_json_records(path: Path) -> list[tuple[str, Any]]:
     """Raw records of a JSON array or JSONL file, each with a source label 'file:line' or 'file[i]'."""
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if path.suffix == ".jsonl" or not text.lstrip().startswith("["):
         out = []
         for lineno, line in enumerate(text.splitlines(), start=1):
@@ -121,8 +133,23 @@ def load_json_records(path: Path) -> list[tuple[str, Any]]:
     return [(f"{path}[{i}]", rec) for i, rec in enumerate(data)]
 
 
-def resolve_image(image_root: Path, value: Any, source: str, record_id: str, field_name: str) -> Path:
-    """An image path inside the image root that exists; anything else is a RecordError."""
+@dataclass(frozen=True)
+class ImageRoots:
+    """Where a record's image paths are resolved: `image` under `images`, `rejected_image` under `rejected`
+    (default: the same root). build-pairs writes the corrupted images beside its output, never into the
+    source image folder, so its pairs are read with two roots."""
+
+    images: Path
+    rejected: Path | None = None
+
+    def for_field(self, field_name: str) -> Path:
+        return self.rejected if field_name.startswith("rejected_image") and self.rejected is not None else self.images
+
+
+def resolve_image(image_root: Path | ImageRoots, value: Any, source: str, record_id: str, field_name: str) -> Path:
+    """An image path inside the image root that exists; anything else is a RecordError. The root is the
+    boundary after symbolic links are followed too: a link inside it pointing elsewhere is refused."""
+    root = image_root.for_field(field_name) if isinstance(image_root, ImageRoots) else Path(image_root)
     if not isinstance(value, str) or not value.strip():
         raise RecordError(source, record_id, field_name, f"expected an image path, got {value!r}")
     rel = Path(value)
@@ -130,7 +157,11 @@ def resolve_image(image_root: Path, value: Any, source: str, record_id: str, fie
         raise RecordError(source, record_id, field_name, f"image path {value!r} escapes the image root "
                           "(absolute paths and '..' are not allowed)",
                           reason=f"field {field_name}: image path escapes the image root")
-    path = (image_root / rel).resolve()
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise RecordError(source, record_id, field_name, f"image path {value!r} resolves to {path}, outside the image "
+                          f"root {root.resolve()} (through a symbolic link): set the image root to where the images are",
+                          reason=f"field {field_name}: image path escapes the image root")
     if not path.is_file():
         raise RecordError(source, record_id, field_name, f"image file not found: {path}")
     return path
@@ -210,7 +241,7 @@ def finish_record(raw: dict[str, Any], source: str, rid: str, image: Any, prompt
     )
 
 
-def parse_paper_record(raw: Any, source: str, image_root: Path) -> tuple[PreferenceRecord, bool]:
+def parse_paper_record(raw: Any, source: str, image_root: Path | ImageRoots) -> tuple[PreferenceRecord, bool]:
     """Parse one record of the paper's format. Returns the record and whether a placeholder was inserted."""
     if not isinstance(raw, dict):
         raise RecordError(source, None, "<record>", f"expected a JSON object, got {type(raw).__name__}")
@@ -266,9 +297,11 @@ def collect(rows: Iterable[tuple[str, Any]], parse: Callable[[Any, str, int], tu
 
 
 def read_preference_file(
-    path: str | Path, image_root: str | Path | None = None, *, skip_invalid: bool = False
+    path: str | Path, image_root: str | Path | None = None, *, skip_invalid: bool = False,
+    rejected_image_root: str | Path | None = None,
 ) -> tuple[list[PreferenceRecord], ReadReport]:
     """Read and validate a preference file. Errors raise unless skip_invalid, which counts and reports them."""
     path = Path(path)
-    root = Path(image_root) if image_root is not None else path.parent
+    root = ImageRoots(Path(image_root) if image_root is not None else path.parent,
+                      Path(rejected_image_root) if rejected_image_root is not None else None)
     return collect(load_json_records(path), lambda raw, src, i: parse_paper_record(raw, src, root), skip_invalid)

@@ -429,6 +429,7 @@ class PreferenceModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.policy.model.parameters() if p.grad is not None]
         if not grads:
+            self._warn_if_nothing_trains(0.0)
             return
         norm = torch.nn.utils.get_total_norm(grads)
         if hasattr(norm, "full_tensor"):  # sharded (FSDP2 DTensor) gradients
