@@ -1,5 +1,6 @@
-"""The benchmark runner on a 2-formulation (SFT, DPO), few-step grid: fits and tests as CLI subprocesses,
-summary table and plots, skipping of finished runs, and the demo grid's config."""
+"""The benchmark runner on a 2-formulation (SFT, DPO) x 2-seed, few-step grid: fits and tests as CLI
+subprocesses, the summary (seed statistics, paired differences, error analysis) and plots, skipping of
+finished runs, and the grid configs (demo, the paper's LLaVA-Med and HuatuoGPT-Vision grids)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from lightning_meddpo.eval import benchmark
+from lightning_meddpo.eval.errors import ERROR_TYPES
 
 GRID = {"sft": "configs/demo/sft.yaml", "dpo": "configs/demo/dpo.yaml"}
 
@@ -20,6 +22,8 @@ def grid_args(out_dir: Path) -> list[str]:
         f"--out_dir={out_dir}",
         f"--formulations={json.dumps(GRID)}",
         "--baseline=sft",
+        "--seeds=[0, 1]",
+        "--bootstrap=200",
         "--start_from=sft",
         "--start_from_args=[--model.init_args.lr=1.0e-4]",
         '--trainer={"max_epochs": 1, "log_every_n_steps": 1}',
@@ -40,60 +44,74 @@ def finished_benchmark(tmp_path_factory) -> Path:
 def test_benchmark_grid(finished_benchmark):
     out = finished_benchmark
     rows = list(csv.DictReader((out / "summary.csv").open()))
-    assert [r["formulation"] for r in rows] == ["sft", "dpo"]
-    for column in ("closed_accuracy", "closed_accuracy_strict", "open_recall", "open_exact_match", "open_f1",
-                   "val_reward_accuracy", "delta_closed_accuracy", "delta_val_reward_accuracy"):
-        assert column in rows[0], sorted(rows[0])
-    sft, dpo = rows
-    assert float(sft["delta_open_recall"]) == 0.0
-    assert math.isclose(float(dpo["delta_val_reward_accuracy"]),
-                        float(dpo["val_reward_accuracy"]) - float(sft["val_reward_accuracy"]), abs_tol=1e-5)
-    for r in rows:
-        assert 0.0 <= float(r["val_reward_accuracy"]) <= 1.0 and 0.0 <= float(r["closed_accuracy"]) <= 1.0
-        assert int(r["steps"]) == 3  # 24 pairs, batch 8, 1 epoch
-        assert 1 <= int(r["checkpoint_step"]) <= 3
-    md = (out / "summary.md").read_text()
-    assert "| **sft** |" in md and "| dpo |" in md and "closed_accuracy" in md
-    for png in ("metrics.png", "curves.png"):
-        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    questions = (out / "data").glob("*/vqa_test.jsonl")
-    (question_file,) = list(questions)  # SFT and DPO share one data directory: identical data
-    n_questions = len(question_file.read_text().splitlines())
+    table = {(r["formulation"], r["evaluation"], r["metric"]): r for r in rows}
+    assert list(dict.fromkeys(r["formulation"] for r in rows)) == ["image-blind", "sft", "dpo"]
+    for metric in ("closed_accuracy", "closed_accuracy_strict", "open_recall", "open_recall_clipped", "open_f1",
+                   "acc/presence", "acc/side", "acc/modality", "acc/organ", "err/correct", "err/laterality",
+                   "err/missed_lesion", "err/invented_lesion", "err/wrong_modality", "err/wrong_organ", "err/visual"):
+        for name in ("image-blind", "sft", "dpo"):
+            assert (name, "test", metric) in table, (name, metric)
+    assert ("dpo", "fit", "val_reward_accuracy") in table and ("sft", "test", "closed_accuracy_run_eval") in table
+    n_questions = len(next((out / "data").glob("*/vqa_test.jsonl")).read_text().splitlines())
     for name in GRID:
-        result = json.loads((out / name / "result.json").read_text())
-        assert Path(result["checkpoint"]).parent == out / name / "fit" / "checkpoints"
-        assert "--seed_everything=0" in result["commands"]["fit"] and "--trainer.max_epochs=1" in result["commands"]["fit"]
-        predictions = (out / name / "test" / "predictions.jsonl").read_text().splitlines()
-        assert len(predictions) == n_questions
-    # DPO started from SFT's final weights (the paper's protocol: one starting model for every method)
-    sft_result = json.loads((out / "sft" / "result.json").read_text())
-    dpo_result = json.loads((out / "dpo" / "result.json").read_text())
-    dpo_fit = dpo_result["commands"]["fit"]
-    assert f"--model.init_args.init_from={out / 'sft' / 'fit' / 'checkpoints' / 'last.ckpt'}" in dpo_fit
-    assert dpo_fit[-1] == "--model.init_args.lr=1.0e-4" and "--model.init_args.lr=1.0e-4" not in sft_result["commands"]["fit"]
-    assert dpo_result["commands"]["start_from"] == sft_result["finished_at"]
-    assert not any(a.startswith("--model.init_args.init_from") for a in sft_result["commands"]["fit"])
+        row = table[(name, "test", "closed_accuracy")]
+        assert row["seeds"] == "2" and float(row["low"]) <= float(row["mean"]) <= float(row["high"])
+        # the mean is the mean of the two runs' own closed accuracy (as `test` logged it)
+        logged = [json.loads((out / name / f"seed_{s}" / "result.json").read_text())["metrics"]["closed_accuracy"]
+                  for s in (0, 1)]
+        assert math.isclose(float(row["mean"]), sum(logged) / 2, abs_tol=1e-5)
+        assert math.isclose(float(row["std"]), abs(logged[0] - logged[1]) / math.sqrt(2), abs_tol=1e-5)
+        shares = sum(float(table[(name, "test", f"err/{t}")]["mean"]) for t in ERROR_TYPES)
+        assert math.isclose(shares, 1.0, abs_tol=1e-6)  # every question has one error type
+        assert int(table[(name, "test", "err/correct")]["questions"]) == n_questions
+    dpo, sft = table[("dpo", "test", "open_f1")], table[("sft", "test", "open_f1")]
+    assert math.isclose(float(dpo["delta"]), float(dpo["mean"]) - float(sft["mean"]), abs_tol=1e-5)
+    assert float(dpo["delta_low"]) <= float(dpo["delta"]) <= float(dpo["delta_high"])
+    assert table[("sft", "test", "open_f1")]["delta"] == ""  # the baseline has no difference to itself
+    md = (out / "summary.md").read_text()
+    assert "| **sft** |" in md and "| dpo |" in md and "| _image-blind_ |" in md and "### Errors" in md
+    assert "judged from the images' ground truth" in md and "Difference to sft" in md
+    for png in ("metrics.png", "errors.png", "curves.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (question_file,) = list((out / "data").glob("*/vqa_test.jsonl"))  # every run shares one data directory
+    for name in GRID:
+        for seed in (0, 1):
+            run = out / name / f"seed_{seed}"
+            result = json.loads((run / "result.json").read_text())
+            assert Path(result["checkpoint"]).parent == run / "fit" / "checkpoints"
+            fit = result["commands"]["fit"]
+            assert f"--seed_everything={seed}" in fit and f"--data.init_args.seed={seed}" in fit
+            assert "--trainer.max_epochs=1" in fit and result["steps"] == 3  # 24 pairs, batch 8, 1 epoch
+            assert 1 <= result["checkpoint_step"] <= 3
+            assert len((run / "test" / "predictions.jsonl").read_text().splitlines()) == n_questions
+    # DPO started from the same seed's SFT final weights (the paper's protocol: one starting model per seed)
+    for seed in (0, 1):
+        sft_result = json.loads((out / "sft" / f"seed_{seed}" / "result.json").read_text())
+        dpo_fit = json.loads((out / "dpo" / f"seed_{seed}" / "result.json").read_text())["commands"]
+        start = out / "sft" / f"seed_{seed}" / "fit" / "checkpoints" / "last.ckpt"
+        assert f"--model.init_args.init_from={start}" in dpo_fit["fit"]
+        assert dpo_fit["fit"][-1] == "--model.init_args.lr=1.0e-4" and "--model.init_args.lr=1.0e-4" not in sft_result["commands"]["fit"]
+        assert dpo_fit["start_from"] == sft_result["finished_at"]
+        assert not any(a.startswith("--model.init_args.init_from") for a in sft_result["commands"]["fit"])
 
 
 def test_rerun_skips_finished_runs(finished_benchmark, capsys):
     out = finished_benchmark
-    stamps = {p: p.stat().st_mtime_ns for name in GRID for p in [out / name / "result.json", *(out / name / "fit").rglob("*")]}
+    stamps = {p: p.stat().st_mtime_ns for name in GRID for p in [*(out / name).rglob("result.json"), *(out / name).rglob("fit/*")]}
     results = benchmark.main(grid_args(out))
-    assert [r["name"] for r in results] == ["sft", "dpo"]
-    assert capsys.readouterr().out.count("finished earlier: skipped") == 2
+    assert [(r["name"], r["seed"]) for r in results] == [("sft", 0), ("dpo", 0), ("sft", 1), ("dpo", 1)]
+    assert capsys.readouterr().out.count("finished earlier: skipped") == 4
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing refitted or retested
     # A changed budget is not the finished run: it would be redone.
     args = benchmark.build_parser().parse_args([*grid_args(out), '--trainer={"max_epochs": 2}'])
     runner = benchmark.Runner(args)
-    config = runner.resolve(GRID["sft"])
-    commands = {"fit": runner.fit_command("sft", config), "test": runner.test_command("sft", config, None)}
-    assert runner.finished("sft", commands) is None
+    assert runner.finished("sft", 0, runner.commands("sft", runner.resolve(GRID["sft"]), 0)) is None
     # A refitted start run redoes the runs that started from it.
     runner = benchmark.Runner(benchmark.build_parser().parse_args(grid_args(out)))
-    commands = runner.commands("dpo", runner.resolve(GRID["dpo"]))
-    assert runner.finished("dpo", commands) is not None
-    assert runner.finished("dpo", {**commands, "start_from": "2000-01-01T00:00:00Z"}) is None
-    assert runner.finished("dpo", {**commands, "test_checkpoint": "last"}) is None  # another checkpoint tested
+    commands = runner.commands("dpo", runner.resolve(GRID["dpo"]), 1)
+    assert runner.finished("dpo", 1, commands) is not None
+    assert runner.finished("dpo", 1, {**commands, "start_from": "2000-01-01T00:00:00Z"}) is None
+    assert runner.finished("dpo", 1, {**commands, "test_checkpoint": "last"}) is None  # another checkpoint tested
     with pytest.raises(SystemExit, match="start_from 'sft' has no finished run"):
         benchmark.main([*grid_args(out.parent / "empty-benchmark"), "--only=[dpo]"])
 

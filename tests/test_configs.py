@@ -77,6 +77,23 @@ def fit_args(config: Path, data_root: Path, run_root: Path) -> list[str]:
     ]
 
 
+def paper_grid_commands(out_dir: Path) -> dict[str, list[str]]:
+    """Every fit command of the paper's benchmark grids (configs/benchmark/{llava_med,huatuo}.yaml) and the
+    test commands of one formulation on each of their evaluation sets, as the benchmark runner builds them."""
+    from lightning_meddpo.eval import benchmark
+
+    out = {}
+    for grid in ("llava_med", "huatuo"):
+        args = benchmark.build_parser().parse_args(["--config", str(CONFIGS / "benchmark" / f"{grid}.yaml"),
+                                                    f"--out_dir={out_dir / grid}"])
+        runner = benchmark.Runner(args)
+        for name, config in args.formulations.items():
+            out[f"grid:{grid}/{name}"] = runner.fit_command(name, runner.resolve(config), args.seeds[0])
+        tests = runner.test_commands("dpo", runner.resolve(args.formulations["dpo"]), args.seeds[0], None)
+        out.update({f"grid:{grid}/test/{evaluation}": cmd for evaluation, cmd in tests.items()})
+    return out
+
+
 def environment() -> dict[str, str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -97,6 +114,7 @@ def runs(tmp_path_factory):
         ensure_demo_dataset(root / "data" / f"frac{options.get('image_pair_fraction', 0.0)}", seed=0, **options)
     fits = [(c.stem, fit_args(c, root / "data", root / "runs")) for c in DEMO]
     prints = [(f"{c.parent.name}/{c.stem}", ["fit", "--config", str(c), "--print_config"]) for c in PAPER]
+    prints += [(name, [*cmd, "--print_config"]) for name, cmd in paper_grid_commands(root / "grid").items()]
     workers = {"fit0": fits[0::2], "fit1": fits[1::2], "print": prints}
     procs = {}
     for name, jobs in workers.items():
@@ -171,3 +189,36 @@ def test_paper_config_parses_with_the_papers_settings(runs, config):
         assert model["nll_weight"] == 1.0
     monitors = [c["init_args"]["monitor"] for c in trainer["callbacks"] if "monitor" in c.get("init_args", {})]
     assert monitors == ["val/rewards/accuracies"]
+
+
+PAPER_GRID_FORMULATIONS = {"sft", "dpo", "ipo", "cdpo", "dpo_nll", "simpo", "orpo", "copo", "mdpo", "mmedpo", "targeted"}
+PAPER_EVALS = {"vqa_rad", "slake", "pathvqa", "mimic_cxr", "amboss"}
+
+
+@pytest.mark.parametrize("grid", ["llava_med", "huatuo"])
+def test_paper_benchmark_grid_commands_parse(runs, grid):
+    """The paper's grid: SFT, the nine published formulations and the targeted mix with the paper's settings,
+    on the paper's five benchmarks; every fit and test command the runner would start parses."""
+    results = {k.removeprefix(f"grid:{grid}/"): v for k, v in runs["results"].items() if k.startswith(f"grid:{grid}/")}
+    fits = {k: v for k, v in results.items() if not k.startswith("test/")}
+    tests = {k.removeprefix("test/"): v for k, v in results.items() if k.startswith("test/")}
+    assert set(fits) == PAPER_GRID_FORMULATIONS and set(tests) == PAPER_EVALS
+    for name, result in results.items():
+        assert result["ok"], (name, result.get("error"))
+    expected_template = {"llava_med": "v1", "huatuo": "qwen_2"}[grid]
+    for name, result in fits.items():
+        cfg = yaml.safe_load(result["stdout"])
+        model, data, trainer = cfg["model"]["init_args"], cfg["data"]["init_args"], cfg["trainer"]
+        assert model["lr"] == 1e-7 and trainer["max_epochs"] == 3 and model["chat_template"] == expected_template
+        assert model["backbone"].startswith("/path/to/") and cfg["seed_everything"] == 42
+        assert data["train_file"] == {"mmedpo": "/path/to/preference/mmedpo_train.json",
+                                      "targeted": "/path/to/preference/targeted_train.json"}.get(
+                                          name, "/path/to/preference/train.json")
+    for evaluation, result in tests.items():
+        data = yaml.safe_load(result["stdout"])["data"]["init_args"]
+        assert data["test_file"].startswith("/path/to/med-vlm-dpo/data/benchmark_question_file/")
+        report = evaluation in ("mimic_cxr", "amboss")
+        assert data["format"] == ("report" if report else "vqa")
+        assert (data["judge"] or {}).get("model") == ("gpt-4.1" if report else None)
+        if grid == "huatuo":
+            assert data["chat_template"] == "qwen_2"

@@ -21,8 +21,10 @@ def test_notebook_executes(finished_benchmark, monkeypatch):  # noqa: F811
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     text = "\n".join(o.get("text", "") for o in outputs)
-    assert f"2 finished runs in {finished_benchmark}; baseline: sft" in text
+    assert f"4 finished runs in {finished_benchmark}; baseline: sft; seeds [0, 1]" in text
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) == 2  # the metric bars and the training curves
+    assert len(images) == 3  # the error bars, the metric bars and the training curves
     html = "\n".join(o.get("data", {}).get("text/html", "") for o in outputs)
-    assert "dpo" in html and "closed_accuracy" in html
+    for column in ("closed_accuracy", "acc/side", "err/visual", "err/missed_lesion", "image-blind", "laterality"):
+        assert column in html, column
+    assert " ± " in html and "[" in html  # std and interval in the score cells

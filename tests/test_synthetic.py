@@ -168,7 +168,10 @@ def test_vqa_test_file(built):
     test = _records(built, "test")
     assert [q["question_id"] for q in lines] == [r["id"] for r in test]
     for q, r in zip(lines, test):
-        assert set(q) == {"question_id", "image", "text", "answer", "answer_type"}
+        assert set(q) == {"question_id", "image", "text", "answer", "answer_type", "question_type", "modality", "organ",
+                          "lesion_side"}
+        assert (q["question_type"], q["modality"], q["organ"], q["lesion_side"]) == (
+            r["question_type"], r["modality"], r["organ"], r["lesion_side"])
         assert "<image>" not in q["text"] and q["text"] in r["conversations"][0]["value"]
         chosen = r["conversations"][-1]["value"]
         if chosen.startswith(("Yes", "No")):  # closed: a bare yes/no agreeing with the chosen answer

@@ -12,7 +12,7 @@ question file for held-out VQA evaluation:
     out_dir/images/{split}_{i:05d}.png           the image
     out_dir/images/{split}_{i:05d}_corrupt.png   the rejected image (contradicts the chosen answer)
     out_dir/train.json, val.json, test.json      JSON arrays of preference records
-    out_dir/vqa_test.jsonl                       the test split as benchmark questions
+    out_dir/vqa_test.jsonl                       the test split as benchmark questions, with their ground truth
     out_dir/.synthetic_dataset.json              marker: written first as "building", completed last
 
 The generator writes only into a folder that is absent, empty, or already carries the marker: a folder
@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: vqa_test.jsonl carries each question's ground truth
 MARKER_NAME = ".synthetic_dataset.json"
 SPLITS = ("train", "val", "test")
 MODALITIES = ("CT", "MRI", "X-ray", "ultrasound")
@@ -208,6 +208,18 @@ def _random_spec(rng: np.random.Generator, size: int) -> ImageSpec:
         gain=float(rng.uniform(0.9, 1.05)),
         noise_seed=int(rng.integers(0, 2**31 - 1)),
     )
+
+
+def labelled_images(n: int, image_size: int, seed: int) -> tuple[list[Image.Image], np.ndarray]:
+    """`n` freshly drawn demo images (never the ones written to a dataset: another stream) and their labels
+    [modality index, organ index, lesion (0 none, 1 left, 2 right)], for warm-starting a vision tower."""
+    rng = np.random.default_rng([seed, 99])
+    images, labels = [], []
+    for _ in range(n):
+        spec = _random_spec(rng, image_size)
+        images.append(Image.fromarray(render_image(spec), mode="RGB"))
+        labels.append([MODALITIES.index(spec.modality), ORGANS.index(spec.organ), (None, *SIDES).index(spec.lesion)])
+    return images, np.array(labels)
 
 
 def _other(rng: np.random.Generator, options: tuple[str, ...], value: str) -> str:
@@ -393,6 +405,9 @@ def generate_demo_dataset(
             "text": question,
             "answer": benchmark_answer(rec),
             "answer_type": ANSWER_TYPE[rec["question_type"]],
+            # the ground truth the error analysis reads (eval/errors.py); benchmark files have none
+            "question_type": rec["question_type"], "modality": rec["modality"], "organ": rec["organ"],
+            "lesion_side": rec["lesion_side"],
         }))
     _write_text(paths["vqa_test"], "".join(line + "\n" for line in vqa))
     _write_text(marker, json.dumps({**params, "complete": True}, sort_keys=True) + "\n")

@@ -1,29 +1,29 @@
 """`python -m lightning_meddpo benchmark --config configs/benchmark/demo.yaml`: a grid of formulations,
-trained and evaluated under identical conditions, compared in one table.
+trained and evaluated under identical conditions, over several seeds, compared in one table.
 
-For each formulation (an existing fit config, e.g. configs/demo/dpo.yaml) the runner
+For each formulation (an existing fit config, e.g. configs/demo/dpo.yaml) and each seed in `seeds` the runner
 1. fits it as a subprocess (`python -m lightning_meddpo fit --config CFG ...`) with the overrides every
-   run shares: the seed, the trainer budget (`trainer:`, e.g. max_epochs), the data options (`data:`)
-   and, for configs that build the synthetic demo data, the demo sizes (`demo_sizes:`). Demo data is
-   generated under `<out_dir>/data/`, one directory per distinct set of demo options: runs whose
-   configs ask for the same demo data (most) share the same files; a config with its own construction
-   (the targeted mix: image_pair_fraction 0.5) keeps it, at the same sizes and seed.
-2. tests the run's checkpoint (`eval.checkpoint`: best, falling back to last) with the evaluation
-   DataModule (`eval.config`, default configs/eval/demo_vqa.yaml) on ONE held-out question file for
-   all runs (`eval.test_file`, default the demo data's vqa_test.jsonl), as a subprocess of `test`;
-3. reads the metrics back from TensorBoard (test/* of the test, the final val/* of the fit) and writes
-   `<out_dir>/<name>/result.json` LAST: it marks the run finished. A rerun skips runs whose result.json
-   records the same commands; a run with a changed command, or without result.json, is redone from
-   scratch (its directory is cleared first, so event files never mix).
+   run shares: the seed (`seed_everything` and the data's shuffle/corruption seed), the trainer budget
+   (`trainer:`), the data options (`data:`) and, for configs that build the synthetic demo data, the demo
+   sizes (`demo_sizes:`), then `fit_args` and the formulation's own `formulation_args` (its data only).
+   Demo data is generated under `<out_dir>/data/` with `data_seed` (the same data for every training
+   seed), one directory per distinct set of demo options;
+2. tests the run's checkpoint (`eval.checkpoint`) on each evaluation set: `evals:` names several
+   (name -> {config, test_file, image_root, args}: the paper's VQA-RAD, SLAKE, PathVQA, MIMIC-CXR, ...),
+   or `eval.config` / `eval.test_file` one (default: the demo data's vqa_test.jsonl);
+3. reads the metrics back from TensorBoard and writes `<out_dir>/<name>/seed_<s>/result.json` LAST: it
+   marks the run finished. A rerun skips runs whose result.json records the same commands; a run with a
+   changed command, or without result.json, is redone from scratch.
 
-With `start_from: sft`, that run goes first and every other run starts from its final weights
-(`model.init_args.init_from`, so the reference model is that SFT model too), with `start_from_args`
-added to their fits: the paper's protocol, where every preference method starts from one
-instruction-tuned model. A refit of the start run
-redoes the runs that started from it.
+With `start_from: sft`, that formulation runs first (per seed, with `start_run_args`) and every other run
+of the seed starts from its final weights (`model.init_args.init_from`, so the reference model is that
+SFT model too), with `start_from_args` added: the paper's protocol, where every preference method starts
+from one instruction-tuned model. A refit of the start run redoes the runs that started from it.
 
-Then `summary.csv`, `summary.md` (a row per formulation, a column per metric, deltas to the baseline)
-and `metrics.png`, `curves.png` (eval/report.py). Layout: <out_dir>/<name>/{fit,test}/...
+Then eval/report.py compares them: per metric the mean over seeds and questions with a 95% bootstrap
+interval, each formulation's paired difference to the baseline with its interval, the error analysis
+(eval/errors.py) and an image-blind row, in `summary.csv`, `summary.md` and `metrics.png`, `errors.png`,
+`curves.png`. Layout: <out_dir>/<name>/seed_<s>/{fit,test[_<eval>]}/...
 """
 
 from __future__ import annotations
@@ -44,7 +44,18 @@ from typing import Any, Literal
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from lightning_meddpo.eval.report import RESULT_NAME, plot_curves, plot_metrics, summary_rows, training_curves, write_summary
+from lightning_meddpo.eval.report import (
+    RESULT_NAME,
+    SINGLE_EVAL,
+    eval_dir_name,
+    load_results,
+    plot_curves,
+    plot_errors,
+    plot_metrics,
+    summarize,
+    training_curves,
+    write_summary,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,28 +69,41 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--config", action=ActionConfigFile, help="benchmark YAML (see configs/benchmark/demo.yaml)")
     p.add_argument("--formulations", type=dict[str, str], required=True,
                    help="name -> fit config path (relative to the current directory)")
-    p.add_argument("--baseline", type=str | None, default="sft", help="formulation the deltas are taken to")
+    p.add_argument("--baseline", type=str | None, default="sft", help="formulation the differences are taken to")
     p.add_argument("--start_from", type=str | None, default=None,
-                   help="formulation whose final checkpoint every other run starts from (it runs first)")
+                   help="formulation whose final checkpoint every other run of a seed starts from (it runs first)")
+    p.add_argument("--start_run_args", type=list[str], default=[], help="extra fit arguments for the start_from run")
     p.add_argument("--start_from_args", type=list[str], default=[],
                    help="extra fit arguments for the runs that start from start_from (e.g. a smaller lr)")
     p.add_argument("--out_dir", type=str, default="runs/benchmark")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the seed, when `seeds` is not given")
+    p.add_argument("--seeds", type=list[int] | None, default=None, help="one run per formulation and seed")
+    p.add_argument("--data_seed", type=int | None, default=None, help="demo data seed (default: the first seed)")
     p.add_argument("--trainer", type=dict[str, Any], default={}, help="trainer overrides for every fit (the budget)")
     p.add_argument("--data", type=dict[str, Any], default={}, help="data.init_args overrides for every fit")
     p.add_argument("--demo_sizes", type=dict[str, int] | None, default=None,
                    help="n_train/n_val/n_test for configs that generate the demo data")
     p.add_argument("--fit_args", type=list[str], default=[], help="extra CLI arguments for every fit")
+    p.add_argument("--formulation_args", type=dict[str, list[str]], default={},
+                   help="name -> extra fit arguments for that formulation only, after fit_args (its own data: "
+                        "the targeted pairs, MMedPO's weighted pairs); not for tuning one formulation's hyper-parameters")
     p.add_argument("--eval.config", type=str, default=DEFAULT_EVAL_CONFIG, help="evaluation DataModule config")
     p.add_argument("--eval.test_file", type=str | None, default=None,
                    help="held-out question file (default: <out_dir>/data/<base>/vqa_test.jsonl)")
     p.add_argument("--eval.checkpoint", type=Literal["best", "last"], default="best", help="best (falls back to last) or last")
     p.add_argument("--eval.args", type=list[str], default=[], help="extra CLI arguments for every test")
+    p.add_argument("--evals", type=dict[str, dict[str, Any]] | None, default=None,
+                   help="several evaluation sets: name -> {config, test_file, image_root (optional), args (optional)}")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
     p.add_argument("--only", type=list[str] | None, default=None, help="run only these formulations")
     p.add_argument("--force", type=bool, default=False, help="refit finished runs too")
     p.add_argument("--plots", type=bool, default=True)
     p.add_argument("--python", type=str, default=sys.executable)
     return p
+
+
+def seeds_of(args) -> list[int]:
+    return list(args.seeds) if args.seeds else [args.seed]
 
 
 # ---------------------------------------------------------------- reading fit configs
@@ -120,10 +144,16 @@ def data_dir_for(out_dir: Path, options: dict[str, Any]) -> Path:
 
 # ---------------------------------------------------------------- one run
 class Runner:
+    """Fits and tests one (formulation, seed) at a time; a run's directory is <out_dir>/<name>/seed_<s>."""
+
     def __init__(self, args):
         self.args = args
         self.out_dir = Path(args.out_dir)
-        self.base_options = {**(args.demo_sizes or {}), "seed": args.seed}
+        data_seed = args.data_seed if args.data_seed is not None else seeds_of(args)[0]
+        self.base_options = {**(args.demo_sizes or {}), "seed": data_seed}
+
+    def run_dir(self, name: str, seed: int) -> Path:
+        return self.out_dir / name / f"seed_{seed}"
 
     def resolve(self, path: str) -> Path:
         p = Path(path)
@@ -140,44 +170,75 @@ class Runner:
         ensure_demo_dataset(directory, **options)
         return directory
 
-    def test_file(self) -> Path:
-        if self.args.eval.test_file:
-            return self.resolve(self.args.eval.test_file)
-        return self.prepare_data(dict(self.base_options)) / "vqa_test.jsonl"
-
-    def fit_command(self, name: str, config: Path) -> list[str]:
+    def evaluations(self) -> dict[str, dict[str, Any]]:
+        """name -> {config, test_file, args}: the `evals` given, or the one `eval.*` describes."""
         a = self.args
-        run_dir = self.out_dir / name
-        cmd = ["fit", "--config", str(config), f"--seed_everything={a.seed}"]
+        if a.evals:
+            out = {}
+            for name, spec in a.evals.items():
+                if not spec.get("test_file") or not spec.get("config"):
+                    raise SystemExit(f"evals.{name}: needs config and test_file")
+                args = [f"--data.init_args.image_root={spec['image_root']}"] if spec.get("image_root") else []
+                out[name] = {"config": spec["config"], "test_file": self.resolve(spec["test_file"]),
+                             "args": args + list(spec.get("args") or [])}
+            return out
+        test_file = self.resolve(a.eval.test_file) if a.eval.test_file else self.prepare_data(dict(self.base_options)) / "vqa_test.jsonl"
+        return {SINGLE_EVAL: {"config": a.eval.config, "test_file": test_file, "args": []}}
+
+    def fit_command(self, name: str, config: Path, seed: int) -> list[str]:
+        a = self.args
+        run_dir = self.run_dir(name, seed)
+        cmd = ["fit", "--config", str(config), f"--seed_everything={seed}"]
         cmd += [f"--trainer.{k}={_fmt_arg(v)}" for k, v in a.trainer.items()]
-        cmd += [f"--trainer.logger.init_args.save_dir={self.out_dir}", f"--trainer.logger.init_args.name={name}",
+        cmd += [f"--trainer.logger.init_args.save_dir={run_dir.parent}", f"--trainer.logger.init_args.name={run_dir.name}",
                 "--trainer.logger.init_args.version=fit", f"--trainer.default_root_dir={run_dir}",
                 "--trainer.enable_progress_bar=false"]
-        options = demo_options(data_block(config), a.demo_sizes, a.seed)
+        options = demo_options(data_block(config), a.demo_sizes, self.base_options["seed"])
         if options is not None:
             directory = self.prepare_data(options)
             cmd += [f"--data.init_args.{split}_file={directory / f'{split}.json'}" for split in ("train", "val", "test")]
             cmd += ["--data.init_args.demo=false"]
         cmd += [f"--data.init_args.{k}={_fmt_arg(v)}" for k, v in a.data.items()]
-        cmd += ["--data.init_args.seed=" + str(a.seed)]
-        if a.start_from and name != a.start_from:
-            cmd += [f"--model.init_args.init_from={self.start_checkpoint()}", *a.start_from_args]
-        return cmd + list(a.fit_args)
+        cmd += ["--data.init_args.seed=" + str(seed)]
+        if a.start_from and name == a.start_from:
+            cmd += list(a.start_run_args)
+        elif a.start_from:
+            cmd += [f"--model.init_args.init_from={self.start_checkpoint(seed)}", *a.start_from_args]
+        return cmd + list(a.fit_args) + list(a.formulation_args.get(name, []))
 
-    def start_checkpoint(self) -> Path:
-        return self.out_dir / self.args.start_from / "fit" / "checkpoints" / "last.ckpt"
+    def start_checkpoint(self, seed: int) -> Path:
+        return self.run_dir(self.args.start_from, seed) / "fit" / "checkpoints" / "last.ckpt"
 
-    def commands(self, name: str, config: Path) -> dict[str, Any]:
+    def test_commands(self, name: str, config: Path, seed: int, checkpoint: Path | None) -> dict[str, list[str]]:
+        a = self.args
+        run_dir = self.run_dir(name, seed)
+        out = {}
+        for eval_name, spec in self.evaluations().items():
+            version = eval_dir_name(eval_name)
+            cmd = ["test", "--config", str(config), "--data", str(self.resolve(spec["config"])),
+                   f"--data.init_args.test_file={spec['test_file']}", "--data.init_args.demo=false",
+                   f"--seed_everything={seed}",
+                   f"--trainer.logger.init_args.save_dir={run_dir.parent}", f"--trainer.logger.init_args.name={run_dir.name}",
+                   f"--trainer.logger.init_args.version={version}", f"--trainer.default_root_dir={run_dir}",
+                   "--trainer.enable_progress_bar=false", *spec["args"]]
+            if checkpoint is not None:
+                cmd.append(f"--ckpt_path={checkpoint}")
+            out[eval_name] = cmd + list(a.eval.args)
+        return out
+
+    def commands(self, name: str, config: Path, seed: int) -> dict[str, Any]:
         """What a finished run is compared against on a rerun (the test's checkpoint is only known later)."""
-        commands: dict[str, Any] = {"fit": self.fit_command(name, config), "test": self.test_command(name, config, None),
+        commands: dict[str, Any] = {"fit": self.fit_command(name, config, seed),
+                                    "test": self.test_commands(name, config, seed, None),
                                     "test_checkpoint": self.args.eval.checkpoint}
         start = self.args.start_from
         if start and name != start:  # the start run's own finish: refitting it redoes this run
-            commands["start_from"] = json.loads((self.out_dir / start / RESULT_NAME).read_text(encoding="utf-8"))["finished_at"]
+            result = self.run_dir(start, seed) / RESULT_NAME
+            commands["start_from"] = json.loads(result.read_text(encoding="utf-8"))["finished_at"]
         return commands
 
-    def checkpoint(self, name: str) -> Path:
-        ckpt_dir = self.out_dir / name / "fit" / "checkpoints"
+    def checkpoint(self, name: str, seed: int) -> Path:
+        ckpt_dir = self.run_dir(name, seed) / "fit" / "checkpoints"
         best = sorted(ckpt_dir.glob("best*.ckpt"), key=lambda p: p.stat().st_mtime)
         last = sorted(ckpt_dir.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
         if self.args.eval.checkpoint == "best" and best:
@@ -186,19 +247,7 @@ class Runner:
             return last[-1]
         if best:
             return best[-1]
-        raise FileNotFoundError(f"{name}: no checkpoint in {ckpt_dir}; the fit config must save one (save_last: true)")
-
-    def test_command(self, name: str, config: Path, checkpoint: Path | None) -> list[str]:
-        a = self.args
-        cmd = ["test", "--config", str(config), "--data", str(self.resolve(a.eval.config)),
-               f"--data.init_args.test_file={self.test_file()}", "--data.init_args.demo=false",
-               f"--seed_everything={a.seed}",
-               f"--trainer.logger.init_args.save_dir={self.out_dir}", f"--trainer.logger.init_args.name={name}",
-               "--trainer.logger.init_args.version=test", f"--trainer.default_root_dir={self.out_dir / name}",
-               "--trainer.enable_progress_bar=false"]
-        if checkpoint is not None:
-            cmd.append(f"--ckpt_path={checkpoint}")
-        return cmd + list(a.eval.args)
+        raise FileNotFoundError(f"{name} (seed {seed}): no checkpoint in {ckpt_dir}; the fit config must save one")
 
     def call(self, cmd: list[str], log_file: Path) -> tuple[float, float]:
         """Run `python -m lightning_meddpo CMD`; (wall seconds, CPU seconds of the subprocess)."""
@@ -216,41 +265,46 @@ class Runner:
             raise RuntimeError(f"`{cmd[0]}` failed ({proc.returncode}); full log: {log_file}\n{tail}")
         return time.perf_counter() - start, _children_cpu() - cpu_start
 
-    def finished(self, name: str, commands: dict[str, list[str]]) -> dict[str, Any] | None:
-        path = self.out_dir / name / RESULT_NAME
+    def finished(self, name: str, seed: int, commands: dict[str, Any]) -> dict[str, Any] | None:
+        path = self.run_dir(name, seed) / RESULT_NAME
         if self.args.force or not path.is_file():
             return None
         result = json.loads(path.read_text(encoding="utf-8"))
         if result.get("commands") != commands:
-            print(f"[{name}] settings changed since the finished run: redoing it")
+            print(f"[{name} seed {seed}] settings changed since the finished run: redoing it")
             return None
         return result
 
-    def run(self, name: str, config_path: str) -> dict[str, Any]:
+    def run(self, name: str, config_path: str, seed: int) -> dict[str, Any]:
         config = self.resolve(config_path)
-        commands = self.commands(name, config)
-        fit_cmd = commands["fit"]
-        done = self.finished(name, commands)
+        commands = self.commands(name, config, seed)
+        done = self.finished(name, seed, commands)
+        run_dir = self.run_dir(name, seed)
         if done is not None:
-            print(f"[{name}] finished earlier: skipped ({self.out_dir / name / RESULT_NAME})")
+            print(f"[{name} seed {seed}] finished earlier: skipped ({run_dir / RESULT_NAME})")
             return done
-        run_dir = self.out_dir / name
         if run_dir.exists():
             shutil.rmtree(run_dir)  # an unfinished or outdated run: start clean
-        print(f"[{name}] fit {config}", flush=True)
-        fit_seconds, fit_cpu = self.call(fit_cmd, run_dir / "fit.log")
-        checkpoint = self.checkpoint(name)
-        print(f"[{name}] test {checkpoint.name} ({fit_seconds:.0f} s fit)", flush=True)
-        test_seconds, test_cpu = self.call(self.test_command(name, config, checkpoint), run_dir / "test.log")
+        print(f"[{name} seed {seed}] fit {config}", flush=True)
+        fit_seconds, fit_cpu = self.call(commands["fit"], run_dir / "fit.log")
+        checkpoint = self.checkpoint(name, seed)
+        print(f"[{name} seed {seed}] test {checkpoint.name} ({fit_seconds:.0f} s fit)", flush=True)
+        test_seconds = test_cpu = 0.0
+        for eval_name, cmd in self.test_commands(name, config, seed, checkpoint).items():
+            seconds, cpu = self.call(cmd, run_dir / f"{eval_dir_name(eval_name)}.log")
+            test_seconds, test_cpu = test_seconds + seconds, test_cpu + cpu
+        evaluations = self.evaluations()
         result = {
-            "name": name, "config": config_path, "commands": commands, "checkpoint": str(checkpoint),
+            "name": name, "seed": seed, "config": config_path, "commands": commands, "checkpoint": str(checkpoint),
             "fit_seconds": fit_seconds, "test_seconds": test_seconds, "fit_cpu_seconds": fit_cpu, "test_cpu_seconds": test_cpu,
-            **collect_metrics(run_dir), "checkpoint_step": checkpoint_step(checkpoint), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "test_files": {e: str(spec["test_file"]) for e, spec in evaluations.items()},
+            **collect_metrics(run_dir, list(evaluations)), "checkpoint_step": checkpoint_step(checkpoint),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         tmp = run_dir / f".{RESULT_NAME}.tmp"
         tmp.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
         os.replace(tmp, run_dir / RESULT_NAME)  # written last: marks the run finished
-        print(f"[{name}] done in {fit_seconds + test_seconds:.0f} s: "
+        print(f"[{name} seed {seed}] done in {fit_seconds + test_seconds:.0f} s: "
               + ", ".join(f"{k}={v:.3f}" for k, v in result["metrics"].items()), flush=True)
         return result
 
@@ -275,13 +329,19 @@ def _last(series: list[tuple[int, float]] | None) -> float:
     return float(series[-1][1]) if series else math.nan
 
 
-def collect_metrics(run_dir: Path) -> dict[str, Any]:
-    """test/* from the test run, final val/* and the step count from the fit (TensorBoard event files)."""
+def collect_metrics(run_dir: Path, evaluations: list[str]) -> dict[str, Any]:
+    """test/* of each evaluation (prefixed `<eval>/` when there are several), the final val/* and the step
+    count of the fit (TensorBoard event files)."""
     from lightning_meddpo.eval.tensorboard import read_scalars
 
     fit = read_scalars(run_dir / "fit")
-    test = read_scalars(run_dir / "test")
-    metrics = {tag.removeprefix("test/"): _last(series) for tag, series in test.items() if tag.startswith("test/")}
+    metrics = {}
+    for eval_name in evaluations:
+        version = eval_dir_name(eval_name)
+        prefix = "" if eval_name == SINGLE_EVAL else f"{eval_name}/"
+        test = read_scalars(run_dir / version)
+        metrics.update({prefix + tag.removeprefix("test/"): _last(series) for tag, series in test.items()
+                        if tag.startswith("test/")})
     metrics["val_reward_accuracy"] = _last(fit.get("val/rewards/accuracies"))
     metrics["val_reward_margin"] = _last(fit.get("val/rewards/margins"))
     metrics["val_loss"] = _last(fit.get("val/loss"))
@@ -299,42 +359,48 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             raise SystemExit(f"--only names {unknown} that are not in formulations {names}")
         names = [n for n in names if n in args.only]
     runner = Runner(args)
+    unknown = sorted(set(args.formulation_args) - set(args.formulations))
+    if unknown:
+        raise SystemExit(f"formulation_args names {unknown} that are not in formulations {list(args.formulations)}")
     missing = {n: args.formulations[n] for n in names if not runner.resolve(args.formulations[n]).is_file()}
     if missing:
         raise SystemExit(f"fit configs not found: {missing} (paths are relative to the current directory)")
+    seeds = seeds_of(args)
     if args.start_from:
         if args.start_from not in args.formulations:
             raise SystemExit(f"start_from {args.start_from!r} is not in formulations {list(args.formulations)}")
         if args.start_from in names:
             names = [args.start_from] + [n for n in names if n != args.start_from]  # it runs first
-        elif not (runner.out_dir / args.start_from / RESULT_NAME).is_file():
-            raise SystemExit(f"start_from {args.start_from!r} has no finished run in {runner.out_dir}: include it in --only")
+        elif not all((runner.run_dir(args.start_from, s) / RESULT_NAME).is_file() for s in seeds):
+            raise SystemExit(f"start_from {args.start_from!r} has no finished run in {runner.out_dir} for every seed: "
+                             "include it in --only")
     runner.out_dir.mkdir(parents=True, exist_ok=True)
     (runner.out_dir / "formulations.json").write_text(json.dumps(names) + "\n", encoding="utf-8")
     start = time.perf_counter()
-    results = [runner.run(name, args.formulations[name]) for name in names]
-    paths = write_summary(runner.out_dir, args.baseline if args.baseline in names else None)
+    results = [runner.run(name, args.formulations[name], seed) for seed in seeds for name in names]
+    baseline = args.baseline if args.baseline in names else None
+    paths = write_summary(runner.out_dir, baseline, bootstrap=args.bootstrap)
     cpu = sum(r.get("fit_cpu_seconds", 0) + r.get("test_cpu_seconds", 0) for r in results)
-    print(f"benchmark: {len(results)} runs in {time.perf_counter() - start:.0f} s (this invocation); "
-          f"fits and tests took {cpu:.0f} CPU seconds in all; {paths['md']}")
+    print(f"benchmark: {len(results)} runs ({len(names)} formulations x {len(seeds)} seeds) in "
+          f"{time.perf_counter() - start:.0f} s (this invocation); fits and tests took {cpu:.0f} CPU seconds in all; "
+          f"{paths['md']}")
     print(paths["md"].read_text(encoding="utf-8"))
     if args.plots:
-        write_plots(runner.out_dir, args.baseline if args.baseline in names else None)
+        write_plots(runner.out_dir, baseline, args.bootstrap)
     return results
 
 
-def write_plots(out_dir: Path, baseline: str | None) -> None:
+def write_plots(out_dir: Path, baseline: str | None, bootstrap: int = 1000) -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         log.warning("matplotlib is not installed: no plots written (pip install matplotlib, or --plots false)")
         return
-    from lightning_meddpo.eval.report import load_results
-
-    rows, columns = summary_rows(load_results(out_dir), baseline)
-    plot_metrics(rows, columns, baseline, out_dir / "metrics.png")
-    plot_curves(training_curves(out_dir, [r["formulation"] for r in rows]), out_dir / "curves.png")
-    print(f"plots: {out_dir / 'metrics.png'}, {out_dir / 'curves.png'}")
+    summary = summarize(load_results(out_dir), out_dir, baseline, bootstrap=bootstrap)
+    plot_metrics(summary, out_dir / "metrics.png")
+    plot_errors(summary, out_dir / "errors.png")
+    plot_curves(training_curves(out_dir), out_dir / "curves.png")
+    print(f"plots: {out_dir / 'metrics.png'}, {out_dir / 'errors.png'}, {out_dir / 'curves.png'}")
 
 
 if __name__ == "__main__":
