@@ -156,12 +156,13 @@ class Runner:
         return self.out_dir / name / f"seed_{seed}"
 
     def resolve(self, path: str) -> Path:
+        """An absolute path: relative to the current directory, else to the repository (its configs/)."""
         p = Path(path)
-        if p.is_absolute() or p.exists():
+        if p.is_absolute():
             return p
-        if (REPO_ROOT / p).exists():
+        if not p.exists() and (REPO_ROOT / p).exists():
             return REPO_ROOT / p
-        return p
+        return p.absolute()
 
     def prepare_data(self, options: dict[str, Any]) -> Path:
         from lightning_meddpo.data.synthetic import ensure_demo_dataset

@@ -71,7 +71,7 @@ CURVES = (
     ("val/rewards/accuracies", "val reward accuracy"),
     ("val/rewards/margins", "val reward margin"),
 )
-LOWER_IS_BETTER = {"val_loss", "nli/hallucination"} | {f"err/{t}" for t in ERROR_TYPES if t != "correct"}
+LOWER_IS_BETTER = {"val_loss", "nli/hallucination", "err/visual"} | {f"err/{t}" for t in ERROR_TYPES if t != "correct"}
 # Each formulation's loss is a different function, and SFT's "reward" margin is a per-token log-prob margin
 # while DPO's is beta-scaled: shown per run, no difference to the baseline.
 NOT_COMPARABLE = {"val_loss", "val_reward_margin"}
