@@ -16,7 +16,8 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor,
 from transformers.utils import is_torchvision_available
 
 from lightning_meddpo.backbones.templates import get_chat_template
-from lightning_meddpo.backbones.tiny import TINY_SCHEME, build_once, default_cache_dir, resolve_tiny
+from lightning_meddpo.backbones.tiny import TINY_SCHEME, build_once, resolve_tiny
+from lightning_meddpo.cache import default_cache_dir
 
 
 TINY_QWEN = ("qwen2_vl", "qwen2_5_vl")

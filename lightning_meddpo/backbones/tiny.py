@@ -36,16 +36,13 @@ from transformers import (
 )
 
 from lightning_meddpo.backbones.templates import get_chat_template
+from lightning_meddpo.cache import default_cache_dir
 
 TINY_SCHEME = "tiny://"
 TEXT_CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 BUILD_VERSION = 3  # bump when the tiny build changes, so cached builds are redone (3: warm-started vision tower)
 WARM_START_STEPS = 300
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("LIGHTNING_MEDDPO_CACHE", Path.home() / ".cache" / "lightning_meddpo"))
 
 
 def train_tokenizer(corpus: list[str], vocab_size: int = 600) -> PreTrainedTokenizerFast:

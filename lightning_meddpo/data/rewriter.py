@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from lightning_meddpo.eval.metrics import normalize_answer
+from lightning_meddpo.text import normalize_answer
 from lightning_meddpo.llm import LLMClient, Message
 
 __all__ = ["LLMRewriter", "RewriteError", "DEFAULT_ATTRIBUTES"]

@@ -5,7 +5,8 @@ Every metric takes ``update(preds: list[str], golds: list[str])`` and keeps only
 as a single process would on the whole data. Sums are float64 (exact for counts and stable for
 thousands of per-sample scores). With no samples, ``compute()`` returns NaN (not 0).
 
-Normalisation (`normalize_answer`, `tokens`), shared by all metrics, follows LLaVA-Med's
+Normalisation (`normalize_answer`, `tokens`, defined in lightning_meddpo/text.py and re-exported here),
+shared by all metrics, follows LLaVA-Med's
 ``normalize_word`` in spirit: lower-case; apostrophes dropped ("patient's" -> "patients"); thousands
 commas in numbers removed; a period is kept only between digits ("2.5"); every other punctuation mark
 becomes a space; number words zero..ten become digits; the articles a/an/the are dropped; whitespace
@@ -49,12 +50,13 @@ from __future__ import annotations
 
 import math
 import re
-import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 
 import torch
 from torchmetrics import Metric
+
+from lightning_meddpo.text import ARTICLES, NUMBERS, normalize_answer, tokens
 
 __all__ = [
     "normalize_answer", "tokens", "closed_hit", "strict_closed_hit", "token_recall", "exact_match",
@@ -64,40 +66,8 @@ __all__ = [
     "TokenF1", "BLEU", "RougeL",
 ]
 
-_ARTICLES = frozenset({"a", "an", "the"})
-_NUMBERS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
-            "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_ARTICLES, _NUMBERS = ARTICLES, NUMBERS  # LLaVA-Med's normalisation below shares them
 _YES_NO = frozenset({"yes", "no"})
-_APOSTROPHES = re.compile(r"['\u2018\u2019`]")
-_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
-_DECIMAL = re.compile(r"(?<=\d)\.(?=\d)")
-_NON_WORD = re.compile(r"[^\w\s]|_")
-_DOT_PLACEHOLDER = "\u2024"  # one-dot leader: protects decimal points while punctuation is removed
-
-
-# ------------------------------------------------------------------ normalisation
-def normalize_answer(text: str, *, answer_mode: bool = True) -> str:
-    """Canonical form of an answer (see module docstring). `normalize_answer("The LEFT lung.") == "left lung"`.
-
-    ``answer_mode=False`` (used by the report metrics BLEU and ROUGE-L) keeps articles and number
-    words: only case, apostrophes, punctuation and whitespace are normalised."""
-    if not isinstance(text, str):
-        raise TypeError(f"expected a string, got {type(text).__name__}: {text!r:.100}")
-    s = unicodedata.normalize("NFKC", text).lower()
-    s = _APOSTROPHES.sub("", s)
-    s = _THOUSANDS.sub("", s)
-    s = _DECIMAL.sub(_DOT_PLACEHOLDER, s)
-    s = _NON_WORD.sub(lambda m: m.group() if m.group() == _DOT_PLACEHOLDER else " ", s)
-    s = s.replace(_DOT_PLACEHOLDER, ".")
-    if not answer_mode:
-        return " ".join(s.split())
-    words = [_NUMBERS.get(w, w) for w in s.split()]
-    return " ".join(w for w in words if w not in _ARTICLES)
-
-
-def tokens(text: str, *, answer_mode: bool = True) -> list[str]:
-    """Word tokens of the normalised text (see `normalize_answer`)."""
-    return normalize_answer(text, answer_mode=answer_mode).split()
 
 
 def _gold(gold: str, index: int | None = None, *, answer_mode: bool = True) -> str:

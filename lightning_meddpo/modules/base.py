@@ -309,7 +309,7 @@ class PreferenceModule(L.LightningModule):
         or compute them now, before the first step (each rank its shard; all ranks get the whole table)."""
         if self.reference_strategy != "precomputed" or self.policy.reference_table is not None:
             return
-        from lightning_meddpo.backbones.tiny import default_cache_dir
+        from lightning_meddpo.cache import default_cache_dir
         from lightning_meddpo.reference_cache import ReferenceTable, fingerprint
 
         dm = getattr(self.trainer, "datamodule", None)
