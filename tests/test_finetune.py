@@ -110,7 +110,11 @@ def trainable_ids(module) -> set[int]:
 @pytest.mark.parametrize("kwargs", [{"freeze": ["vision_tower", "projector"]},
                                     {"freeze_vision_tower": True, "freeze_projector": True}])
 def test_freeze_vision_tower_and_projector(data, kwargs):
-    module = built(**kwargs)
+    if "freeze" in kwargs:
+        module = built(**kwargs)
+    else:  # the deprecated booleans still work, with a warning naming the one setting
+        with pytest.warns(DeprecationWarning, match=r"freeze_vision_tower: true is deprecated; write freeze: \[vision_tower\]"):
+            module = built(**kwargs)
     model = module.policy.model
     trainable = trainable_ids(module)
     for part in ("vision_tower", "projector"):

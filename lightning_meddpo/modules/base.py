@@ -166,7 +166,8 @@ class PreferenceModule(L.LightningModule):
         freeze: parts kept frozen: any of `vision_tower`, `projector`, `language_model`
             (LLaVA: vision_tower / multi_modal_projector / language_model + lm_head; Qwen-VL:
             visual without its merger / visual.merger / language_model + lm_head).
-        freeze_vision_tower, freeze_projector: the same as booleans.
+        freeze_vision_tower, freeze_projector: deprecated booleans for the same (a warning says so); they
+            still work, so saved configs and checkpoints load.
         gradient_checkpointing: recompute activations in the backward (non-reentrant checkpointing).
         save_reference: keep the `copy` reference in checkpoints. By default it is left out (it would
             double the checkpoint) and rebuilt from `backbone` / `init_from` on load: it equals the
@@ -225,6 +226,11 @@ class PreferenceModule(L.LightningModule):
         unknown = set(freeze or ()) - set(FREEZABLE)
         if unknown:
             raise ValueError(f"freeze: unknown part(s) {sorted(unknown)}; known: {list(FREEZABLE)}")
+        for flag, part, on in (("freeze_vision_tower", "vision_tower", freeze_vision_tower),
+                               ("freeze_projector", "projector", freeze_projector)):
+            if on:
+                warnings.warn(f"{flag}: true is deprecated; write freeze: [{part}] (the one freeze setting)",
+                              DeprecationWarning, stacklevel=2)
         if not save_reference:
             self.register_state_dict_post_hook(_drop_reference_keys)
             self.register_load_state_dict_post_hook(_allow_missing_reference_keys)
