@@ -18,10 +18,10 @@ import warnings
 
 # Subcommands beside LightningCLI's fit/validate/test/predict: name -> ("module:function(argv)", what it does).
 EXTRA_COMMANDS = {
-    "build-pairs": ("lightning_meddpo.data.pairs:main", "build text- and image-rejected preference pairs"),
-    "convert": ("lightning_meddpo.backbones.convert:main", "convert an original LLaVA-layout checkpoint (LLaVA-Med, HuatuoGPT-Vision)"),
-    "export": ("lightning_meddpo.export:main", "export a checkpoint's policy as a Hugging Face model directory"),
-    "benchmark": ("lightning_meddpo.eval.benchmark:main", "fit and test a grid of formulations and compare them"),
+    "build-pairs": ("lightning_meddpo.commands.build_pairs:main", "build text- and image-rejected preference pairs"),
+    "convert": ("lightning_meddpo.commands.convert:main", "convert an original LLaVA-layout checkpoint (LLaVA-Med, HuatuoGPT-Vision)"),
+    "export": ("lightning_meddpo.commands.export:main", "export a checkpoint's policy as a Hugging Face model directory"),
+    "benchmark": ("lightning_meddpo.commands.benchmark:main", "fit and test a grid of formulations and compare them"),
 }
 LIGHTNING_COMMANDS = {
     "fit": "train a formulation (--config configs/<backbone>/<formulation>.yaml)",

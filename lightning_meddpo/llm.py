@@ -1,6 +1,6 @@
 """A small OpenAI-compatible chat-completions client with retries and an on-disk cache.
 
-Used by the NLI judge (`eval/judge.py`) and the hallucination rewriter (`data/rewriter.py`). Standard
+Used by the NLI judge (`eval/judge.py`) and the hallucination rewriter (`commands/rewriter.py`). Standard
 library only (urllib, json, hashlib, threading): no SDK dependency.
 
 - POST ``{url}/chat/completions`` with ``model``, ``messages`` and ``temperature`` (0 by default).

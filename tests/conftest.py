@@ -25,7 +25,7 @@ def _hermetic_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
     """A small synthetic demo dataset (48 train / 16 val / 16 test pairs)."""
-    from lightning_meddpo.data.synthetic import generate_demo_dataset
+    from lightning_meddpo.demo.synthetic import generate_demo_dataset
 
     out = tmp_path_factory.mktemp("demo")
     generate_demo_dataset(out, n_train=48, n_val=16, n_test=16, seed=0)

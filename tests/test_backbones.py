@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from lightning_meddpo.backbones.loader import load_model, load_processor
-from lightning_meddpo.backbones.tiny import build_tiny_backbone, resolve_tiny
+from lightning_meddpo.demo.tiny import build_tiny_backbone, resolve_tiny
 from lightning_meddpo.modules import DPO
 
 

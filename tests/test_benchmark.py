@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_meddpo.eval import benchmark
+from lightning_meddpo.commands import benchmark
 from lightning_meddpo.eval.errors import ERROR_TYPES
 
 GRID = {"sft": "configs/demo/sft.yaml", "dpo": "configs/demo/dpo.yaml"}

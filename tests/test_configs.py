@@ -80,7 +80,7 @@ def fit_args(config: Path, data_root: Path, run_root: Path) -> list[str]:
 def paper_grid_commands(out_dir: Path) -> dict[str, list[str]]:
     """Every fit command of the paper's benchmark grids (configs/benchmark/{llava_med,huatuo}.yaml) and the
     test commands of one formulation on each of their evaluation sets, as the benchmark runner builds them."""
-    from lightning_meddpo.eval import benchmark
+    from lightning_meddpo.commands import benchmark
 
     out = {}
     for grid in ("llava_med", "huatuo"):
@@ -104,8 +104,8 @@ def environment() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Start every CLI run at once (two fit workers, one print_config worker); wait; results by name."""
-    from lightning_meddpo.backbones.tiny import resolve_tiny
-    from lightning_meddpo.data.synthetic import ensure_demo_dataset
+    from lightning_meddpo.demo.tiny import resolve_tiny
+    from lightning_meddpo.demo.synthetic import ensure_demo_dataset
 
     root = tmp_path_factory.mktemp("configs")
     resolve_tiny("tiny://llama")  # build the tiny backbone once, before processes race for it

@@ -24,7 +24,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from lightning_meddpo.backbones.convert import (
+from lightning_meddpo.commands.convert import (
     ConversionError,
     convert_llava_checkpoint,
     expand_to_square,

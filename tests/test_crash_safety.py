@@ -21,7 +21,7 @@ import torch
 from lightning_meddpo.callbacks import ResumableCheckpoint
 from lightning_meddpo.checkpoints import CheckpointError, read_checkpoint_meta
 from lightning_meddpo.data.datamodule import PreferenceDataModule
-from lightning_meddpo.data.synthetic import generate_demo_dataset
+from lightning_meddpo.demo.synthetic import generate_demo_dataset
 from lightning_meddpo.modules import DPO
 from tests.conftest import REPO
 

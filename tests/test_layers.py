@@ -1,15 +1,15 @@
 """Imports run one way: every module's imports (top-level and inside functions) point to its own layer or a
 lower one, never up, never sideways into another package of the same layer.
 
-    0 leaves      text, cache, llm, checkpoints, reference_cache, strategies, losses (pure: no package import)
-    1 data        data.* (records, images, formats, batch, collate, needs, lexicon, the demo's synthetic data,
-                  the DataModule)
-    2 backbones   backbones.* (loading, templates, the tiny demo backbones, which train on the demo corpus)
-    3 policy      policy (scoring pairs with a model)       | eval (generation, metrics, judge, error analysis,
-                                                            |   the eval DataModule): beside policy, never up
-    4 modules     modules.*, callbacks (the LightningModules and what trains them)
-    5 commands    cli, lightning_cli, __main__, export, backbones.convert, data.pairs + data.rewriter
-                  (build-pairs), eval.benchmark + eval.report (the grid runner and its tables)
+    0 leaves      modules that import nothing of ours: text, cache, llm, checkpoints, reference_cache,
+                  strategies, losses (pure), backbones.templates, backbones.qwen (the Qwen-VL processor)
+    1 demo        demo.* (the synthetic dataset and the tiny backbones trained on its corpus)
+    2 data        data.* (records, images, formats, batch, collate, needs, lexicon, the DataModule)
+    3 backbones   backbones.loader (real checkpoints and tiny://)
+    4 policy      policy (scoring pairs with a model)  |  eval (generation, metrics, judge, error analysis,
+                                                       |  the eval DataModule): beside policy, never up
+    5 modules     modules.*, callbacks (the LightningModules and what trains them)
+    6 commands    commands.* (build-pairs, convert, export, benchmark, report), cli, lightning_cli, __main__
 
 So data never reads eval or a model, eval never reads modules or policy, losses read nothing of ours, and
 no library module reaches a command.
@@ -20,12 +20,14 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "lightning_meddpo"
 
-COMMANDS = {"cli", "lightning_cli", "__main__", "export", "backbones.convert", "data.pairs", "data.rewriter",
-            "eval.benchmark", "eval.report"}
-LEAVES = {"text", "cache", "llm", "checkpoints", "reference_cache", "strategies", "losses", "__init__"}
-RANKS = {"data": 1, "backbones": 2, "policy": 3, "eval": 3, "modules": 4, "callbacks": 4}
+COMMANDS = {"cli", "lightning_cli", "__main__"}  # and the commands package
+LEAVES = {"text", "cache", "llm", "checkpoints", "reference_cache", "strategies", "losses", "__init__",
+          "backbones.templates", "backbones.qwen"}
+RANKS = {"demo": 1, "data": 2, "backbones": 3, "policy": 4, "eval": 4, "modules": 5, "callbacks": 5, "commands": 6}
 
 
 def module_name(path: Path, package: Path = PACKAGE) -> str:
@@ -36,7 +38,7 @@ def module_name(path: Path, package: Path = PACKAGE) -> str:
 def layer(module: str) -> tuple[int, str]:
     """(rank, group): the group is the package (data, eval, ...) or the module itself for top-level ones."""
     if module in COMMANDS:
-        return 5, "commands"
+        return 6, "commands"
     if module in LEAVES:
         return 0, module
     group = module.split(".")[0]
@@ -44,8 +46,11 @@ def layer(module: str) -> tuple[int, str]:
 
 
 def imports(path: Path) -> set[str]:
+    """The package modules `path` imports, relative imports resolved (they are refused: absolute only)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            raise AssertionError(f"{path}:{node.lineno}: relative import; write lightning_meddpo.<...>")
         names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else (
             [a.name for a in node.names] if isinstance(node, ast.Import) else [])
         found |= {n.removeprefix("lightning_meddpo.") for n in names if n.startswith("lightning_meddpo.")}
@@ -59,7 +64,7 @@ def violations(package: Path = PACKAGE) -> list[str]:
         rank, group = layer(source)
         for target in sorted(imports(path)):
             target_rank, target_group = layer(target)
-            if target_rank > rank or (target_rank == rank and target_group != group and rank != 5):
+            if target_rank > rank or (target_rank == rank and target_group != group and rank != 6):
                 wrong.append(f"{source} ({group}, layer {rank}) imports {target} ({target_group}, layer {target_rank})")
     return wrong
 
@@ -84,5 +89,9 @@ def test_the_check_reports_upward_and_sideways_imports(tmp_path):
         (fake / folder).mkdir(parents=True)
     (fake / "data" / "bad.py").write_text("from lightning_meddpo.eval.metrics import tokens\n")
     (fake / "eval" / "bad.py").write_text("def f():\n    import lightning_meddpo.policy\n")
-    assert violations(fake) == ["data.bad (data, layer 1) imports eval.metrics (eval, layer 3)",
-                                "eval.bad (eval, layer 3) imports policy (policy, layer 3)"]
+    (fake / "eval" / "relative.py").write_text("from .metrics import tokens\n")
+    with pytest.raises(AssertionError, match="relative import"):
+        violations(fake)
+    (fake / "eval" / "relative.py").unlink()
+    assert violations(fake) == ["data.bad (data, layer 2) imports eval.metrics (eval, layer 4)",
+                                "eval.bad (eval, layer 4) imports policy (policy, layer 4)"]

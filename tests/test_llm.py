@@ -16,7 +16,7 @@ try:
 except ImportError:  # pragma: no cover - rootdir layout without the tests package on sys.path
     from llm_server import FakeLLMServer, last_user
 
-from lightning_meddpo.data.rewriter import LLMRewriter, RewriteError, clean_reply
+from lightning_meddpo.commands.rewriter import LLMRewriter, RewriteError, clean_reply
 from lightning_meddpo.eval.judge import NLIJudge, NLIScores, parse_label, split_facts
 from lightning_meddpo.llm import LLMClient, LLMError, chat
 

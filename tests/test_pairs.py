@@ -15,7 +15,7 @@ from skimage import data as skdata
 
 from lightning_meddpo.data.images import corrupt, load_image
 from lightning_meddpo.data.lexicon import ERROR_TYPES, LEXICON
-from lightning_meddpo.data.pairs import (
+from lightning_meddpo.commands.build_pairs import (
     BuildSummary,
     applicable_error_types,
     build_pairs,

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from lightning_meddpo.data.datamodule import PreferenceDataModule
-from lightning_meddpo.data.synthetic import generate_demo_dataset
+from lightning_meddpo.demo.synthetic import generate_demo_dataset
 from lightning_meddpo.modules import DPO, KTO, Multimodal
 from lightning_meddpo.reference_cache import ReferenceTable, fingerprint
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from lightning_meddpo.data.datamodule import PreferenceDataModule
-from lightning_meddpo.data.pairs import build_pairs
+from lightning_meddpo.commands.build_pairs import build_pairs
 from lightning_meddpo.eval.datamodule import read_eval_file
 
 REPORT = "A moderate-sized left pleural effusion is present. The right lung is clear. There is no pneumothorax."

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lightning_meddpo.eval.report import (
+from lightning_meddpo.commands.report import (
     IMAGE_BLIND, image_blind_rows, load_results, matrix_stats, score_rows, summarize, to_markdown, write_summary,
 )
 
@@ -43,7 +43,7 @@ def test_file(tmp_path) -> Path:
 
 
 def test_per_question_scores_and_errors(test_file):
-    from lightning_meddpo.eval.report import read_questions
+    from lightning_meddpo.commands.report import read_questions
 
     rows = [{"question_id": q[0], "prompt": q[1], "prediction": p, "gold": q[2], "answer_type": q[3]}
             for q, p in zip(QUESTIONS, ["Yes, on the right side.", "yes", "no", "MRI"])]

@@ -65,7 +65,7 @@ def test_fsdp2_two_processes_save_resume_export(tmp_path):
     assert "Restored all states from the checkpoint" in out and "`max_steps=4` reached" in out
 
     # export the sharded checkpoint, reading the module from the run's config.yaml
-    from lightning_meddpo.export import main as export_main, read_checkpoint
+    from lightning_meddpo.commands.export import main as export_main, read_checkpoint
 
     resumed = last_checkpoint(tmp_path, 1)
     hf = tmp_path / "hf"
@@ -141,7 +141,7 @@ def test_fully_shard_layers_and_reference(tmp_path, monkeypatch):
             assert all(isinstance(p, DTensor) for p in model.parameters())
 
         from lightning_meddpo.data.datamodule import PreferenceDataModule
-        from lightning_meddpo.data.synthetic import generate_demo_dataset
+        from lightning_meddpo.demo.synthetic import generate_demo_dataset
 
         data = generate_demo_dataset(tmp_path / "data", n_train=8, n_val=4, n_test=4)
         dm = PreferenceDataModule(str(data["train"]), str(data["val"]), batch_size=4, max_length=128,

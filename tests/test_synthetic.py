@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from lightning_meddpo.data.records import read_preference_file
-from lightning_meddpo.data.synthetic import (
+from lightning_meddpo.demo.synthetic import (
     LESION_VALUE,
     MARKER_NAME,
     demo_corpus,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lightning_meddpo.data.synthetic import DemoFolderError, demo_for_files, ensure_demo_dataset, generate_demo_dataset
+from lightning_meddpo.demo.synthetic import DemoFolderError, demo_for_files, ensure_demo_dataset, generate_demo_dataset
 
 from tests.conftest import REPO
 

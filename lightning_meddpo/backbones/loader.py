@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor,
 from transformers.utils import is_torchvision_available
 
 from lightning_meddpo.backbones.templates import get_chat_template
-from lightning_meddpo.backbones.tiny import TINY_SCHEME, build_once, resolve_tiny
+from lightning_meddpo.demo.tiny import TINY_SCHEME, build_once, resolve_tiny
 from lightning_meddpo.cache import default_cache_dir
 
 
@@ -44,7 +44,7 @@ def resolve_backbone(name_or_path: str) -> str:
 
 def _resolve_tiny_qwen(version: str) -> Path:
     """Build `tiny://qwen2_vl|qwen2_5_vl` once into the cache."""
-    from lightning_meddpo.backbones.qwen import build_tiny_qwen_vl
+    from lightning_meddpo.demo.tiny_qwen import build_tiny_qwen_vl
 
     target = default_cache_dir() / "backbones" / f"tiny-{version}-v1"
     return build_once(target, lambda out: build_tiny_qwen_vl(out, version=version))

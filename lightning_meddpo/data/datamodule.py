@@ -232,7 +232,7 @@ class PreferenceDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         h = self.hparams
         if h.demo:
-            from lightning_meddpo.data.synthetic import demo_for_files
+            from lightning_meddpo.demo.synthetic import demo_for_files
 
             options = h.demo if isinstance(h.demo, dict) else {}
             demo_for_files([h.train_file, h.val_file, h.test_file], **{"seed": h.seed, **options})

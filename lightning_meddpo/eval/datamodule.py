@@ -344,7 +344,7 @@ class EvalDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         h = self.hparams
         if h.demo:
-            from lightning_meddpo.data.synthetic import demo_for_files
+            from lightning_meddpo.demo.synthetic import demo_for_files
 
             options = h.demo if isinstance(h.demo, dict) else {}
             demo_for_files([h.test_file, h.predict_file], **{"seed": h.seed, **options})

@@ -558,7 +558,7 @@ def _text_pair(item, chosen, base, error_types, seed, rewriter, lexicon, summary
         try:
             result = rewriter(item.question, item.answer)
         except Exception as e:
-            rw = sys.modules.get("lightning_meddpo.data.rewriter")  # not imported: cannot be its RewriteError
+            rw = sys.modules.get("lightning_meddpo.commands.rewriter")  # not imported: cannot be its RewriteError
             if rw is not None and isinstance(e, rw.RewriteError):  # the LLM answered, never usably: skip this one
                 summary.skip("text: rewriter gave no rewrite that differs from the answer", item.id)
                 return None
@@ -702,7 +702,7 @@ def main(argv: Sequence[str] | None = None) -> BuildSummary:
 
     rewriter = client = None
     if args.rewriter_url is not None:
-        from lightning_meddpo.data.rewriter import LLMRewriter
+        from lightning_meddpo.commands.rewriter import LLMRewriter
         from lightning_meddpo.llm import LLMClient
 
         client = LLMClient(args.rewriter_url, args.rewriter_model, api_key_env=args.rewriter_api_key_env,

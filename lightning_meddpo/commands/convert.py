@@ -416,7 +416,7 @@ def convert_llava_checkpoint(
     )
     from transformers.tokenization_utils_base import AddedToken
 
-    from .templates import get_chat_template
+    from lightning_meddpo.backbones.templates import get_chat_template
 
     src, out = Path(src_dir), Path(out_dir)
     if out.resolve() == src.resolve():

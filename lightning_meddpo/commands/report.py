@@ -1,7 +1,7 @@
 """Benchmark results: per-question scores, seed statistics with bootstrap intervals, the error analysis, the
 comparison tables (CSV, Markdown) and plots.
 
-Used by the benchmark runner (`eval/benchmark.py`) and by notebooks/benchmark_report.ipynb. A finished run
+Used by the benchmark runner (`commands/benchmark.py`) and by notebooks/benchmark_report.ipynb. A finished run
 `<out_dir>/<formulation>/seed_<s>/` holds `result.json` (written last by the runner: metrics, timings,
 settings, the test files), `fit/` (TensorBoard events, checkpoints) and `test[_<eval>]/` (events,
 predictions.jsonl). Everything here reads those files only; matplotlib is imported when plotting.

@@ -20,7 +20,7 @@ of the seed starts from its final weights (`model.init_args.init_from`, so the r
 SFT model too), with `start_from_args` added: the paper's protocol, where every preference method starts
 from one instruction-tuned model. A refit of the start run redoes the runs that started from it.
 
-Then eval/report.py compares them: per metric the mean over seeds and questions with a 95% bootstrap
+Then commands/report.py compares them: per metric the mean over seeds and questions with a 95% bootstrap
 interval, each formulation's paired difference to the baseline with its interval, the error analysis
 (eval/errors.py) and an image-blind row, in `summary.csv`, `summary.md` and `metrics.png`, `errors.png`,
 `curves.png`. Layout: <out_dir>/<name>/seed_<s>/{fit,test[_<eval>]}/...
@@ -44,7 +44,7 @@ from typing import Any, Literal
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from lightning_meddpo.eval.report import (
+from lightning_meddpo.commands.report import (
     RESULT_NAME,
     SINGLE_EVAL,
     eval_dir_name,
@@ -165,7 +165,7 @@ class Runner:
         return p.absolute()
 
     def prepare_data(self, options: dict[str, Any]) -> Path:
-        from lightning_meddpo.data.synthetic import ensure_demo_dataset
+        from lightning_meddpo.demo.synthetic import ensure_demo_dataset
 
         directory = data_dir_for(self.out_dir, options)
         ensure_demo_dataset(directory, **options)

@@ -76,7 +76,7 @@ def build_tiny_backbone(
     if text_model not in TEXT_CONFIGS:
         raise ValueError(f"unknown tiny text model {text_model!r}; known: {sorted(TEXT_CONFIGS)}")
     if corpus is None:
-        from lightning_meddpo.data.synthetic import demo_corpus
+        from lightning_meddpo.demo.synthetic import demo_corpus
 
         corpus = demo_corpus()
     tokenizer = train_tokenizer(corpus)
@@ -116,7 +116,7 @@ def build_tiny_backbone(
 def warm_start_vision(model: LlavaForConditionalGeneration, image_processor, image_size: int, steps: int, seed: int) -> None:
     """Train the vision tower to classify demo images' modality, organ and lesion side (see the module
     docstring); the classification heads are thrown away."""
-    from lightning_meddpo.data.synthetic import labelled_images
+    from lightning_meddpo.demo.synthetic import labelled_images
 
     images, labels = labelled_images(1024, image_size, seed)
     pixels = image_processor(images=images, return_tensors="pt")["pixel_values"]
