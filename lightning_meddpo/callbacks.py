@@ -96,7 +96,11 @@ class ResumableCheckpoint(ModelCheckpoint):
 
 class Throughput(L.Callback):
     """Logs train/pairs_per_sec and train/tokens_per_sec: the tokens of each pair's chosen and rejected
-    sequences (prompt + response, padding excluded), however the policy packs them."""
+    sequences (prompt + response, padding excluded), however the policy packs them.
+
+    Ours rather than Lightning's ThroughputMonitor: that one needs the model's FLOPs to say more than
+    samples per second, and counts a batch's length as one number, where a pair has two sequences sharing
+    a prompt (and m' views); this reads the count from the batch itself (`PreferenceBatch.sequence_tokens`)."""
 
     def __init__(self) -> None:
         self._start: float | None = None

@@ -68,7 +68,7 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m lightning_meddpo benchmark", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", action=ActionConfigFile, help="benchmark YAML (see configs/benchmark/demo.yaml)")
     p.add_argument("--formulations", type=dict[str, str], required=True,
-                   help="name -> fit config path (relative to the current directory)")
+                   help="name -> fit config path (relative to the current directory, else to the repository)")
     p.add_argument("--baseline", type=str | None, default="sft", help="formulation the differences are taken to")
     p.add_argument("--start_from", type=str | None, default=None,
                    help="formulation whose final checkpoint every other run of a seed starts from (it runs first)")

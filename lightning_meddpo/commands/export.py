@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +36,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         if not (path / ".metadata").is_file():
             raise ValueError(f"{path}: a directory, but not a torch.distributed.checkpoint (no .metadata)")
-        from lightning.fabric.utilities.load import _load_distributed_checkpoint
-
-        checkpoint = _load_distributed_checkpoint(path)
+        checkpoint = read_sharded_checkpoint(path)
     elif path.is_file():
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     else:
@@ -46,6 +45,23 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not a Lightning checkpoint (no state_dict)")
     state = checkpoint["state_dict"]
     checkpoint["state_dict"] = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in state.items()}
+    return checkpoint
+
+
+def read_sharded_checkpoint(path: Path) -> dict[str, Any]:
+    """A torch.distributed.checkpoint directory (FSDP / FSDP2 `state_dict_type: sharded`) as one dict, through
+    torch's public `dcp_to_torch_save` (Lightning's own reader is private). It goes through a temporary file
+    in the system's temp directory, never the checkpoint's folder: a copy of the weights on disk for a moment.
+    Lightning keeps the non-tensor state (epoch, hyper-parameters, loops) beside the shards in meta.pt."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory(prefix="lightning_meddpo-export-") as tmp:
+        gathered = Path(tmp) / "checkpoint.pt"
+        dcp_to_torch_save(path, gathered)
+        checkpoint = torch.load(gathered, map_location="cpu", weights_only=True)
+    meta = path / "meta.pt"
+    if meta.is_file():
+        checkpoint.update(torch.load(meta, map_location="cpu", weights_only=True))
     return checkpoint
 
 

@@ -194,6 +194,9 @@ class EvalMetrics(nn.Module):
 class PredictionWriter(L.Callback):
     """Writes the rows returned by test_step / predict_step on eval batches as JSONL.
 
+    Ours rather than Lightning's BasePredictionWriter, which serves the predict loop only: this one writes
+    `test` too, merges the ranks' files into one and drops the repeats the distributed sampler pads with.
+
     Args:
         path: the output file; default `<trainer.log_dir>/predictions.jsonl` (the run's log directory).
     """
