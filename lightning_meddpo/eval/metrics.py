@@ -36,13 +36,19 @@ VQA metrics:
 Report metrics (on `tokens(text, answer_mode=False)`: lower-cased, punctuation removed, articles and
 number words kept — so scores are comparable between runs of this toolkit, not with papers that
 tokenise with punctuation):
-- `BLEU` — corpus BLEU-N (default 4) with brevity penalty (Papineni et al.), uniform weights, no
-  smoothing: any empty n-gram order gives 0. Several references per prediction are allowed (a gold
-  may be a list of strings; closest reference length is used for the brevity penalty).
+- `BLEU` — torchmetrics' BLEUScore on the normalised text: corpus BLEU-N (default 4) with brevity
+  penalty (Papineni et al.), uniform weights, no smoothing: any empty n-gram order gives 0. Several
+  references per prediction are allowed (a gold may be a list of strings; closest reference length is
+  used for the brevity penalty).
 - `RougeL` — sentence-level ROUGE-L F-measure (LCS; beta = 1, as rouge-score), averaged over samples.
+  Ours rather than torchmetrics' ROUGEScore, which re-tokenises (splitting "2.5" into two words) and keeps
+  every sample's score in a list state; this one keeps a float64 sum and scores our words.
+
+The mean metrics keep float64 sums of their own (`_MeanScore`) rather than torchmetrics' MeanMetric, whose
+float32 running mean drifts over thousands of samples and which would not reject an empty gold.
 
 Pure per-sample helpers (`closed_hit`, `strict_closed_hit`, `token_recall`, `exact_match`,
-`token_f1`, `rouge_l`, `bleu_stats`, `corpus_bleu`, `llava_med_normalize`, `llava_med_f1`,
+`token_f1`, `rouge_l`, `corpus_bleu`, `llava_med_normalize`, `llava_med_f1`,
 `llava_med_closed_outcome`) are exported for analysis notebooks.
 """
 
@@ -55,12 +61,13 @@ from collections.abc import Sequence
 
 import torch
 from torchmetrics import Metric
+from torchmetrics.text import BLEUScore
 
 from lightning_meddpo.text import ARTICLES, NUMBERS, normalize_answer, tokens
 
 __all__ = [
     "normalize_answer", "tokens", "closed_hit", "strict_closed_hit", "token_recall", "exact_match",
-    "token_f1", "lcs_length", "rouge_l", "bleu_stats", "corpus_bleu",
+    "token_f1", "lcs_length", "rouge_l", "corpus_bleu",
     "llava_med_normalize", "llava_med_f1", "llava_med_closed_outcome",
     "ClosedAccuracy", "StrictClosedAccuracy", "ClosedAccuracyRunEval", "OpenRecall", "ClippedOpenRecall", "ExactMatch",
     "TokenF1", "BLEU", "RougeL",
@@ -145,47 +152,11 @@ def rouge_l(pred: str, gold: str, beta: float = 1.0) -> float:
     return (1 + beta**2) * precision * recall / (recall + beta**2 * precision)
 
 
-def _ngrams(toks: list[str], n: int) -> Counter:
-    return Counter(tuple(toks[i:i + n]) for i in range(len(toks) - n + 1))
-
-
-def bleu_stats(pred: str, refs: str | Sequence[str], n_gram: int = 4) -> tuple[list[int], list[int], int, int]:
-    """Sufficient statistics of one sample: clipped n-gram matches and totals for n = 1..n_gram,
-    prediction length and the closest reference length (ties: the shorter)."""
-    refs = [refs] if isinstance(refs, str) else list(refs)
-    if not refs:
-        raise ValueError("at least one reference is needed")
-    p = tokens(pred, answer_mode=False)
-    r_toks = [tokens(r, answer_mode=False) for r in refs]
-    matches, totals = [], []
-    for n in range(1, n_gram + 1):
-        pc = _ngrams(p, n)
-        max_ref: Counter = Counter()
-        for r in r_toks:
-            max_ref |= _ngrams(r, n)
-        matches.append(sum((pc & max_ref).values()))
-        totals.append(max(len(p) - n + 1, 0))
-    ref_len = min((len(r) for r in r_toks), key=lambda rl: (abs(rl - len(p)), rl))
-    return matches, totals, len(p), ref_len
-
-
-def _bleu_from_stats(matches: Sequence[float], totals: Sequence[float], pred_len: float, ref_len: float) -> float:
-    if pred_len == 0 or any(m == 0 for m in matches) or any(t == 0 for t in totals):
-        return 0.0
-    log_p = sum(math.log(m / t) for m, t in zip(matches, totals)) / len(matches)
-    bp = 1.0 if pred_len > ref_len else math.exp(1 - ref_len / pred_len)
-    return bp * math.exp(log_p)
-
-
 def corpus_bleu(preds: Sequence[str], golds: Sequence[str | Sequence[str]], n_gram: int = 4) -> float:
-    """Corpus BLEU of lists (the pure-Python counterpart of `BLEU`)."""
-    m, t, pl, rl = [0] * n_gram, [0] * n_gram, 0, 0
-    for pred, gold in zip(preds, golds, strict=True):
-        sm, st, spl, srl = bleu_stats(pred, gold, n_gram)
-        m = [a + b for a, b in zip(m, sm)]
-        t = [a + b for a, b in zip(t, st)]
-        pl, rl = pl + spl, rl + srl
-    return _bleu_from_stats(m, t, pl, rl)
+    """Corpus BLEU of lists (the function form of `BLEU`)."""
+    metric = BLEU(n_gram=n_gram)
+    metric.update(list(preds), list(golds))
+    return float(metric.compute())
 
 
 # ------------------------------------------------------------------ torchmetrics wrappers
@@ -398,48 +369,33 @@ class RougeL(_MeanScore):
         return rouge_l(pred, gold, self.beta)
 
 
-class BLEU(Metric):
-    """Corpus BLEU-N with brevity penalty. States: clipped matches and totals per order, prediction
-    and reference lengths — all summed across ranks, so the corpus score is exact under DDP."""
+class BLEU(BLEUScore):
+    """Corpus BLEU-N with brevity penalty, uniform weights, no smoothing: torchmetrics' BLEUScore on our
+    normalised text (`normalize_answer(..., answer_mode=False)`, which its 13a tokeniser leaves as it is),
+    so reports are scored on the same words as every other metric here. Its states (clipped n-gram matches
+    and totals, lengths) are summed across ranks: the corpus score is exact under DDP. An empty gold report
+    is an error; with no samples the score is NaN (BLEUScore alone says 0)."""
 
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
+    full_state_update = False  # its states are sums: a batch's update needs none of the others
 
     def __init__(self, n_gram: int = 4, **kwargs):
-        super().__init__(**kwargs)
         if n_gram < 1:
             raise ValueError(f"n_gram must be >= 1, got {n_gram}")
-        self.n_gram = n_gram
-        f64 = torch.float64
-        self.add_state("matches", default=torch.zeros(n_gram, dtype=f64), dist_reduce_fx="sum")
-        self.add_state("totals", default=torch.zeros(n_gram, dtype=f64), dist_reduce_fx="sum")
-        self.add_state("pred_len", default=torch.tensor(0.0, dtype=f64), dist_reduce_fx="sum")
-        self.add_state("ref_len", default=torch.tensor(0.0, dtype=f64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0.0, dtype=f64), dist_reduce_fx="sum")
+        super().__init__(n_gram=n_gram, **kwargs)
+        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, preds: Sequence[str], golds: Sequence[str | Sequence[str]]) -> None:
         preds, golds = _check_lists(preds, golds)
-        m, t = [0] * self.n_gram, [0] * self.n_gram
-        pl = rl = 0
-        for i, (p, g) in enumerate(zip(preds, golds)):
-            refs = [g] if isinstance(g, str) else list(g)
-            for r in refs:
-                _gold(r, i, answer_mode=False)
-            sm, st, spl, srl = bleu_stats(p, refs, self.n_gram)
-            m = [a + b for a, b in zip(m, sm)]
-            t = [a + b for a, b in zip(t, st)]
-            pl, rl = pl + spl, rl + srl
-        self.matches += torch.tensor(m, dtype=torch.float64, device=self.matches.device)
-        self.totals += torch.tensor(t, dtype=torch.float64, device=self.totals.device)
-        self.pred_len += pl
-        self.ref_len += rl
+        references = []
+        for i, gold in enumerate(golds):
+            refs = [gold] if isinstance(gold, str) else list(gold)
+            if not refs:
+                raise ValueError(f"golds[{i}]: at least one reference is needed")
+            references.append([_gold(r, i, answer_mode=False) for r in refs])
+        super().update([normalize_answer(p, answer_mode=False) for p in preds], references)
         self.count += len(preds)
 
     def compute(self) -> torch.Tensor:
-        dev = self.matches.device
         if self.count == 0:
-            return torch.tensor(float("nan"), dtype=torch.float64, device=dev)
-        value = _bleu_from_stats(self.matches.tolist(), self.totals.tolist(),
-                                 float(self.pred_len), float(self.ref_len))
-        return torch.tensor(value, dtype=torch.float64, device=dev)
+            return torch.tensor(float("nan"), dtype=torch.float64, device=self.count.device)
+        return super().compute().to(torch.float64)
