@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_meddpo.data.batch import EncodedImages, PreferenceBatch, TokenRows
+from lightning_meddpo.data.batch import IGNORE_INDEX, EncodedImages, PreferenceBatch, TokenRows
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def token_logps(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
 def sequence_logps(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """Summed log-probs of the labelled (response) tokens of full-sequence logits, and their count."""
     logits, labels = logits[:, :-1], labels[:, 1:]
-    mask = labels != -100
+    mask = labels != IGNORE_INDEX
     return token_logps(logits, labels, mask), mask.sum(-1)
 
 
