@@ -47,7 +47,9 @@ from PIL import Image
 
 from lightning_meddpo.data.images import corrupt, load_image, normalize_spec, seed_for
 from lightning_meddpo.data.lexicon import ERROR_TYPES, LEXICON  # noqa: F401 (ERROR_TYPES re-exported)
-from lightning_meddpo.data.records import GPT_ROLES, HUMAN_ROLES, IMAGE_TOKEN, RecordError, load_json_records
+from lightning_meddpo.data.records import (
+    IMAGE_TOKEN, RecordError, Turn, canonical_role, default_id, load_json_records, with_image_placeholder,
+)
 
 CAPTION_PROMPT = "Describe the findings in this medical image."
 Rng = np.random.Generator | random.Random
@@ -280,19 +282,6 @@ class SourceItem:
         return humans[-1].replace(IMAGE_TOKEN, "").strip() if humans else ""
 
 
-def read_json_or_jsonl(path: str | Path) -> list[tuple[str, Any]]:
-    """Raw records with a source label ('file:line' for JSONL, 'file[i]' for a JSON array). A malformed
-    JSONL line becomes a RecordError in its place (raised, or counted with skip_invalid, by build_pairs);
-    a malformed JSON array raises at once."""
-    return load_json_records(Path(path))
-
-
-def default_id(source: str) -> str:
-    """`<file stem>:<line>` (JSONL) or `<file stem>:<index>` (JSON array) for a record without an id."""
-    file, _, where = source.rpartition(":") if not source.endswith("]") else source[:-1].rpartition("[")
-    return f"{PurePosixPath(file).stem}:{where}"
-
-
 def safe_relative_path(value: Any, source: str, record_id: str | None, field_name: str) -> str:
     """A relative POSIX path that cannot escape the image root (no absolute paths, no '..')."""
     if isinstance(value, list) and len(value) == 1:
@@ -304,18 +293,6 @@ def safe_relative_path(value: Any, source: str, record_id: str | None, field_nam
         raise RecordError(source, record_id, field_name, f"image path {value!r} escapes the image root "
                           "(absolute paths and '..' are not allowed)")
     return str(p)
-
-
-def _ensure_placeholder(turns: list[dict[str, str]]) -> tuple[list[dict[str, str]], bool]:
-    n = sum(t["value"].count(IMAGE_TOKEN) for t in turns)
-    if n > 1:
-        raise ValueError(f"{n} {IMAGE_TOKEN} placeholders; one image per pair is supported")
-    if n == 1:
-        return turns, False
-    i = next(k for k, t in enumerate(turns) if t["from"] == "human")
-    turns = [dict(t) for t in turns]
-    turns[i]["value"] = f"{IMAGE_TOKEN}\n{turns[i]['value']}"
-    return turns, True
 
 
 def _parse_region(region: Any, source: str, rid: str) -> dict[str, Any]:
@@ -357,8 +334,7 @@ def parse_source_record(raw: Any, source: str) -> SourceItem:
         for i, t in enumerate(conv):
             if not isinstance(t, dict) or not isinstance(t.get("value"), str) or "from" not in t:
                 raise RecordError(source, rid, f"conversations[{i}]", "expected {'from': ..., 'value': str}")
-            role = str(t["from"]).lower()
-            role = "human" if role in HUMAN_ROLES else "gpt" if role in GPT_ROLES else None
+            role = canonical_role(t["from"])
             if role is None:
                 raise RecordError(source, rid, f"conversations[{i}].from", f"unknown role {t['from']!r}")
             turns.append({"from": role, "value": t["value"]})
@@ -395,7 +371,8 @@ def parse_source_record(raw: Any, source: str) -> SourceItem:
     if "region" in raw:
         extra["region"] = _parse_region(raw["region"], source, rid)
     try:
-        prompt, inserted = _ensure_placeholder(prompt)
+        placed, inserted = with_image_placeholder([Turn(t["from"], t["value"]) for t in prompt])
+        prompt = [{"from": t.role, "value": t.text} for t in placed]
     except ValueError as e:
         raise RecordError(source, rid, "conversations", str(e)) from e
     return SourceItem(rid, source, image, prompt, answer, inserted, extra)
@@ -509,7 +486,7 @@ def build_pairs(
     summary = BuildSummary(out_path=str(out_path), image_root=str(image_root), rejected_image_root=str(rejected_root))
     out: list[dict[str, Any]] = []
     seen: dict[str, str] = {}
-    raws = read_json_or_jsonl(input_path)
+    raws = load_json_records(Path(input_path))
     for source, raw in tqdm(raws, desc="build pairs", unit="record", disable=not progress):
         try:
             if isinstance(raw, RecordError):  # a malformed JSONL line

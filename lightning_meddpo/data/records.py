@@ -16,7 +16,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
@@ -165,6 +165,13 @@ def resolve_image(image_root: Path | ImageRoots, value: Any, source: str, record
     if not path.is_file():
         raise RecordError(source, record_id, field_name, f"image file not found: {path}")
     return path
+
+
+def default_id(source: str) -> str:
+    """`<file stem>:<line>` (JSONL) or `<file stem>:<index>` (JSON array): the id of a record without one
+    (the released AMBOSS files have none), from its source label (see `load_json_records`)."""
+    file, _, where = source.rpartition(":") if not source.endswith("]") else source[:-1].rpartition("[")
+    return f"{PurePosixPath(file).stem}:{where}"
 
 
 def canonical_role(value: object) -> Literal["human", "gpt"] | None:

@@ -35,7 +35,7 @@ from lightning_meddpo.backbones.templates import get_chat_template
 from lightning_meddpo.data.batch import pad_stack
 from lightning_meddpo.data.collate import PairEncoder, PromptTooLongError
 from lightning_meddpo.data.images import load_image
-from lightning_meddpo.data.records import IMAGE_TOKEN, RecordError, Turn, load_json_records, resolve_image
+from lightning_meddpo.data.records import IMAGE_TOKEN, RecordError, Turn, default_id, load_json_records, resolve_image
 from lightning_meddpo.eval.generate import EvalBatch, GenerationSettings, JudgeSettings
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ def _with_placeholder(text: str, source: str, rid: Any, name: str, notes: Counte
 def parse_eval_record(
     raw: Any, source: str, image_root: Path, notes: Counter, *, fmt: Format = "auto",
     answer_field: str | None = None, report_prompt: str = DEFAULT_REPORT_PROMPT, require_gold: bool = True,
-    default_id: str | None = None, image_placement: str = "front",
+    missing_id: str | None = None, image_placement: str = "front",
 ) -> EvalRecord:
     """Parse one benchmark question or report record (see module docstring); quirks are counted in `notes`."""
     if not isinstance(raw, dict):
@@ -175,7 +175,7 @@ def parse_eval_record(
         if rid is None:
             rid = raw.get("study_id")
         if rid is None:
-            rid = default_id
+            rid = missing_id
             notes["had no id (file:line used)"] += 1
         names = (answer_field,) if answer_field else ("report", "caption")
         name = next((n for n in names if raw.get(n) is not None), None)
@@ -201,14 +201,13 @@ def read_eval_file(
     report = EvalReadReport()
     records: list[EvalRecord] = []
     seen: dict[str, str] = {}
-    for i, (source, raw) in enumerate(load_json_records(path)):
+    for source, raw in load_json_records(path):
         try:
             if isinstance(raw, RecordError):
                 raise raw
-            line = source.rsplit(":", 1)[-1] if source.startswith(f"{path}:") else str(i)
             record = parse_eval_record(
                 raw, source, root, report.notes, fmt=fmt, answer_field=answer_field, report_prompt=report_prompt,
-                require_gold=require_gold, default_id=f"{path.stem}:{line}", image_placement=image_placement,
+                require_gold=require_gold, missing_id=default_id(source), image_placement=image_placement,
             )
             key = str(record.id)
             if key in seen:
