@@ -48,7 +48,7 @@ from PIL import Image
 from lightning_meddpo.data.images import corrupt, load_image, normalize_spec, seed_for
 from lightning_meddpo.data.lexicon import ERROR_TYPES, LEXICON  # noqa: F401 (ERROR_TYPES re-exported)
 from lightning_meddpo.data.records import (
-    IMAGE_TOKEN, RecordError, Turn, canonical_role, default_id, load_json_records, with_image_placeholder,
+    IMAGE_TOKEN, RecordError, Turn, canonical_role, default_id, load_json_records, valid_rows, with_image_placeholder,
 )
 
 CAPTION_PROMPT = "Describe the findings in this medical image."
@@ -485,21 +485,13 @@ def build_pairs(
     _tables(lexicon, error_types)  # validate the names up front
     summary = BuildSummary(out_path=str(out_path), image_root=str(image_root), rejected_image_root=str(rejected_root))
     out: list[dict[str, Any]] = []
-    seen: dict[str, str] = {}
     raws = load_json_records(Path(input_path))
-    for source, raw in tqdm(raws, desc="build pairs", unit="record", disable=not progress):
-        try:
-            if isinstance(raw, RecordError):  # a malformed JSONL line
-                raise raw
-            item = parse_source_record(raw, source)
-            if item.id in seen:
-                raise RecordError(source, item.id, "id", f"duplicate of the record at {seen[item.id]}")
-            seen[item.id] = source
-        except RecordError as e:
-            if not skip_invalid:
-                raise
-            summary.skip(f"invalid record: field {e.field_name}", e.record_id or source)
-            continue
+
+    def skip(e: RecordError) -> None:
+        summary.skip(f"invalid record: field {e.field_name}", e.record_id or e.source)
+
+    items = valid_rows(raws, lambda raw, source, i: parse_source_record(raw, source), skip, skip_invalid)
+    for item in tqdm(items, total=len(raws), desc="build pairs", unit="record", disable=not progress):
         summary.read += 1
         summary.placeholder_inserted += item.placeholder_inserted
         if not item.answer.strip():

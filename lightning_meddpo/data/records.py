@@ -14,14 +14,15 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 if TYPE_CHECKING:
     from PIL import Image
 
+T = TypeVar("T")
 IMAGE_TOKEN = "<image>"
 HUMAN_ROLES = {"human", "user"}
 GPT_ROLES = {"gpt", "assistant"}
@@ -278,25 +279,36 @@ def parse_paper_record(raw: Any, source: str, image_root: Path | ImageRoots) -> 
     return record, inserted
 
 
+def valid_rows(rows: Iterable[tuple[str, Any]], parse: Callable[[Any, str, int], T], on_skip: Callable[[RecordError], None],
+               skip_invalid: bool, *, id_of: Callable[[T], Any] = lambda parsed: parsed.id,
+               id_field: str = "id") -> Iterator[T]:
+    """The one read/validate/skip loop of every reader (training files, build-pairs input, benchmark
+    questions): each row parsed (`parse(raw, source, index)`); a malformed line, a parse error or a repeated
+    id raises its RecordError, or with skip_invalid goes to `on_skip` and is left out."""
+    seen: dict[str, str] = {}
+    for index, (source, raw) in enumerate(rows):
+        try:
+            if isinstance(raw, RecordError):  # a malformed JSONL line, kept in its place by load_json_records
+                raise raw
+            parsed = parse(raw, source, index)
+            key = str(id_of(parsed))
+            if key in seen:
+                raise RecordError(source, key, id_field, f"duplicate of the record at {seen[key]}")
+            seen[key] = source
+        except RecordError as e:
+            if not skip_invalid:
+                raise
+            on_skip(e)
+            continue
+        yield parsed
+
+
 def collect(rows: Iterable[tuple[str, Any]], parse: Callable[[Any, str, int], tuple[PreferenceRecord, bool]],
             skip_invalid: bool, report: ReadReport | None = None) -> tuple[list[PreferenceRecord], ReadReport]:
     """Parse rows into records: duplicates and bad records raise, or are counted with skip_invalid."""
     report = report or ReadReport()
     records: list[PreferenceRecord] = []
-    seen: dict[str, str] = {}
-    for index, (source, raw) in enumerate(rows):
-        try:
-            if isinstance(raw, RecordError):
-                raise raw
-            record, inserted = parse(raw, source, index)
-            if record.id in seen:
-                raise RecordError(source, record.id, "id", f"duplicate of the record at {seen[record.id]}")
-            seen[record.id] = source
-        except RecordError as e:
-            if not skip_invalid:
-                raise
-            report.skip(e)
-            continue
+    for record, inserted in valid_rows(rows, parse, report.skip, skip_invalid, id_of=lambda parsed: parsed[0].id):
         report.read += 1
         report.placeholder_inserted += inserted
         records.append(record)

@@ -35,7 +35,9 @@ from lightning_meddpo.backbones.templates import get_chat_template
 from lightning_meddpo.data.batch import pad_stack
 from lightning_meddpo.data.collate import PairEncoder, PromptTooLongError
 from lightning_meddpo.data.images import load_image
-from lightning_meddpo.data.records import IMAGE_TOKEN, RecordError, Turn, default_id, load_json_records, resolve_image
+from lightning_meddpo.data.records import (
+    IMAGE_TOKEN, RecordError, Turn, default_id, load_json_records, resolve_image, valid_rows,
+)
 from lightning_meddpo.eval.generate import EvalBatch, GenerationSettings, JudgeSettings
 
 log = logging.getLogger(__name__)
@@ -200,25 +202,18 @@ def read_eval_file(
     root = Path(image_root) if image_root is not None else path.parent
     report = EvalReadReport()
     records: list[EvalRecord] = []
-    seen: dict[str, str] = {}
-    for source, raw in load_json_records(path):
-        try:
-            if isinstance(raw, RecordError):
-                raise raw
-            record = parse_eval_record(
-                raw, source, root, report.notes, fmt=fmt, answer_field=answer_field, report_prompt=report_prompt,
-                require_gold=require_gold, missing_id=default_id(source), image_placement=image_placement,
-            )
-            key = str(record.id)
-            if key in seen:
-                raise RecordError(source, key, "question_id", f"duplicate of the record at {seen[key]}")
-            seen[key] = source
-        except RecordError as e:
-            if not skip_invalid:
-                raise
-            report.skipped[f"field {e.field_name}: {e.problem.split(':')[0]}"] += 1
-            report.errors.append(str(e))
-            continue
+
+    def skip(e: RecordError) -> None:
+        report.skipped[f"field {e.field_name}: {e.problem.split(':')[0]}"] += 1
+        report.errors.append(str(e))
+
+    def parse(raw: Any, source: str, index: int) -> EvalRecord:
+        return parse_eval_record(
+            raw, source, root, report.notes, fmt=fmt, answer_field=answer_field, report_prompt=report_prompt,
+            require_gold=require_gold, missing_id=default_id(source), image_placement=image_placement,
+        )
+
+    for record in valid_rows(load_json_records(path), parse, skip, skip_invalid, id_field="question_id"):
         report.read += 1
         report.by_type[record.answer_type] += 1
         records.append(record)
