@@ -59,8 +59,8 @@ VARIANTS = ("dpo", "dpo_lora", "dpo_precomputed", "mdpo")
 
 def prepare(shape: str, root: Path, n_pairs: int) -> tuple[Path, Path]:
     """A tiny LLaVA of the given shape and a demo dataset (every pair with an m'), built once."""
-    from lightning_meddpo.demo.tiny import build_tiny_backbone
     from lightning_meddpo.demo.synthetic import ensure_demo_dataset
+    from lightning_meddpo.demo.tiny import build_tiny_backbone
 
     model_dir = root / f"model-{shape}"
     if not (model_dir / "config.json").is_file():

@@ -33,7 +33,12 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_meddpo.data.batch import IGNORE_INDEX, EncodedImages, PreferenceBatch, TokenRows
+from lightning_meddpo.data.batch import (
+    IGNORE_INDEX,
+    EncodedImages,
+    PreferenceBatch,
+    TokenRows,
+)
 
 log = logging.getLogger(__name__)
 

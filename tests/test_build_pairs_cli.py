@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from lightning_meddpo.data.images import corrupt, load_image
 from lightning_meddpo.commands.build_pairs import main
+from lightning_meddpo.data.images import corrupt, load_image
 from lightning_meddpo.data.records import read_preference_file
 from tests.conftest import run_cli
 from tests.llm_server import FakeLLMServer

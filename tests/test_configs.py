@@ -104,8 +104,8 @@ def environment() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Start every CLI run at once (two fit workers, one print_config worker); wait; results by name."""
-    from lightning_meddpo.demo.tiny import resolve_tiny
     from lightning_meddpo.demo.synthetic import ensure_demo_dataset
+    from lightning_meddpo.demo.tiny import resolve_tiny
 
     root = tmp_path_factory.mktemp("configs")
     resolve_tiny("tiny://llama")  # build the tiny backbone once, before processes race for it

@@ -24,13 +24,13 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from lightning_meddpo.backbones.templates import get_chat_template
 from lightning_meddpo.commands.convert import (
     ConversionError,
     convert_llava_checkpoint,
     expand_to_square,
     main,
 )
-from lightning_meddpo.backbones.templates import get_chat_template
 
 HIDDEN = 32
 VISION = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,

@@ -4,10 +4,9 @@ are atomic; unreadable checkpoints are clear errors; a NaN never trains."""
 
 from __future__ import annotations
 
-import shutil
-
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys

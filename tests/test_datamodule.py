@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-import shutil
-
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from lightning_meddpo.data.collate import IGNORE_INDEX, PairEncoder, PreferenceCollator, PromptTooLongError
+from lightning_meddpo.data.collate import (
+    IGNORE_INDEX,
+    PairEncoder,
+    PreferenceCollator,
+    PromptTooLongError,
+)
 from lightning_meddpo.data.datamodule import PreferenceDataModule, PreferenceDataset
 from lightning_meddpo.data.records import RecordError, read_preference_file
 from tests.conftest import image_token_count

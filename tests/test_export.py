@@ -12,9 +12,9 @@ import yaml
 from transformers import AutoModelForImageTextToText
 
 from lightning_meddpo.backbones.loader import load_processor
+from lightning_meddpo.commands.export import main as export_main
 from lightning_meddpo.data.datamodule import PreferenceDataModule
 from lightning_meddpo.demo.synthetic import generate_demo_dataset
-from lightning_meddpo.commands.export import main as export_main
 from lightning_meddpo.modules import DPO
 from lightning_meddpo.policy import build_rows, row_images
 

@@ -18,7 +18,14 @@ import torch
 from transformers import PreTrainedModel
 
 from lightning_meddpo.data.datamodule import PreferenceDataModule
-from lightning_meddpo.losses import DPO_LOSS_TYPES, anchor_loss, copo_loss, dpo_loss, kto_kl_baseline, kto_loss
+from lightning_meddpo.losses import (
+    DPO_LOSS_TYPES,
+    anchor_loss,
+    copo_loss,
+    dpo_loss,
+    kto_kl_baseline,
+    kto_loss,
+)
 from lightning_meddpo.modules import DPO, KTO, SFT, MMedPO, Multimodal, ReferenceFree
 
 BACKBONE = "tiny://llama"

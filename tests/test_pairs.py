@@ -13,14 +13,10 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
+from lightning_meddpo.commands.build_pairs import BuildSummary, build_pairs
+from lightning_meddpo.commands.perturb import applicable_error_types, perturb_answer
 from lightning_meddpo.data.images import corrupt, load_image
 from lightning_meddpo.data.lexicon import ERROR_TYPES, LEXICON
-from lightning_meddpo.commands.build_pairs import (
-    BuildSummary,
-    applicable_error_types,
-    build_pairs,
-    perturb_answer,
-)
 from lightning_meddpo.data.records import RecordError, read_preference_file
 
 

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import shutil
-
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from lightning_meddpo.data.datamodule import PreferenceDataModule
 from lightning_meddpo.commands.build_pairs import build_pairs
+from lightning_meddpo.data.datamodule import PreferenceDataModule
 from lightning_meddpo.eval.datamodule import read_eval_file
 
 REPORT = "A moderate-sized left pleural effusion is present. The right lung is clear. There is no pneumothorax."

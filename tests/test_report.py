@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 
 from lightning_meddpo.commands.report import (
-    IMAGE_BLIND, image_blind_rows, load_results, matrix_stats, score_rows, summarize, to_markdown, write_summary,
+    IMAGE_BLIND,
+    image_blind_rows,
+    load_results,
+    matrix_stats,
+    score_rows,
+    summarize,
+    to_markdown,
+    write_summary,
 )
 
 QUESTIONS = [  # (id, question text, gold, answer type, ground truth)

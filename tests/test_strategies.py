@@ -65,7 +65,8 @@ def test_fsdp2_two_processes_save_resume_export(tmp_path):
     assert "Restored all states from the checkpoint" in out and "`max_steps=4` reached" in out
 
     # export the sharded checkpoint, reading the module from the run's config.yaml
-    from lightning_meddpo.commands.export import main as export_main, read_checkpoint
+    from lightning_meddpo.commands.export import main as export_main
+    from lightning_meddpo.commands.export import read_checkpoint
 
     resumed = last_checkpoint(tmp_path, 1)
     hf = tmp_path / "hf"
@@ -114,14 +115,14 @@ def test_fsdp_configs_parse(tmp_path):
 def test_fully_shard_layers_and_reference(tmp_path, monkeypatch):
     """configure_model under a device mesh: each decoder / vision layer and the root are FSDP2 units,
     the `copy` reference too, and sharded training gives the same loss as unsharded."""
+    import socket
+
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
     from lightning_meddpo.modules import DPO
-
-    import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

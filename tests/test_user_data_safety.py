@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +12,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lightning_meddpo.demo.synthetic import DemoFolderError, demo_for_files, ensure_demo_dataset, generate_demo_dataset
-
+from lightning_meddpo.demo.synthetic import (
+    DemoFolderError,
+    demo_for_files,
+    ensure_demo_dataset,
+    generate_demo_dataset,
+)
 from tests.conftest import REPO
 
 SMALL = {"n_train": 4, "n_val": 2, "n_test": 2}

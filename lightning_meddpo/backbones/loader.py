@@ -12,13 +12,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    PreTrainedModel,
+    ProcessorMixin,
+)
 from transformers.utils import is_torchvision_available
 
 from lightning_meddpo.backbones.templates import get_chat_template
-from lightning_meddpo.demo.tiny import TINY_SCHEME, build_once, resolve_tiny
 from lightning_meddpo.cache import default_cache_dir
-
+from lightning_meddpo.demo.tiny import TINY_SCHEME, build_once, resolve_tiny
 
 TINY_QWEN = ("qwen2_vl", "qwen2_5_vl")
 
@@ -58,7 +63,10 @@ def model_type(path: str, trust_remote_code: bool = False) -> str | None:
 
 
 def _auto_processor(path: str, trust_remote_code: bool) -> ProcessorMixin:
-    from lightning_meddpo.backbones.qwen import QWEN_VL_MODEL_TYPES, load_qwen_vl_processor
+    from lightning_meddpo.backbones.qwen import (
+        QWEN_VL_MODEL_TYPES,
+        load_qwen_vl_processor,
+    )
 
     if model_type(path, trust_remote_code) in QWEN_VL_MODEL_TYPES and not is_torchvision_available():
         # transformers' Qwen2-VL processor insists on a video processor, which needs torchvision

@@ -1,4 +1,4 @@
-"""Preference-pair construction from VQA or caption files (issue 4; DESIGN.md §4 "targeted", §5).
+"""`python -m lightning_meddpo build-pairs`: preference pairs from VQA or caption files (DESIGN.md §4 "targeted", §5).
 
 Input (JSON array or JSONL), one of, per record:
   * LLaVA-Med question format: {question_id, image, text, answer | gpt4_answer, answer_type}
@@ -23,8 +23,9 @@ the output file's folder unless given, and `rejected_image` is relative to it. T
 data.init_args.image_root (the source root) and data.init_args.rejected_image_root (printed at the end). The corruption provenance (type, full spec, seed,
 resolved random draws) reproduces the image: `images.corrupt(load_image(image), c["spec"], c["seed"])`.
 
-Text-rejected answers come from `perturb_answer` (the lexicon in lexicon.py: whole-word, case-preserving
-swaps of visually grounded attributes) or from a `rewriter(question, answer)` hook (an LLM rewriter).
+Text-rejected answers come from `perturb_answer` (perturb.py: whole-word, case-preserving swaps of visually
+grounded attributes from the lexicon in data/lexicon.py) or from a `rewriter(question, answer)` hook (an
+LLM rewriter, rewriter.py). The input records are parsed in sources.py.
 Answers that cannot be perturbed are skipped and counted by reason in the `BuildSummary`.
 """
 
@@ -32,351 +33,29 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
 
+from lightning_meddpo.commands.perturb import lexicon_tables, perturb_answer
+from lightning_meddpo.commands.sources import parse_source_record, safe_relative_path
 from lightning_meddpo.data.images import corrupt, load_image, normalize_spec, seed_for
 from lightning_meddpo.data.lexicon import ERROR_TYPES, LEXICON  # noqa: F401 (ERROR_TYPES re-exported)
 from lightning_meddpo.data.records import (
-    IMAGE_TOKEN, RecordError, Turn, canonical_role, default_id, load_json_records, valid_rows, with_image_placeholder,
+    IMAGE_TOKEN,
+    RecordError,
+    load_json_records,
+    valid_rows,
 )
 
-CAPTION_PROMPT = "Describe the findings in this medical image."
-Rng = np.random.Generator | random.Random
 Rewriter = Callable[[str, str], "str | tuple[str, str]"]
-
-# --------------------------------------------------------------------------------- lexicon perturbation
-
-
-def _pick(rng: Rng, n: int) -> int:
-    return int(rng.integers(n)) if isinstance(rng, np.random.Generator) else rng.randrange(n)
-
-
-def _term_pattern(term: str) -> str:
-    return r"\s+".join(re.escape(w) for w in term.split())
-
-
-def _norm(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
-@dataclass(frozen=True)
-class _Table:
-    """One error type compiled: lower-cased source term -> (canonical source, candidate targets)."""
-
-    terms: dict[str, tuple[str, tuple[str, ...]]]
-    regex: re.Pattern | None
-    start: dict[str, tuple[str, tuple[str, ...]]]
-    start_regex: re.Pattern | None
-    mirror: bool
-    numbers: bool
-
-
-def _compile(entry: dict[str, Any]) -> _Table:
-    terms: dict[str, tuple[str, list[str]]] = {}
-
-    def add(src: str, tgt: str, table: dict) -> None:
-        canon, targets = table.setdefault(_norm(src), (src, []))
-        if _norm(tgt) != _norm(src) and tgt not in targets:
-            targets.append(tgt)
-
-    for a, b in entry.get("swaps", []):
-        add(a, b, terms)
-        add(b, a, terms)
-    for a, b in entry.get("rules", []):
-        add(a, b, terms)
-    for group in entry.get("groups", []):
-        for a in group:
-            for b in group:
-                add(a, b, terms)
-    start: dict[str, tuple[str, list[str]]] = {}
-    for a, b in entry.get("start_only", []):
-        add(a, b, start)
-
-    def regex(table: dict, anchored: bool) -> re.Pattern | None:
-        if not table:
-            return None
-        alts = "|".join(_term_pattern(c) for c, _ in sorted(table.values(), key=lambda v: -len(v[0])))
-        if anchored:  # a whole leading word followed by punctuation or the end: "No.", "Yes, ..."
-            return re.compile(f"^\\s*({alts})(?=\\s*(?:[.,;:!]|$))", re.IGNORECASE)
-        return re.compile(f"(?<![\\w-])({alts})(?![\\w-])", re.IGNORECASE)
-
-    freeze = lambda t: {k: (c, tuple(v)) for k, (c, v) in t.items()}  # noqa: E731
-    return _Table(freeze(terms), regex(terms, False), freeze(start), regex(start, True),
-                  bool(entry.get("mirror")), bool(entry.get("numbers")))
-
-
-@lru_cache(maxsize=8)
-def _compiled(lexicon_json: str) -> dict[str, _Table]:
-    return {name: _compile(entry) for name, entry in json.loads(lexicon_json).items()}
-
-
-_VOWEL_LETTER_ACRONYM = set("AEFHILMNORSX")  # letters whose name starts with a vowel sound: "an MRI", "an X-ray"
-
-
-def _wants_an(word: str) -> bool:
-    if not word:
-        return False
-    if word[0].isupper() and (len(word) == 1 or not word[1].islower()):  # acronym: CT, MRI, X-ray
-        return word[0] in _VOWEL_LETTER_ACRONYM
-    w = word.lower()
-    if w.startswith(("uni", "use", "usu", "one", "eu")):
-        return False
-    return w[0] in "aeiou"
-
-
-def _match_case(matched: str, canonical: str, target: str) -> str:
-    """Carry the case of the matched text over to the target (acronyms in the lexicon keep their case)."""
-    if matched.isupper() and len(matched) > 1 and not canonical.isupper():
-        return target.upper()
-    if matched[:1].isupper() and not canonical[:1].isupper():
-        return target[:1].upper() + target[1:]
-    return target
-
-
-_SENTENCE_START = re.compile(r"(^|[.!?:;]\s+|\n\s*)$")
-_ARTICLE = re.compile(r"(?<![\w-])(a|an)(\s+)$", re.IGNORECASE)
-
-
-def _apply(text: str, edits: Sequence[tuple[int, int, str, str]]) -> str:
-    """Replace spans (start, end, canonical source, target), matching case and fixing a/an before them."""
-    out = ""
-    pos = 0
-    for start, end, canonical, target in sorted(edits):
-        out += text[pos:start]
-        rep = _match_case(text[start:end], canonical, target)
-        if _SENTENCE_START.search(out) and rep[:1].islower() and text[start:start + 1].isupper():
-            rep = rep[:1].upper() + rep[1:]
-        m = _ARTICLE.search(out)
-        if m and rep:
-            art = "an" if _wants_an(rep.split()[0]) else "a"
-            if m.group(1)[0].isupper():
-                art = art.capitalize()
-            out = out[: m.start(1)] + art + m.group(2)
-        out += rep
-        pos = end
-    return out + text[pos:]
-
-
-_NUMBER = re.compile(r"(?<![\w.\-])(\d+(?:\.\d+)?)(?!\.?\d)(?!(?:st|nd|rd|th)\b)")
-
-
-def _number_variants(s: str) -> list[str]:
-    if "." in s:
-        d = len(s.split(".")[1])
-        x = float(s)
-        vals = [f"{x * 2:.{d}f}", f"{x / 2:.{d}f}"]
-    else:
-        n = int(s)
-        vals = [str(n + 1), str(n * 2)] + ([str(n - 1)] if n >= 2 else [])
-    out = []
-    for v in vals:
-        if v != s and float(v) != float(s) and v not in out:
-            out.append(v)
-    return out
-
-
-def _candidates(answer: str, table: _Table) -> list[str]:
-    """Every distinct rejected answer this error type can make from `answer` (none equal to it)."""
-    cands: list[str] = []
-    matches = list(table.regex.finditer(answer)) if table.regex else []
-    present = {_norm(m.group(1)) for m in matches}
-    if table.mirror and matches:
-        edits = []
-        for m in matches:
-            canon, targets = table.terms[_norm(m.group(1))]
-            edits.append((m.start(1), m.end(1), canon, targets[0]))
-        cands.append(_apply(answer, edits))
-    elif matches:
-        by_term: dict[str, list[re.Match]] = {}
-        for m in matches:
-            by_term.setdefault(_norm(m.group(1)), []).append(m)
-        for key, ms in by_term.items():
-            canon, targets = table.terms[key]
-            for tgt in targets:
-                if _norm(tgt) in present:  # do not turn "liver and kidney" into "kidney and kidney"
-                    continue
-                cands.append(_apply(answer, [(m.start(1), m.end(1), canon, tgt) for m in ms]))
-    if table.start_regex:
-        m = table.start_regex.search(answer)
-        if m:
-            canon, targets = table.start[_norm(m.group(1))]
-            cands.extend(_apply(answer, [(m.start(1), m.end(1), canon, t)]) for t in targets)
-    if table.numbers:
-        for m in list(_NUMBER.finditer(answer))[:8]:
-            for v in _number_variants(m.group(1)):
-                cands.append(answer[: m.start(1)] + v + answer[m.end(1):])
-    seen, out = set(), []
-    for c in cands:
-        if c.strip() != answer.strip() and c not in seen:
-            seen.add(c)
-            out.append(c)
-    return out
-
-
-def applicable_error_types(
-    answer: str, error_types: Iterable[str] | None = None, lexicon: dict[str, Any] | None = None
-) -> list[str]:
-    """The error types (in lexicon order) that can perturb this answer."""
-    tables = _tables(lexicon, error_types)
-    return [name for name, t in tables.items() if _candidates(answer, t)]
-
-
-def _tables(lexicon: dict[str, Any] | None, error_types: Iterable[str] | None) -> dict[str, _Table]:
-    all_tables = _compiled(json.dumps(lexicon if lexicon is not None else LEXICON, sort_keys=True))
-    if error_types is None:
-        return all_tables
-    wanted = list(error_types)
-    unknown = [e for e in wanted if e not in all_tables]
-    if unknown:
-        raise ValueError(f"unknown error type(s) {unknown}; known: {list(all_tables)}")
-    return {name: all_tables[name] for name in all_tables if name in wanted}
-
-
-def perturb_answer(
-    answer: str, rng: Rng, error_types: Iterable[str] | None = None, lexicon: dict[str, Any] | None = None
-) -> tuple[str, str] | None:
-    """Inject one visual-misinterpretation error: (rejected, error_type), or None if no type applies.
-
-    The error type is drawn uniformly (with `rng`, a numpy Generator or random.Random) among the
-    applicable ones in `error_types` (None: all of `lexicon.ERROR_TYPES`), then one concrete edit of that
-    type. The rejected answer never equals the chosen one.
-    """
-    if not isinstance(answer, str) or not answer.strip():
-        return None
-    options = [(name, c) for name, t in _tables(lexicon, error_types).items() if (c := _candidates(answer, t))]
-    if not options:
-        return None
-    name, cands = options[_pick(rng, len(options))]
-    return cands[_pick(rng, len(cands))], name
-
-
-# ------------------------------------------------------------------------------------------- input side
-
-
-@dataclass
-class SourceItem:
-    """One question/answer (or caption) with its image, before a pair is made from it."""
-
-    id: str
-    source: str
-    image: str  # relative to the image root, POSIX separators
-    prompt: list[dict[str, str]]  # turns before the answer, with exactly one <image> placeholder
-    answer: str
-    placeholder_inserted: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def question(self) -> str:
-        humans = [t["value"] for t in self.prompt if t["from"] == "human"]
-        return humans[-1].replace(IMAGE_TOKEN, "").strip() if humans else ""
-
-
-def safe_relative_path(value: Any, source: str, record_id: str | None, field_name: str) -> str:
-    """A relative POSIX path that cannot escape the image root (no absolute paths, no '..')."""
-    if isinstance(value, list) and len(value) == 1:
-        value = value[0]
-    if not isinstance(value, str) or not value.strip():
-        raise RecordError(source, record_id, field_name, f"expected one image path, got {value!r}")
-    p = PurePosixPath(value.replace("\\", "/"))
-    if p.is_absolute() or re.match(r"^[A-Za-z]:", value) or ".." in p.parts:
-        raise RecordError(source, record_id, field_name, f"image path {value!r} escapes the image root "
-                          "(absolute paths and '..' are not allowed)")
-    return str(p)
-
-
-def _parse_region(region: Any, source: str, rid: str) -> dict[str, Any]:
-    """A record's lesion region for region_noise: {"box": [x0, y0, x1, y1]} (pixels) or {"mask": "rel.png"}."""
-    if isinstance(region, dict) and set(region) == {"box"}:
-        box = region["box"]
-        if (isinstance(box, list) and len(box) == 4
-                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
-            return {"box": box}
-    elif isinstance(region, dict) and set(region) == {"mask"}:
-        return {"mask": safe_relative_path(region["mask"], source, rid, "region.mask")}
-    raise RecordError(source, rid, "region", f"expected {{'box': [x0, y0, x1, y1]}} or {{'mask': 'path'}}, "
-                      f"got {region!r}")
-
-
-def parse_source_record(raw: Any, source: str) -> SourceItem:
-    """One input record (question, conversations or caption format) -> SourceItem; problems raise RecordError."""
-    if not isinstance(raw, dict):
-        raise RecordError(source, None, "<record>", f"expected a JSON object, got {type(raw).__name__}")
-    rid_field = next((k for k in ("question_id", "id", "study_id") if raw.get(k) is not None), "id")
-    rid = raw.get(rid_field)
-    if (rid is None or str(rid).strip() == "") and ("caption" in raw or "report" in raw):
-        rid = default_id(source)  # the released AMBOSS train file has no ids: file stem and line
-    if rid is None or str(rid).strip() == "":
-        raise RecordError(source, None, rid_field, "missing record id (question_id, id or study_id)")
-    rid = str(rid)
-    img_field = next((k for k in ("image", "image_path", "image_paths") if k in raw), None)
-    if img_field is None:
-        raise RecordError(source, rid, "image", "missing (expected image, image_path or image_paths)")
-    value = raw[img_field]
-    if isinstance(value, list) and len(value) > 1:
-        value = value[:1]  # one image per pair: the first (MIMIC-CXR studies list several views)
-    image = safe_relative_path(value, source, rid, img_field)
-    if "conversations" in raw:
-        conv = raw["conversations"]
-        if not isinstance(conv, list) or not conv:
-            raise RecordError(source, rid, "conversations", "expected a non-empty list of turns")
-        turns = []
-        for i, t in enumerate(conv):
-            if not isinstance(t, dict) or not isinstance(t.get("value"), str) or "from" not in t:
-                raise RecordError(source, rid, f"conversations[{i}]", "expected {'from': ..., 'value': str}")
-            role = canonical_role(t["from"])
-            if role is None:
-                raise RecordError(source, rid, f"conversations[{i}].from", f"unknown role {t['from']!r}")
-            turns.append({"from": role, "value": t["value"]})
-        last = max((i for i, t in enumerate(turns) if t["from"] == "gpt"), default=None)
-        if last is None:
-            raise RecordError(source, rid, "conversations", "no gpt turn (the answer)")
-        if not any(t["from"] == "human" for t in turns[:last]):
-            raise RecordError(source, rid, "conversations", "no human turn before the answer")
-        if last != len(turns) - 1:
-            raise RecordError(source, rid, f"conversations[{last + 1}]", "turns after the last gpt turn (the answer)")
-        prompt, answer = turns[:last], turns[last]["value"]
-        answer_field, extra = f"conversations[{last}].value", {}
-    elif "text" in raw:
-        key = "answer" if "answer" in raw else "gpt4_answer" if "gpt4_answer" in raw else None
-        if key is None:
-            raise RecordError(source, rid, "answer", "missing (expected 'answer' or 'gpt4_answer')")
-        answer, answer_field = raw[key], key
-        if not isinstance(raw["text"], str):
-            raise RecordError(source, rid, "text", "expected the question as a string")
-        prompt = [{"from": "human", "value": raw["text"]}]
-        extra = {k: raw[k] for k in ("answer_type",) if k in raw}
-    elif "caption" in raw or "report" in raw:
-        key = "caption" if "caption" in raw else "report"
-        answer, answer_field = raw[key], key
-        prompt = [{"from": "human", "value": CAPTION_PROMPT}]
-        extra = {}
-    else:
-        raise RecordError(source, rid, "<record>", "expected 'conversations', a question ('text' with 'answer' "
-                          "or 'gpt4_answer') or a 'caption'/'report'")
-    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
-        answer = str(answer)
-    if not isinstance(answer, str):
-        raise RecordError(source, rid, answer_field, f"expected a string, got {type(answer).__name__}")
-    if "region" in raw:
-        extra["region"] = _parse_region(raw["region"], source, rid)
-    try:
-        placed, inserted = with_image_placeholder([Turn(t["from"], t["value"]) for t in prompt])
-        prompt = [{"from": t.role, "value": t.text} for t in placed]
-    except ValueError as e:
-        raise RecordError(source, rid, "conversations", str(e)) from e
-    return SourceItem(rid, source, image, prompt, answer, inserted, extra)
-
 
 # ------------------------------------------------------------------------------------------ output side
 
@@ -482,7 +161,7 @@ def build_pairs(
     spec = normalize_spec(corruption) if mode in ("image", "both") else None
     rel_dir = safe_relative_path(rejected_image_dir, "build_pairs", None, "rejected_image_dir")
     error_types = list(error_types) if error_types is not None else None
-    _tables(lexicon, error_types)  # validate the names up front
+    lexicon_tables(lexicon, error_types)  # validate the names up front
     summary = BuildSummary(out_path=str(out_path), image_root=str(image_root), rejected_image_root=str(rejected_root))
     out: list[dict[str, Any]] = []
     raws = load_json_records(Path(input_path))
@@ -602,7 +281,7 @@ def _parse_error_types(values: list[str] | None) -> list[str] | None:
     if not values:
         return None
     names = [n.strip() for v in values for n in v.split(",") if n.strip()]
-    _tables(None, names)  # unknown names fail here
+    lexicon_tables(None, names)  # unknown names fail here
     return names
 
 

@@ -42,7 +42,13 @@ import numpy as np
 from lightning_meddpo.data.records import IMAGE_TOKEN, load_json_records
 from lightning_meddpo.eval.errors import ERROR_TYPES, VISUAL_ERRORS, classify
 from lightning_meddpo.eval.metrics import (
-    closed_hit, exact_match, llava_med_f1, rouge_l, strict_closed_hit, token_f1, token_recall,
+    closed_hit,
+    exact_match,
+    llava_med_f1,
+    rouge_l,
+    strict_closed_hit,
+    token_f1,
+    token_recall,
 )
 
 RESULT_NAME = "result.json"

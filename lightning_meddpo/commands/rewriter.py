@@ -18,8 +18,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from lightning_meddpo.text import normalize_answer
 from lightning_meddpo.llm import LLMClient, Message
+from lightning_meddpo.text import normalize_answer
 
 __all__ = ["LLMRewriter", "RewriteError", "DEFAULT_ATTRIBUTES"]
 

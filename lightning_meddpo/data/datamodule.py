@@ -15,19 +15,28 @@ import io
 import logging
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from PIL import Image, UnidentifiedImageError
-from collections.abc import Callable
-
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from lightning_meddpo.data.collate import EncodedPair, PairEncoder, PreferenceCollator, PromptTooLongError
+from lightning_meddpo.data.collate import (
+    EncodedPair,
+    PairEncoder,
+    PreferenceCollator,
+    PromptTooLongError,
+)
 from lightning_meddpo.data.formats import FORMATS, read_records
-from lightning_meddpo.data.images import DEFAULT_MAX_PIXELS, is_dicom, load_image, to_rgb8
+from lightning_meddpo.data.images import (
+    DEFAULT_MAX_PIXELS,
+    is_dicom,
+    load_image,
+    to_rgb8,
+)
 from lightning_meddpo.data.needs import PairNeeds
 from lightning_meddpo.data.records import PreferenceRecord, ReadReport, RecordError
 
@@ -428,7 +437,11 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def reference_fingerprint(self) -> dict[str, Any]:
         """Everything in the data that decides the reference log-probs (see reference_cache.py)."""
-        from lightning_meddpo.reference_cache import file_digest, image_files, weights_fingerprint
+        from lightning_meddpo.reference_cache import (
+            file_digest,
+            image_files,
+            weights_fingerprint,
+        )
 
         h = self.hparams
         files = [f for f in (h.train_file, h.val_file) if f]

@@ -20,7 +20,12 @@ from transformers import (
     Qwen2VLImageProcessorPil,
 )
 
-from lightning_meddpo.backbones.qwen import CHATML, QWEN_SPECIAL_TOKENS, QwenVLImageProcessor, save_processor
+from lightning_meddpo.backbones.qwen import (
+    CHATML,
+    QWEN_SPECIAL_TOKENS,
+    QwenVLImageProcessor,
+    save_processor,
+)
 
 VERSIONS = {
     "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),

@@ -36,7 +36,13 @@ from lightning_meddpo.data.batch import pad_stack
 from lightning_meddpo.data.collate import PairEncoder, PromptTooLongError
 from lightning_meddpo.data.images import load_image
 from lightning_meddpo.data.records import (
-    IMAGE_TOKEN, RecordError, Turn, default_id, load_json_records, resolve_image, valid_rows,
+    IMAGE_TOKEN,
+    RecordError,
+    Turn,
+    default_id,
+    load_json_records,
+    resolve_image,
+    valid_rows,
 )
 from lightning_meddpo.eval.generate import EvalBatch, GenerationSettings, JudgeSettings
 

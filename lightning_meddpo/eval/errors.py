@@ -15,7 +15,11 @@ from __future__ import annotations
 from typing import Any
 
 from lightning_meddpo.data.lexicon import LEXICON
-from lightning_meddpo.eval.metrics import normalize_answer, strict_closed_hit, token_recall
+from lightning_meddpo.eval.metrics import (
+    normalize_answer,
+    strict_closed_hit,
+    token_recall,
+)
 
 ERROR_TYPES = ("correct", "laterality", "missed_lesion", "invented_lesion", "wrong_modality", "wrong_organ", "other")
 VISUAL_ERRORS = ERROR_TYPES[1:-1]

@@ -54,7 +54,6 @@ Pure per-sample helpers (`closed_hit`, `strict_closed_hit`, `token_recall`, `exa
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
 from collections.abc import Sequence

@@ -22,7 +22,11 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
-from lightning_meddpo.backbones.loader import load_model, load_processor, resolve_backbone
+from lightning_meddpo.backbones.loader import (
+    load_model,
+    load_processor,
+    resolve_backbone,
+)
 from lightning_meddpo.checkpoints import restore_rng_state, rng_state
 from lightning_meddpo.data.batch import PreferenceBatch
 from lightning_meddpo.data.needs import PairNeeds
@@ -299,7 +303,10 @@ class PreferenceModule(L.LightningModule):
         self.ensure_reference_table()
 
     def reference_fingerprint(self, datamodule) -> dict:
-        from lightning_meddpo.reference_cache import processor_fingerprint, weights_fingerprint
+        from lightning_meddpo.reference_cache import (
+            processor_fingerprint,
+            weights_fingerprint,
+        )
 
         h = self.hparams
         return {
