@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
-
 import glob
 import math
+import shutil
 from pathlib import Path
 
 import pytest

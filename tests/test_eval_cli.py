@@ -13,7 +13,12 @@ import torch
 
 from lightning_meddpo.data.records import RecordError
 from lightning_meddpo.eval.datamodule import EvalDataModule, read_eval_file
-from lightning_meddpo.eval.generate import EvalBatch, GenerationSettings, PredictionWriter, generate
+from lightning_meddpo.eval.generate import (
+    EvalBatch,
+    GenerationSettings,
+    PredictionWriter,
+    generate,
+)
 from tests.conftest import REPO, run_cli, small_demo_args
 
 try:

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from lightning_meddpo.backbones import loader
+from lightning_meddpo.backbones.build import part_parameters
 from lightning_meddpo.backbones.qwen import QWEN_IMAGE_PLACEHOLDER
 from lightning_meddpo.data.datamodule import PreferenceDataModule
 from lightning_meddpo.demo.synthetic import generate_demo_dataset
 from lightning_meddpo.demo.tiny_qwen import build_tiny_qwen_vl
 from lightning_meddpo.modules import DPO
-from lightning_meddpo.modules.base import part_parameters
 
 VIEWS = ("chosen", "rejected")
 

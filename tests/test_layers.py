@@ -5,7 +5,7 @@ lower one, never up, never sideways into another package of the same layer.
                   strategies, losses (pure), backbones.templates, backbones.qwen (the Qwen-VL processor)
     1 demo        demo.* (the synthetic dataset and the tiny backbones trained on its corpus)
     2 data        data.* (records, images, formats, batch, collate, needs, lexicon, the DataModule)
-    3 backbones   backbones.loader (real checkpoints and tiny://)
+    3 backbones   backbones.loader (real checkpoints and tiny://), backbones.build (LoRA, freezing, weights)
     4 policy      policy (scoring pairs with a model)  |  eval (generation, metrics, judge, error analysis,
                                                        |  the eval DataModule): beside policy, never up
     5 modules     modules.*, callbacks (the LightningModules and what trains them)

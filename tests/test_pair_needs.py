@@ -4,9 +4,8 @@ where a loss scores it."""
 
 from __future__ import annotations
 
-import shutil
-
 import json
+import shutil
 from pathlib import Path
 
 import pytest

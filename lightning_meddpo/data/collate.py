@@ -15,7 +15,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from lightning_meddpo.data.batch import IGNORE_INDEX, EncodedImages, PreferenceBatch, TokenRows
+from lightning_meddpo.data.batch import (
+    IGNORE_INDEX,
+    EncodedImages,
+    PreferenceBatch,
+    TokenRows,
+)
 from lightning_meddpo.data.records import IMAGE_TOKEN, Turn
 
 ROLE = {"human": "user", "gpt": "assistant"}

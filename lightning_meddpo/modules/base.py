@@ -1,4 +1,4 @@
-"""What every preference LightningModule shares: backbone loading, the policy, optimizer and logging.
+"""What every preference LightningModule shares: the policy, the optimizer, the training-step checks and logging.
 
 A family module only says which views of a pair it scores and how log-probs become a loss
 (`compute_loss`). The processor is loaded at construction (cheap) so the CLI can hand it to the
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
@@ -22,11 +22,8 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
-from lightning_meddpo.backbones.loader import (
-    load_model,
-    load_processor,
-    resolve_backbone,
-)
+from lightning_meddpo.backbones.build import FREEZABLE, LoraSettings, build_policy_model
+from lightning_meddpo.backbones.loader import load_processor, resolve_backbone
 from lightning_meddpo.checkpoints import restore_rng_state, rng_state
 from lightning_meddpo.data.batch import PreferenceBatch
 from lightning_meddpo.data.needs import PairNeeds
@@ -35,23 +32,6 @@ from lightning_meddpo.policy import Mode, PreferencePolicy, ReferenceStrategy
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class LoraSettings:
-    """peft LoRA settings; with LoRA the reference is the model with adapters disabled.
-
-    `target_modules` are matched in the language model only, as LLaVA's own LoRA training does (its
-    find_all_linear_names skips the vision tower and the projector; CLIP's attention has q/k/v projections
-    of the same names); `vision: true` adapts the vision tower too. With the tower unadapted, the
-    reference reuses the policy's image features."""
-
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    vision: bool = False
-
-
-FREEZABLE = ("vision_tower", "projector", "language_model")
 REFERENCE_PREFIX = "policy.reference."
 ZERO_GRAD_PATIENCE = 20  # steps of an exactly-zero gradient norm before the run warns that nothing trains
 
@@ -72,78 +52,6 @@ def check_beta(beta: float) -> None:
     below 0 they learn the reverse preference while the logged reward accuracy still rises."""
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta} (0 trains nothing; < 0 learns the rejected answers)")
-
-
-def part_parameters(model: torch.nn.Module, part: str) -> list[torch.nn.Parameter]:
-    """Parameters of one part of a LLaVA-style or Qwen-VL model (peft-wrapped or not)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    core = getattr(base, "model", base)
-    vision = getattr(core, "vision_tower", None) or getattr(core, "visual", None)
-    projector = getattr(core, "multi_modal_projector", None) or getattr(vision, "merger", None)
-    if part == "vision_tower":
-        if vision is None:
-            raise ValueError(f"freeze: {type(base).__name__} has no vision tower (vision_tower / visual)")
-        skip = {id(p) for p in projector.parameters()} if projector is not None else set()
-        return [p for p in vision.parameters() if id(p) not in skip]
-    if part == "projector":
-        if projector is None:
-            raise ValueError(f"freeze: {type(base).__name__} has no projector (multi_modal_projector / visual.merger)")
-        return list(projector.parameters())
-    if part == "language_model":
-        lm = getattr(core, "language_model", None)
-        if lm is None:
-            raise ValueError(f"freeze: {type(base).__name__} has no language_model")
-        head = getattr(base, "lm_head", None)
-        return [*lm.parameters(), *(head.parameters() if head is not None else [])]
-    raise ValueError(f"freeze: unknown part {part!r}; known: {list(FREEZABLE)}")
-
-
-def freeze_parts(model: torch.nn.Module, parts: list[str]) -> None:
-    for part in parts:
-        for p in part_parameters(model, part):
-            p.requires_grad_(False)
-
-
-def freeze_unused_vision_layers(model: torch.nn.Module) -> list[str]:
-    """Freeze LLaVA vision-tower weights the forward never uses; returns their names.
-
-    LLaVA takes features from `vision_feature_layer` (-2 for LLaVA-1.5 / LLaVA-Med): the encoder
-    layers after it and CLIP's post_layernorm never get a gradient. Frozen, they are left out of the
-    optimizer (an optimizer state without them is what a sharded checkpoint must match on resume)
-    and DDP needs no find_unused_parameters for them. Training is unchanged: they would never move.
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = base.config
-    tower = getattr(getattr(base, "model", base), "vision_tower", None)
-    layer = getattr(config, "vision_feature_layer", None)
-    encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)
-    if tower is None or layer is None or encoder is None or not hasattr(encoder, "layers"):
-        return []
-    n = len(encoder.layers)
-    used = max((k if k >= 0 else n + 1 + k) for k in (layer if isinstance(layer, (list, tuple)) else [layer]))
-    names = []
-    for i in range(used, n):
-        for name, p in encoder.layers[i].named_parameters():
-            p.requires_grad_(False)
-            names.append(f"encoder.layers.{i}.{name}")
-    post = getattr(getattr(tower, "vision_model", tower), "post_layernorm", None)
-    if post is not None:
-        for name, p in post.named_parameters():
-            p.requires_grad_(False)
-            names.append(f"post_layernorm.{name}")
-    return names
-
-
-def load_policy_weights(model: torch.nn.Module, ckpt_path: str) -> None:
-    """Load the policy weights of a Lightning checkpoint (e.g. an SFT run) into `model`."""
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
-    prefix = "policy.model."
-    weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    if not weights:
-        raise ValueError(f"{ckpt_path}: no '{prefix}*' weights in this checkpoint")
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{ckpt_path}: does not match the backbone: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 class PreferenceModule(L.LightningModule):
@@ -247,6 +155,7 @@ class PreferenceModule(L.LightningModule):
         self._nonfinite_skipped = 0
         self._zero_grad_steps = 0
         self._batch_ids: list[str] = []
+        self.eval_metrics = None  # built in setup for a `test` on questions
 
     @property
     def reference_strategy(self) -> ReferenceStrategy:
@@ -262,25 +171,10 @@ class PreferenceModule(L.LightningModule):
         return parts
 
     def build_model(self) -> torch.nn.Module:
-        """The policy model: loaded, LoRA-wrapped, partly frozen, checkpointed as configured."""
+        """The policy model as configured (backbones/build.py builds it)."""
         h = self.hparams
-        source = h.init_from if h.init_from and Path(h.init_from).is_dir() else h.backbone
-        model = load_model(source, trust_remote_code=h.trust_remote_code)
-        if h.init_from and not Path(h.init_from).is_dir():
-            load_policy_weights(model, h.init_from)
-        if h.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
-        if h.lora is not None:
-            from peft import LoraConfig, get_peft_model
-
-            lora = h.lora if isinstance(h.lora, LoraSettings) else LoraSettings(**h.lora)
-            exclude = None if lora.vision else r".*(vision_tower|visual|multi_modal_projector).*"
-            model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                     target_modules=lora.target_modules, exclude_modules=exclude))
-        freeze_parts(model, self.frozen_parts)
-        freeze_unused_vision_layers(model)
-        return model
+        return build_policy_model(h.backbone, init_from=h.init_from, lora=h.lora, freeze=self.frozen_parts,
+                                  gradient_checkpointing=h.gradient_checkpointing, trust_remote_code=h.trust_remote_code)
 
     def configure_model(self) -> None:
         if self.policy is not None:
@@ -501,20 +395,28 @@ class PreferenceModule(L.LightningModule):
         return self._eval_step(batch, update_metrics=False)
 
     # -- generation-based evaluation (eval/generate.py does the work) --------------------------
+    def setup(self, stage: str) -> None:
+        """`test` on questions (not preference pairs): the generation metrics, with the data's judge setting."""
+        self.eval_metrics = None
+        if stage == "test":
+            from lightning_meddpo.eval.generate import EvalMetrics
+
+            dm = self.trainer.datamodule
+            if not hasattr(dm, "reference_dataloaders"):  # not a PreferenceDataModule
+                self.eval_metrics = EvalMetrics(judge=getattr(dm, "judge", None))
+
     def _eval_step(self, batch, update_metrics: bool) -> list[dict]:
-        from lightning_meddpo.eval.generate import EvalBatch, EvalMetrics, generate
+        from lightning_meddpo.eval.generate import EvalBatch, generate
 
         if not isinstance(batch, EvalBatch):
             raise TypeError(f"expected a PreferenceBatch or an EvalBatch, got {type(batch).__name__}")
         predictions = generate(self.policy.model, self.processor, batch)
         if update_metrics:
-            if getattr(self, "eval_metrics", None) is None:
-                self.eval_metrics = EvalMetrics(judge=batch.judge).to(self.device)
             self.eval_metrics.update(batch, predictions)
         return batch.rows(predictions)
 
     def on_test_epoch_end(self) -> None:
-        metrics = getattr(self, "eval_metrics", None)
+        metrics = self.eval_metrics
         if metrics is None:
             return
         for name, value in metrics.compute().items():  # already reduced across ranks by torchmetrics

@@ -12,7 +12,14 @@ import torch
 from torch import Tensor
 
 from lightning_meddpo.data.batch import PreferenceBatch
-from lightning_meddpo.losses import DISCOPOP_DEFAULT_TAU, bco_batch_reward_mean, dpo_loss, nll_loss, reduce_nll, rewards
+from lightning_meddpo.losses import (
+    DISCOPOP_DEFAULT_TAU,
+    bco_batch_reward_mean,
+    dpo_loss,
+    nll_loss,
+    reduce_nll,
+    rewards,
+)
 from lightning_meddpo.modules.base import PreferenceModule, check_beta
 
 

@@ -14,7 +14,11 @@ from lightning_meddpo.data.batch import PreferenceBatch
 from lightning_meddpo.data.needs import PairNeeds
 from lightning_meddpo.losses import anchor_loss, combine, copo_loss, dpo_loss, rewards
 from lightning_meddpo.modules.base import PreferenceModule, check_beta
-from lightning_meddpo.modules.dpo import image_reward_metrics, logps_metrics, reward_metrics
+from lightning_meddpo.modules.dpo import (
+    image_reward_metrics,
+    logps_metrics,
+    reward_metrics,
+)
 
 MULTIMODAL_LOSSES = ("copo", "mdpo", "targeted")
 
