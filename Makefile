@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 venv: $(VENV)/.installed
 
 demo: venv
-	$(PY) -m lightning_meddpo fit --config configs/demo/dpo.yaml
+	$(PY) -m lightning_meddpo fit --config configs/methods/dpo.yaml --config configs/backbones/demo.yaml
 
 test: venv
 	$(PY) -m pytest -q

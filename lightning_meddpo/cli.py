@@ -24,7 +24,7 @@ EXTRA_COMMANDS = {
     "benchmark": ("lightning_meddpo.commands.benchmark:main", "fit and test a grid of formulations and compare them"),
 }
 LIGHTNING_COMMANDS = {
-    "fit": "train a formulation (--config configs/<backbone>/<formulation>.yaml)",
+    "fit": "train a formulation (--config configs/methods/<m>.yaml --config configs/backbones/<b>.yaml)",
     "validate": "the validation metrics of a checkpoint",
     "test": "generate and score answers (--data configs/eval/vqa.yaml) or test preference metrics",
     "predict": "generate answers only",

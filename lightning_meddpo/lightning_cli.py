@@ -27,14 +27,56 @@ from lightning_meddpo.modules.base import PreferenceModule
 TRAINER_DEFAULTS = {"default_root_dir": "runs"}
 # Hyper-parameters that decide what a checkpoint IS: a different value is another model, not a setting.
 IDENTITY = ("backbone", "loss_type", "loss", "lora")
+OVERLAYS = ("strategies", "data")  # config folders stacked on a run without naming it
+RENAMED_BACKBONES = ("demo", "llava_med", "huatuo")  # configs/<backbone>/<method>.yaml before configs/backbones/
 
 
 def run_name(config_files: list) -> str:
-    """`configs/demo/dpo.yaml` -> `demo/dpo`: runs of different configs never share a log directory."""
-    if not config_files:
+    """`configs/methods/dpo.yaml` + `configs/backbones/demo.yaml` -> `demo/dpo` (any other single config:
+    `<folder>/<stem>`): runs of different configs never share a log directory. Strategy and data overlays
+    (configs/strategies/, configs/data/) do not rename a run."""
+    paths = [Path(str(p)) for p in config_files if Path(str(p)).parent.name not in OVERLAYS]
+    if not paths:
         return "default"
-    path = Path(str(config_files[-1]))
+    stacked = {p.parent.name: p.stem for p in paths}
+    if "methods" in stacked:
+        return f"{stacked.get('backbones', 'default')}/{stacked['methods']}"
+    path = paths[-1]
     return f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem
+
+
+def config_files(argv: list[str]) -> list[str]:
+    """The `--config` files of a command line, in order (`--config F` and `--config=F`)."""
+    return [a.split("=", 1)[1] if a.startswith("--config=") else argv[i + 1]
+            for i, a in enumerate(argv) if a.startswith("--config=") or (a == "--config" and i + 1 < len(argv))]
+
+
+def check_config_stack(argv: list[str]) -> None:
+    """Two mistakes a stacked run can make, said plainly instead of jsonargparse's errors (or none):
+
+    * a per-backbone config of before (configs/demo/dpo.yaml, ...): name the files that replace it;
+    * a backbone before its method: the backbone's model settings, read before any class_path, are filled in
+      with the base module's defaults, which the method's family would then inherit (SFT and the
+      reference-free losses would get `reference: copy`). The method goes first.
+    """
+    files = [Path(f) for f in config_files(argv)]
+    for path in files:
+        if path.exists() or path.parent.name not in RENAMED_BACKBONES or path.suffix != ".yaml":
+            continue
+        root, backbone = path.parent.parent, path.parent.name
+        stack = [root / "methods" / path.name, root / "backbones" / f"{backbone}.yaml"]
+        if backbone == "demo" and path.stem == "targeted":
+            stack.append(root / "data" / "demo_targeted.yaml")
+        note = (" The methods carry the paper's hyper-parameters; the demo's own (e.g. beta 0.5) are in "
+                "configs/benchmark/demo.yaml." if backbone == "demo" else "")
+        raise FileNotFoundError(f"{path}: the per-backbone configs are now a method and a backbone stacked: "
+                                + " ".join(f"--config {c}" for c in stack) + "." + note)
+    folders = [p.parent.name for p in files]
+    if "backbones" in folders and "methods" in folders and folders.index("backbones") < folders.index("methods"):
+        backbone, method = files[folders.index("backbones")], files[folders.index("methods")]
+        raise ValueError(f"--config {backbone} comes before --config {method}: give the method first "
+                         f"(--config {method} --config {backbone}), or the method's module inherits the base "
+                         "module's defaults (e.g. reference: copy for SFT)")
 
 
 def _plain(value: Any) -> Any:
@@ -118,7 +160,7 @@ class MedDPOCLI(LightningCLI):
     def _logger_name(self, config, init_args) -> str:
         name = getattr(init_args, "name", None) or "lightning_logs"
         if name == "auto":
-            name = run_name([p for p in (config.get("config") or []) if "strategies" not in str(p)])
+            name = run_name(config.get("config") or [])
         return str(name)
 
     def before_instantiate_classes(self) -> None:
@@ -131,6 +173,7 @@ class MedDPOCLI(LightningCLI):
 
 
 def run_lightning_cli(argv: list[str] | None) -> MedDPOCLI:
+    check_config_stack(list(argv or []))
     return MedDPOCLI(
         PreferenceModule,
         None,

@@ -14,12 +14,13 @@ import pytest
 from lightning_meddpo.commands import benchmark
 from lightning_meddpo.eval.errors import ERROR_TYPES
 
-GRID = {"sft": "configs/demo/sft.yaml", "dpo": "configs/demo/dpo.yaml"}
+GRID = {"sft": "configs/methods/sft.yaml", "dpo": "configs/methods/dpo.yaml"}
 
 
 def grid_args(out_dir: Path) -> list[str]:
     return [
         f"--out_dir={out_dir}",
+        "--backbone=configs/backbones/demo.yaml",
         f"--formulations={json.dumps(GRID)}",
         "--baseline=sft",
         "--seeds=[0, 1]",
@@ -105,10 +106,10 @@ def test_rerun_skips_finished_runs(finished_benchmark, capsys):
     # A changed budget is not the finished run: it would be redone.
     args = benchmark.build_parser().parse_args([*grid_args(out), '--trainer={"max_epochs": 2}'])
     runner = benchmark.Runner(args)
-    assert runner.finished("sft", 0, runner.commands("sft", runner.resolve(GRID["sft"]), 0)) is None
+    assert runner.finished("sft", 0, runner.commands("sft", runner.configs("sft"), 0)) is None
     # A refitted start run redoes the runs that started from it.
     runner = benchmark.Runner(benchmark.build_parser().parse_args(grid_args(out)))
-    commands = runner.commands("dpo", runner.resolve(GRID["dpo"]), 1)
+    commands = runner.commands("dpo", runner.configs("dpo"), 1)
     assert runner.finished("dpo", 1, commands) is not None
     assert runner.finished("dpo", 1, {**commands, "start_from": "2000-01-01T00:00:00Z"}) is None
     assert runner.finished("dpo", 1, {**commands, "test_checkpoint": "last"}) is None  # another checkpoint tested
@@ -121,9 +122,13 @@ def test_demo_grid_config_and_missing_configs(tmp_path):
     assert list(args.formulations) == ["sft", "dpo", "dpo_nll", "ipo", "simpo", "orpo", "copo", "mdpo", "mmedpo",
                                        "targeted"]
     assert args.baseline == "sft" and args.eval.config == "configs/eval/demo_vqa.yaml" and args.start_from == "sft"
-    block = benchmark.data_block(Path("configs/demo/dpo.yaml"))  # follows `data: base_data.yaml`
-    assert block["class_path"].endswith("PreferenceDataModule")
+    assert args.backbone == "configs/backbones/demo.yaml"
+    targeted = benchmark.Runner(args).configs("targeted")
+    assert [p.parent.name for p in targeted] == ["methods", "backbones", "data"]
+    block = benchmark.data_block(targeted)  # the data overlay merged over the backbone's data, key by key
+    assert block["class_path"].endswith("PreferenceDataModule") and block["init_args"]["batch_size"] == 8
     options = benchmark.demo_options(block, {"n_train": 24}, seed=3)
-    assert options["n_train"] == 24 and options["seed"] == 3
+    assert options["n_train"] == 24 and options["seed"] == 3 and options["image_pair_fraction"] == 0.5
+    assert "image_pair_fraction" not in benchmark.demo_options(benchmark.data_block([benchmark.Runner(args).resolve(args.backbone)]), None, 0)
     with pytest.raises(SystemExit, match="fit configs not found.*nope.yaml"):
-        benchmark.main([f"--out_dir={tmp_path}", '--formulations={"x": "configs/demo/nope.yaml"}'])
+        benchmark.main([f"--out_dir={tmp_path}", '--formulations={"x": "configs/methods/nope.yaml"}'])

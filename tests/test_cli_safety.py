@@ -30,11 +30,11 @@ class EvilConfig(PretrainedConfig):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, demo_dir) -> Path:
-    """A real DPO checkpoint of the demo config (tiny://llama, beta 0.5, lr 3e-3) after one step."""
+    """A real DPO checkpoint of the demo config (tiny://llama, DPO with beta 0.1, lr 3e-3) after one step."""
     from lightning_meddpo.data.datamodule import PreferenceDataModule
 
     root = tmp_path_factory.mktemp("ckpt")
-    module = DPO(beta=0.5, lr=3e-3)
+    module = DPO(beta=0.1, lr=3e-3)
     dm = PreferenceDataModule(str(demo_dir / "train.json"), str(demo_dir / "val.json"), batch_size=4, max_length=128,
                               processor=module.processor)
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, limit_val_batches=0,
@@ -80,7 +80,7 @@ def parsed(*args: str) -> MedDPOCLI:
 def test_a_checkpoint_cannot_run_remote_code(tmp_path, checkpoint, demo_dir):
     backbone = evil_backbone(tmp_path)
     bad = crafted(checkpoint, tmp_path / "crafted.ckpt", trust_remote_code=True, backbone=str(backbone))
-    proc = cli("validate", "--config", "configs/demo/dpo.yaml", *small_demo_args(demo_dir, tmp_path), f"--ckpt_path={bad}")
+    proc = cli("validate", "--config", "configs/methods/dpo.yaml", "--config", "configs/backbones/demo.yaml", *small_demo_args(demo_dir, tmp_path), f"--ckpt_path={bad}")
     assert proc.returncode == 2 and "backbone:" in proc.stderr and "Traceback" not in proc.stderr
     proc = cli("export", "--ckpt_path", str(bad), "--out", str(tmp_path / "hf"))
     assert proc.returncode != 0
@@ -88,21 +88,21 @@ def test_a_checkpoint_cannot_run_remote_code(tmp_path, checkpoint, demo_dir):
 
 
 def test_the_users_config_wins_or_the_run_stops(tmp_path, checkpoint, demo_dir):
-    args = ["fit", "--config", str(REPO / "configs/demo/dpo.yaml"), *small_demo_args(demo_dir, tmp_path)]
+    args = ["fit", "--config", str(REPO / "configs/methods/dpo.yaml"), "--config", str(REPO / "configs/backbones/demo.yaml"), *small_demo_args(demo_dir, tmp_path)]
     cli_run = parsed(*args, "--model.init_args.beta=0.3", f"--ckpt_path={checkpoint}")
-    assert cli_run.model.hparams.beta == 0.3 and cli_run.model.hparams.lr == 3e-3  # the checkpoint had beta 0.5
+    assert cli_run.model.hparams.beta == 0.3 and cli_run.model.hparams.lr == 3e-3  # the checkpoint had beta 0.1
     assert not cli_run.model.hparams.trust_remote_code
     for override, named in (("--model.init_args.backbone=tiny://mistral", "backbone: 'tiny://llama' -> 'tiny://mistral'"),
                             ("--model.init_args.loss_type=ipo", "loss_type: 'sigmoid' -> 'ipo'")):
         with pytest.raises(CheckpointError, match=named.replace("(", r"\(")):
             parsed(*args, override, f"--ckpt_path={checkpoint}")
     with pytest.raises(CheckpointError, match="module class"):
-        parsed("fit", "--config", str(REPO / "configs/demo/sft.yaml"), *small_demo_args(demo_dir, tmp_path), f"--ckpt_path={checkpoint}")
+        parsed("fit", "--config", str(REPO / "configs/methods/sft.yaml"), "--config", str(REPO / "configs/backbones/demo.yaml"), *small_demo_args(demo_dir, tmp_path), f"--ckpt_path={checkpoint}")
 
 
 def test_ckpt_path_last_resumes_only_this_configs_run(tmp_path, checkpoint, demo_dir):
     runs = tmp_path / "demo" / "dpo"
-    args = ["fit", "--config", str(REPO / "configs/demo/dpo.yaml"), *small_demo_args(demo_dir, tmp_path), "--ckpt_path=last"]
+    args = ["fit", "--config", str(REPO / "configs/methods/dpo.yaml"), "--config", str(REPO / "configs/backbones/demo.yaml"), *small_demo_args(demo_dir, tmp_path), "--ckpt_path=last"]
     older = runs / "version_0" / "checkpoints" / "last.ckpt"
     older.parent.mkdir(parents=True)
     shutil.copy(checkpoint, older)
@@ -117,14 +117,14 @@ def test_ckpt_path_last_resumes_only_this_configs_run(tmp_path, checkpoint, demo
 def test_errors_are_one_message_and_debug_shows_the_traceback(tmp_path, checkpoint):
     torn = tmp_path / "torn.ckpt"
     torn.write_bytes(checkpoint.read_bytes()[:1000])
-    proc = cli("validate", "--config", "configs/demo/dpo.yaml", f"--ckpt_path={torn}")
+    proc = cli("validate", "--config", "configs/methods/dpo.yaml", "--config", "configs/backbones/demo.yaml", f"--ckpt_path={torn}")
     assert proc.returncode == 2 and "torn.ckpt" in proc.stderr and "truncated" in proc.stderr
     assert "Traceback" not in proc.stderr and "--debug" in proc.stderr
-    proc = cli("validate", "--config", "configs/demo/dpo.yaml", f"--ckpt_path={torn}", "--debug")
+    proc = cli("validate", "--config", "configs/methods/dpo.yaml", "--config", "configs/backbones/demo.yaml", f"--ckpt_path={torn}", "--debug")
     assert proc.returncode != 0 and "Traceback" in proc.stderr
-    proc = cli("fit", "--config", "configs/demo/dpo.yaml", f"--model.init_args.backbone={tmp_path / 'no_model'}")
+    proc = cli("fit", "--config", "configs/methods/dpo.yaml", "--config", "configs/backbones/demo.yaml", f"--model.init_args.backbone={tmp_path / 'no_model'}")
     assert proc.returncode == 2 and "no_model: no such directory" in proc.stderr
-    proc = cli("fit", "--config", "configs/demo/dpo.yaml", "--model.init_args.beta=0")
+    proc = cli("fit", "--config", "configs/methods/dpo.yaml", "--config", "configs/backbones/demo.yaml", "--model.init_args.beta=0")
     assert proc.returncode == 2 and "beta must be > 0" in proc.stderr
 
 

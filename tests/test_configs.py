@@ -1,6 +1,6 @@
-"""The shipped configs: every demo config fits a few steps through the CLI; the LLaVA-Med and
-HuatuoGPT-Vision configs parse (`--print_config`, which does not instantiate the model) with the
-paper's settings.
+"""The shipped configs: every method config stacked on the demo backbone fits a few steps through the CLI;
+stacked on the LLaVA-Med and HuatuoGPT-Vision backbones it parses (`--print_config`, which does not
+instantiate the model) with the paper's settings.
 
 Speed: importing lightning's CLI costs ~10 s of CPU per process, so the demo fits run as two CLI
 subprocesses (each calls `lightning_meddpo.cli.main` once per config, exactly as
@@ -29,12 +29,20 @@ FIT_ARGS = [
 ]
 
 
-def formulation_files(folder: str) -> list[Path]:
-    return sorted(p for p in (CONFIGS / folder).glob("*.yaml") if not p.name.startswith("base_"))
+METHODS = sorted((CONFIGS / "methods").glob("*.yaml"))
+OVERLAYS = {"targeted": [CONFIGS / "data" / "demo_targeted.yaml"]}  # the demo's targeted mix has its own data
 
 
-DEMO = formulation_files("demo")
-PAPER = formulation_files("llava_med") + formulation_files("huatuo")
+def stack(backbone: str, method: Path) -> list[Path]:
+    """The configs of one run, in order: method, backbone, and on the demo the method's data overlay."""
+    return [method, CONFIGS / "backbones" / f"{backbone}.yaml", *(OVERLAYS.get(method.stem, []) if backbone == "demo" else [])]
+
+
+def config_args(configs: list[Path]) -> list[str]:
+    return [arg for config in configs for arg in ("--config", str(config))]
+
+
+PAPER = [(backbone, method) for backbone in ("llava_med", "huatuo") for method in METHODS]
 FORMULATIONS = {"sft", "dpo", "ipo", "cdpo", "dpo_nll", "hinge", "robust", "simpo", "orpo", "cpo",
                 "copo", "mdpo", "mmedpo", "targeted", "kto"}
 
@@ -57,19 +65,20 @@ json.dump(results, open(out, "w"))
 """
 
 
-def demo_options(config: Path) -> dict:
-    """The config's own demo-data options (e.g. targeted's image_pair_fraction), sizes made small."""
-    data = yaml.safe_load(config.read_text())["data"]
-    options = data["init_args"].get("demo", {}) if isinstance(data, dict) else {}
+def demo_options(method: Path) -> dict:
+    """The run's own demo-data options (e.g. the targeted overlay's image_pair_fraction), sizes made small."""
+    from lightning_meddpo.commands.benchmark import data_block
+
+    options = data_block(stack("demo", method))["init_args"].get("demo", {})
     return {**(options if isinstance(options, dict) else {}), **SMALL_DEMO}
 
 
-def fit_args(config: Path, data_root: Path, run_root: Path) -> list[str]:
-    options = demo_options(config)
+def fit_args(method: Path, data_root: Path, run_root: Path) -> list[str]:
+    options = demo_options(method)
     data_dir = data_root / f"frac{options.get('image_pair_fraction', 0.0)}"
     return [
-        "fit", "--config", str(config), *FIT_ARGS,
-        f"--trainer.default_root_dir={run_root / config.stem}",
+        "fit", *config_args(stack("demo", method)), *FIT_ARGS,
+        f"--trainer.default_root_dir={run_root / method.stem}",
         f"--data.init_args.train_file={data_dir / 'train.json'}",
         f"--data.init_args.val_file={data_dir / 'val.json'}",
         f"--data.init_args.test_file={data_dir / 'test.json'}",
@@ -87,9 +96,9 @@ def paper_grid_commands(out_dir: Path) -> dict[str, list[str]]:
         args = benchmark.build_parser().parse_args(["--config", str(CONFIGS / "benchmark" / f"{grid}.yaml"),
                                                     f"--out_dir={out_dir / grid}"])
         runner = benchmark.Runner(args)
-        for name, config in args.formulations.items():
-            out[f"grid:{grid}/{name}"] = runner.fit_command(name, runner.resolve(config), args.seeds[0])
-        tests = runner.test_commands("dpo", runner.resolve(args.formulations["dpo"]), args.seeds[0], None)
+        for name in args.formulations:
+            out[f"grid:{grid}/{name}"] = runner.fit_command(name, runner.configs(name), args.seeds[0])
+        tests = runner.test_commands("dpo", runner.configs("dpo"), args.seeds[0], None)
         out.update({f"grid:{grid}/test/{evaluation}": cmd for evaluation, cmd in tests.items()})
     return out
 
@@ -109,11 +118,11 @@ def runs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("configs")
     resolve_tiny("tiny://llama")  # build the tiny backbone once, before processes race for it
-    for config in DEMO:  # likewise the demo data (the DataModule's seed is 0)
-        options = demo_options(config)
+    for method in METHODS:  # likewise the demo data (the DataModule's seed is 0)
+        options = demo_options(method)
         ensure_demo_dataset(root / "data" / f"frac{options.get('image_pair_fraction', 0.0)}", seed=0, **options)
-    fits = [(c.stem, fit_args(c, root / "data", root / "runs")) for c in DEMO]
-    prints = [(f"{c.parent.name}/{c.stem}", ["fit", "--config", str(c), "--print_config"]) for c in PAPER]
+    fits = [(m.stem, fit_args(m, root / "data", root / "runs")) for m in METHODS]
+    prints = [(f"{b}/{m.stem}", ["fit", *config_args(stack(b, m)), "--print_config"]) for b, m in PAPER]
     prints += [(name, [*cmd, "--print_config"]) for name, cmd in paper_grid_commands(root / "grid").items()]
     workers = {"fit0": fits[0::2], "fit1": fits[1::2], "print": prints}
     procs = {}
@@ -131,16 +140,16 @@ def runs(tmp_path_factory):
     return {"results": results, "root": root}
 
 
-def test_every_formulation_has_a_config_in_every_folder():
-    for folder in ("demo", "llava_med", "huatuo"):
-        assert {p.stem for p in formulation_files(folder)} == FORMULATIONS, folder
+def test_every_formulation_has_a_method_config_and_every_backbone_one_config():
+    assert {p.stem for p in METHODS} == FORMULATIONS
+    assert {p.stem for p in (CONFIGS / "backbones").glob("*.yaml")} == {"demo", "llava_med", "huatuo"}
 
 
-@pytest.mark.parametrize("config", DEMO, ids=[c.stem for c in DEMO])
-def test_demo_config_fits(runs, config):
-    result = runs["results"][config.stem]
+@pytest.mark.parametrize("method", METHODS, ids=[m.stem for m in METHODS])
+def test_method_fits_on_the_demo_backbone(runs, method):
+    result = runs["results"][method.stem]
     assert result["ok"], result.get("error")
-    ckpts = {p.name for p in (runs["root"] / "runs" / config.stem / "checkpoints").glob("*.ckpt")}
+    ckpts = {p.name for p in (runs["root"] / "runs" / method.stem / "checkpoints").glob("*.ckpt")}
     assert "last.ckpt" in ckpts
     # a best-* checkpoint exists only if the monitored key val/rewards/accuracies was logged
     assert any(name.startswith("best-") for name in ckpts), ckpts
@@ -151,15 +160,16 @@ def test_demo_config_through_python_dash_m_logs_every_term(runs, tmp_path):
     image-conditioning rewards are logged for train and val (read back from the event files)."""
     from lightning_meddpo.eval.tensorboard import read_scalars
 
-    config = CONFIGS / "demo" / "mdpo.yaml"
-    args = [a for a in fit_args(config, runs["root"] / "data", tmp_path) if a != "--trainer.logger=false"]
+    args = [a for a in fit_args(CONFIGS / "methods" / "mdpo.yaml", runs["root"] / "data", tmp_path)
+            if a != "--trainer.logger=false"]
     args += [f"--trainer.logger.init_args.save_dir={tmp_path / 'tb'}", "--trainer.log_every_n_steps=1"]
     proc = subprocess.run(
         [sys.executable, "-m", "lightning_meddpo", *args],
         cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (version,) = (tmp_path / "tb").rglob("version_*")  # tb/<name>/version_N, name may be nested
+    (version,) = (tmp_path / "tb").rglob("version_*")
+    assert version.parent.relative_to(tmp_path / "tb") == Path("demo/mdpo")  # runs/<backbone>/<method>
     assert (version / "checkpoints" / "last.ckpt").exists()
     tags = set(read_scalars(version))
     for stage in ("train", "val"):
@@ -171,21 +181,21 @@ def test_demo_config_through_python_dash_m_logs_every_term(runs, tmp_path):
     assert "train/loss/copo_step" in tags
 
 
-@pytest.mark.parametrize("config", PAPER, ids=[f"{c.parent.name}-{c.stem}" for c in PAPER])
-def test_paper_config_parses_with_the_papers_settings(runs, config):
-    result = runs["results"][f"{config.parent.name}/{config.stem}"]
+@pytest.mark.parametrize(("backbone", "method"), PAPER, ids=[f"{b}-{m.stem}" for b, m in PAPER])
+def test_paper_config_parses_with_the_papers_settings(runs, backbone, method):
+    result = runs["results"][f"{backbone}/{method.stem}"]
     assert result["ok"], result.get("error")
     cfg = yaml.safe_load(result["stdout"])
     trainer, data, model = cfg["trainer"], cfg["data"]["init_args"], cfg["model"]["init_args"]
     assert trainer["max_epochs"] == 3 and trainer["precision"] == "bf16-mixed"
     assert data["batch_size"] * trainer["accumulate_grad_batches"] * trainer["devices"] * trainer["num_nodes"] == 16
     assert model["lr"] == 1e-7 and model["warmup_ratio"] == 0.03
-    expected = {"llava_med": (2048, "v1", "llava-med"), "huatuo": (1024, "qwen_2", "huatuo")}[config.parent.name]
+    expected = {"llava_med": (2048, "v1", "llava-med"), "huatuo": (1024, "qwen_2", "huatuo")}[backbone]
     assert data["max_length"] == expected[0] and model["chat_template"] == expected[1]
     assert model["backbone"].startswith("/path/to/") and expected[2] in model["backbone"]
-    if "beta" in model and config.stem != "orpo":
+    if "beta" in model and method.stem != "orpo":
         assert model["beta"] == 0.1
-    if config.stem == "dpo_nll":
+    if method.stem == "dpo_nll":
         assert model["nll_weight"] == 1.0
     monitors = [c["init_args"]["monitor"] for c in trainer["callbacks"] if "monitor" in c.get("init_args", {})]
     assert monitors == ["val/rewards/accuracies"]

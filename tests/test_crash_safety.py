@@ -57,7 +57,8 @@ def write_config(root: Path, data: dict, formulation: str) -> Path:
 
 
 def fit(root: Path, run_config: Path, formulation: str, *extra: str, background: bool = False):
-    cmd = [sys.executable, "-m", "lightning_meddpo", "fit", "--config", str(REPO / f"configs/demo/{formulation}.yaml"),
+    cmd = [sys.executable, "-m", "lightning_meddpo", "fit", "--config", str(REPO / f"configs/methods/{formulation}.yaml"),
+           "--config", str(REPO / "configs/backbones/demo.yaml"),
            "--config", str(run_config), *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     if background:

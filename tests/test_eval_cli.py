@@ -180,7 +180,7 @@ def test_cli_test_subcommand_writes_predictions_and_metrics(tmp_path, demo_dir):
     from lightning_meddpo.eval.tensorboard import read_scalars
 
     args = [a for a in small_demo_args(demo_dir, tmp_path) if "_file=" not in a and "demo=" not in a]
-    run_cli("test", "--config", "configs/demo/sft.yaml", "--data", "configs/eval/demo_vqa.yaml",
+    run_cli("test", "--config", "configs/methods/sft.yaml", "--config", "configs/backbones/demo.yaml", "--data", "configs/eval/demo_vqa.yaml",
             f"--data.init_args.test_file={demo_dir / 'vqa_test.jsonl'}", "--data.init_args.demo=false",
             "--data.init_args.generation.max_new_tokens=4", *args)
     (version,) = (tmp_path / "demo" / "sft").iterdir()

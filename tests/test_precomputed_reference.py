@@ -151,7 +151,7 @@ def test_refused_where_it_cannot_be_right(tmp_path, data):
 def test_two_processes_compute_their_shards(tmp_path):
     """FSDP2 over 2 CPU processes: each rank scores its shard, every rank gets the whole table."""
     cache = tmp_path / "cache"
-    cmd = [sys.executable, "-m", "lightning_meddpo", "fit", "--config", str(ROOT / "configs/demo/dpo.yaml"),
+    cmd = [sys.executable, "-m", "lightning_meddpo", "fit", "--config", str(ROOT / "configs/methods/dpo.yaml"), "--config", str(ROOT / "configs/backbones/demo.yaml"),
            "--config", str(ROOT / "configs/strategies/fsdp2.yaml"), "--trainer.devices=2", "--trainer.max_steps=2",
            "--model.init_args.reference=precomputed", f"--model.init_args.reference_cache_dir={cache}",
            "--data.init_args.demo", "{n_train: 16, n_val: 8, n_test: 4}",

@@ -28,7 +28,7 @@ def readme_commands(first_words: str) -> list[list[str]]:
 
 
 def test_build_pairs_then_fit_the_targeted_mix(tmp_path, demo_dir):
-    """`build-pairs --mode both` then `fit --config configs/demo/targeted.yaml` on its output (text pairs
+    """`build-pairs --mode both` then `fit` of the demo backbone with the targeted method on its output (text pairs
     without an m' beside image pairs) trains, as the README says."""
     shutil.copytree(demo_dir / "images", tmp_path / "images")
     (tmp_path / "configs").symlink_to(REPO / "configs")
@@ -36,7 +36,7 @@ def test_build_pairs_then_fit_the_targeted_mix(tmp_path, demo_dir):
     rows = [{**q, "image": q["image"].removeprefix("images/")} for q in questions]
     (tmp_path / "vqa_rad_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     build, fit = readme_commands("python -m lightning_meddpo build-pairs")[0], readme_commands(
-        "python -m lightning_meddpo fit --config configs/demo/targeted.yaml")[0]
+        "python -m lightning_meddpo fit --config configs/methods/targeted.yaml --config configs/backbones/demo.yaml")[0]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for command in (build, fit):
         proc = subprocess.run([sys.executable, *command[1:]], cwd=tmp_path, env=env, capture_output=True, text=True,

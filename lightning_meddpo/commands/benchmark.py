@@ -1,8 +1,9 @@
 """`python -m lightning_meddpo benchmark --config configs/benchmark/demo.yaml`: a grid of formulations,
 trained and evaluated under identical conditions, over several seeds, compared in one table.
 
-For each formulation (an existing fit config, e.g. configs/demo/dpo.yaml) and each seed in `seeds` the runner
-1. fits it as a subprocess (`python -m lightning_meddpo fit --config CFG ...`) with the overrides every
+For each formulation (its fit configs: a method, e.g. configs/methods/dpo.yaml, then the grid's `backbone`,
+e.g. configs/backbones/demo.yaml, then any overlays it lists) and each seed in `seeds` the runner
+1. fits it as a subprocess (`python -m lightning_meddpo fit --config METHOD --config BACKBONE ...`) with the overrides every
    run shares: the seed (`seed_everything` and the data's shuffle/corruption seed), the trainer budget
    (`trainer:`), the data options (`data:`) and, for configs that build the synthetic demo data, the demo
    sizes (`demo_sizes:`), then `fit_args` and the formulation's own `formulation_args` (its data only).
@@ -67,8 +68,11 @@ DEMO_SIZE_KEYS = ("n_train", "n_val", "n_test")
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m lightning_meddpo benchmark", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", action=ActionConfigFile, help="benchmark YAML (see configs/benchmark/demo.yaml)")
-    p.add_argument("--formulations", type=dict[str, str], required=True,
-                   help="name -> fit config path (relative to the current directory, else to the repository)")
+    p.add_argument("--backbone", type=str | None, default=None,
+                   help="the backbone config every formulation is stacked on (configs/backbones/*.yaml)")
+    p.add_argument("--formulations", type=dict[str, str | list[str]], required=True,
+                   help="name -> its method config, or [method, overlays...] (the backbone goes between them; "
+                        "paths relative to the current directory, else to the repository)")
     p.add_argument("--baseline", type=str | None, default="sft", help="formulation the differences are taken to")
     p.add_argument("--start_from", type=str | None, default=None,
                    help="formulation whose final checkpoint every other run of a seed starts from (it runs first)")
@@ -85,8 +89,8 @@ def build_parser() -> ArgumentParser:
                    help="n_train/n_val/n_test for configs that generate the demo data")
     p.add_argument("--fit_args", type=list[str], default=[], help="extra CLI arguments for every fit")
     p.add_argument("--formulation_args", type=dict[str, list[str]], default={},
-                   help="name -> extra fit arguments for that formulation only, after fit_args (its own data: "
-                        "the targeted pairs, MMedPO's weighted pairs); not for tuning one formulation's hyper-parameters")
+                   help="name -> extra fit arguments for that formulation only, after fit_args: its own data (the "
+                        "targeted pairs, MMedPO's weighted pairs) or its hyper-parameters at this grid's scale")
     p.add_argument("--eval.config", type=str, default=DEFAULT_EVAL_CONFIG, help="evaluation DataModule config")
     p.add_argument("--eval.test_file", type=str | None, default=None,
                    help="held-out question file (default: <out_dir>/data/<base>/vqa_test.jsonl)")
@@ -111,12 +115,28 @@ def _load_yaml(path: Path) -> Any:
     return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
 
 
-def data_block(config_path: Path) -> dict[str, Any]:
-    """The `data:` section of a fit config, following a nested file reference (`data: base_data.yaml`)."""
-    data = _load_yaml(config_path).get("data") or {}
-    if isinstance(data, str):
-        data = _load_yaml(config_path.parent / data)
-    return data if isinstance(data, dict) else {}
+def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def data_block(config_paths: list[Path]) -> dict[str, Any]:
+    """The `data:` section of stacked fit configs, later files over earlier ones key by key (as jsonargparse
+    merges them), following a nested file reference (`data: base_data.yaml`)."""
+    merged: dict[str, Any] = {}
+    for path in config_paths:
+        data = _load_yaml(path).get("data") or {}
+        if isinstance(data, str):
+            data = _load_yaml(path.parent / data)
+        if isinstance(data, dict):
+            merged = _merged(merged, data)
+    return merged
+
+
+def config_args(configs: list[Path]) -> list[str]:
+    return [arg for config in configs for arg in ("--config", str(config))]
 
 
 def _fmt_arg(value: Any) -> str:
@@ -186,15 +206,22 @@ class Runner:
         test_file = self.resolve(a.eval.test_file) if a.eval.test_file else self.prepare_data(dict(self.base_options)) / "vqa_test.jsonl"
         return {SINGLE_EVAL: {"config": a.eval.config, "test_file": test_file, "args": []}}
 
-    def fit_command(self, name: str, config: Path, seed: int) -> list[str]:
+    def configs(self, name: str) -> list[Path]:
+        """The fit configs of a formulation in stacking order: its method, the grid's backbone, its overlays."""
+        own = self.args.formulations[name]
+        own = [own] if isinstance(own, str) else list(own)
+        paths = own[:1] + ([self.args.backbone] if self.args.backbone else []) + own[1:]
+        return [self.resolve(p) for p in paths]
+
+    def fit_command(self, name: str, configs: list[Path], seed: int) -> list[str]:
         a = self.args
         run_dir = self.run_dir(name, seed)
-        cmd = ["fit", "--config", str(config), f"--seed_everything={seed}"]
+        cmd = ["fit", *config_args(configs), f"--seed_everything={seed}"]
         cmd += [f"--trainer.{k}={_fmt_arg(v)}" for k, v in a.trainer.items()]
         cmd += [f"--trainer.logger.init_args.save_dir={run_dir.parent}", f"--trainer.logger.init_args.name={run_dir.name}",
                 "--trainer.logger.init_args.version=fit", f"--trainer.default_root_dir={run_dir}",
                 "--trainer.enable_progress_bar=false"]
-        options = demo_options(data_block(config), a.demo_sizes, self.base_options["seed"])
+        options = demo_options(data_block(configs), a.demo_sizes, self.base_options["seed"])
         if options is not None:
             directory = self.prepare_data(options)
             cmd += [f"--data.init_args.{split}_file={directory / f'{split}.json'}" for split in ("train", "val", "test")]
@@ -210,13 +237,13 @@ class Runner:
     def start_checkpoint(self, seed: int) -> Path:
         return self.run_dir(self.args.start_from, seed) / "fit" / "checkpoints" / "last.ckpt"
 
-    def test_commands(self, name: str, config: Path, seed: int, checkpoint: Path | None) -> dict[str, list[str]]:
+    def test_commands(self, name: str, configs: list[Path], seed: int, checkpoint: Path | None) -> dict[str, list[str]]:
         a = self.args
         run_dir = self.run_dir(name, seed)
         out = {}
         for eval_name, spec in self.evaluations().items():
             version = eval_dir_name(eval_name)
-            cmd = ["test", "--config", str(config), "--data", str(self.resolve(spec["config"])),
+            cmd = ["test", *config_args(configs), "--data", str(self.resolve(spec["config"])),
                    f"--data.init_args.test_file={spec['test_file']}", "--data.init_args.demo=false",
                    f"--seed_everything={seed}",
                    f"--trainer.logger.init_args.save_dir={run_dir.parent}", f"--trainer.logger.init_args.name={run_dir.name}",
@@ -227,10 +254,10 @@ class Runner:
             out[eval_name] = cmd + list(a.eval.args)
         return out
 
-    def commands(self, name: str, config: Path, seed: int) -> dict[str, Any]:
+    def commands(self, name: str, configs: list[Path], seed: int) -> dict[str, Any]:
         """What a finished run is compared against on a rerun (the test's checkpoint is only known later)."""
-        commands: dict[str, Any] = {"fit": self.fit_command(name, config, seed),
-                                    "test": self.test_commands(name, config, seed, None),
+        commands: dict[str, Any] = {"fit": self.fit_command(name, configs, seed),
+                                    "test": self.test_commands(name, configs, seed, None),
                                     "test_checkpoint": self.args.eval.checkpoint}
         start = self.args.start_from
         if start and name != start:  # the start run's own finish: refitting it redoes this run
@@ -276,9 +303,9 @@ class Runner:
             return None
         return result
 
-    def run(self, name: str, config_path: str, seed: int) -> dict[str, Any]:
-        config = self.resolve(config_path)
-        commands = self.commands(name, config, seed)
+    def run(self, name: str, seed: int) -> dict[str, Any]:
+        configs = self.configs(name)
+        commands = self.commands(name, configs, seed)
         done = self.finished(name, seed, commands)
         run_dir = self.run_dir(name, seed)
         if done is not None:
@@ -286,17 +313,17 @@ class Runner:
             return done
         if run_dir.exists():
             shutil.rmtree(run_dir)  # an unfinished or outdated run: start clean
-        print(f"[{name} seed {seed}] fit {config}", flush=True)
+        print(f"[{name} seed {seed}] fit {' + '.join(str(c) for c in configs)}", flush=True)
         fit_seconds, fit_cpu = self.call(commands["fit"], run_dir / "fit.log")
         checkpoint = self.checkpoint(name, seed)
         print(f"[{name} seed {seed}] test {checkpoint.name} ({fit_seconds:.0f} s fit)", flush=True)
         test_seconds = test_cpu = 0.0
-        for eval_name, cmd in self.test_commands(name, config, seed, checkpoint).items():
+        for eval_name, cmd in self.test_commands(name, configs, seed, checkpoint).items():
             seconds, cpu = self.call(cmd, run_dir / f"{eval_dir_name(eval_name)}.log")
             test_seconds, test_cpu = test_seconds + seconds, test_cpu + cpu
         evaluations = self.evaluations()
         result = {
-            "name": name, "seed": seed, "config": config_path, "commands": commands, "checkpoint": str(checkpoint),
+            "name": name, "seed": seed, "configs": [str(c) for c in configs], "commands": commands, "checkpoint": str(checkpoint),
             "fit_seconds": fit_seconds, "test_seconds": test_seconds, "fit_cpu_seconds": fit_cpu, "test_cpu_seconds": test_cpu,
             "test_files": {e: str(spec["test_file"]) for e, spec in evaluations.items()},
             **collect_metrics(run_dir, list(evaluations)), "checkpoint_step": checkpoint_step(checkpoint),
@@ -363,7 +390,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     unknown = sorted(set(args.formulation_args) - set(args.formulations))
     if unknown:
         raise SystemExit(f"formulation_args names {unknown} that are not in formulations {list(args.formulations)}")
-    missing = {n: args.formulations[n] for n in names if not runner.resolve(args.formulations[n]).is_file()}
+    missing = {n: [str(c) for c in runner.configs(n) if not c.is_file()] for n in names}
+    missing = {n: paths for n, paths in missing.items() if paths}
     if missing:
         raise SystemExit(f"fit configs not found: {missing} (paths are relative to the current directory)")
     seeds = seeds_of(args)
@@ -378,7 +406,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     runner.out_dir.mkdir(parents=True, exist_ok=True)
     (runner.out_dir / "formulations.json").write_text(json.dumps(names) + "\n", encoding="utf-8")
     start = time.perf_counter()
-    results = [runner.run(name, args.formulations[name], seed) for seed in seeds for name in names]
+    results = [runner.run(name, seed) for seed in seeds for name in names]
     baseline = args.baseline if args.baseline in names else None
     paths = write_summary(runner.out_dir, baseline, bootstrap=args.bootstrap)
     cpu = sum(r.get("fit_cpu_seconds", 0) + r.get("test_cpu_seconds", 0) for r in results)
