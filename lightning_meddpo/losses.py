@@ -11,11 +11,8 @@ D = h(y_w, m) - h(y_l, m); sigma is the logistic function, beta the temperature.
 Where TRL (huggingface/trl DPOTrainer, CPO/ORPO/KTO trainers) fixed a convention that the paper left
 open, we follow TRL and say so in the docstring, so results are comparable with TRL runs.
 
-Registries:
-- `DPO_LOSS_TYPES`: `loss_type` name -> f(margin, *, beta, label_smoothing, policy_chosen, ...) -> [B],
-  dispatched by `dpo_loss`.
-- `LOSSES`: config name -> a loss function of log-probs (every public loss here; DPO-family types
-  appear as `dpo_loss` with `loss_type` bound).
+The one registry, `DPO_LOSS_TYPES`: `loss_type` name -> f(margin, *, beta, label_smoothing, policy_chosen, ...)
+-> [B], dispatched by `dpo_loss` (the other families choose among their objectives in modules/).
 """
 
 from __future__ import annotations
@@ -29,27 +26,12 @@ from torch import Tensor
 
 DPO_LOSS_TYPES: dict[str, Callable[..., Tensor]] = {}
 
-# Config name -> loss function of log-probs. DPO-family types are added by `register_dpo_loss` (as
-# `dpo_loss` with `loss_type` bound); the other losses at the end of this module.
-LOSSES: dict[str, Callable[..., Tensor]] = {}
-
-
-def _dpo_with_type(name: str) -> Callable[..., Tensor]:
-    def bound(*args: Tensor, **kwargs: object) -> Tensor:
-        return dpo_loss(*args, loss_type=name, **kwargs)  # type: ignore[arg-type]
-
-    bound.__name__ = bound.__qualname__ = f"dpo_loss[{name}]"
-    bound.__doc__ = f"`dpo_loss(..., loss_type={name!r})`: see `DPO_LOSS_TYPES[{name!r}]`."
-    return bound
-
 
 def register_dpo_loss(name: str) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
-    """Register a DPO-family loss `f(logits, *, beta, ...) -> per-sample loss` under `name`
-    (and `dpo_loss` with that `loss_type` under the same name in `LOSSES`)."""
+    """Register a DPO-family loss `f(logits, *, beta, ...) -> per-sample loss` under `name`."""
 
     def wrap(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
         DPO_LOSS_TYPES[name] = fn
-        LOSSES[name] = _dpo_with_type(name)
         return fn
 
     return wrap
@@ -653,7 +635,7 @@ def kto_loss(
 
 
 # --------------------------------------------------------------------------------------------------
-# Combining terms (MPO style) and the name registry
+# Combining terms (MPO style)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -674,19 +656,3 @@ def combine(terms: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor
     assert total is not None
     return total
 
-
-LOSSES.update(
-    {
-        "dpo": dpo_loss,
-        "nll": nll_loss,
-        "sft": nll_loss,
-        "sft_token_mean": nll_token_mean,
-        "simpo": simpo_loss,
-        "cpo": cpo_loss,
-        "orpo": orpo_loss,
-        "copo": copo_loss,
-        "anchor": anchor_loss,
-        "mmedpo": mmedpo_loss,
-        "kto": kto_loss,
-    }
-)

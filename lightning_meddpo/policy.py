@@ -39,6 +39,7 @@ from lightning_meddpo.data.batch import (
     PreferenceBatch,
     TokenRows,
 )
+from lightning_meddpo.losses import rewards
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +248,24 @@ def is_qwen_vl(model: nn.Module) -> bool:
     return hasattr(getattr(base_model(model), "model", None), "get_rope_index")
 
 
+@dataclass
+class PairLogps:
+    """One batch's scores per view: summed response log-probs under the policy (with grad) and the reference
+    (None when reference-free), and the response token counts. Every family's loss is computed from one."""
+
+    policy: dict[str, Tensor]
+    reference: dict[str, Tensor] | None
+    tokens: dict[str, Tensor]
+
+    def rewards(self, view: str, beta: float) -> Tensor:
+        """The implicit reward beta * h(view) = beta * (logp_theta - logp_ref), detached (for logging)."""
+        return rewards(self.policy[view], self.reference[view], beta)
+
+    def mean_logp(self, view: str) -> Tensor:
+        """The policy's per-token mean log-prob of the view's response (SimPO's and ORPO's length normalisation)."""
+        return self.policy[view] / self.tokens[view].clamp(min=1)
+
+
 class PreferencePolicy(nn.Module):
     """The policy model plus its reference; computes sequence log-probs for views of a batch.
 
@@ -330,6 +349,13 @@ class PreferencePolicy(nn.Module):
     def logps(self, batch: PreferenceBatch, views: tuple[str, ...]) -> dict[str, Tensor]:
         """Policy log-probs per view (with grad)."""
         return self._logps(self.model, batch, views, share=self.shares_image_features)
+
+    def score(self, batch: PreferenceBatch, views: tuple[str, ...], reference: bool = True) -> PairLogps:
+        """The views' log-probs under the policy, then the reference (unless reference-free or not asked for),
+        and the token counts."""
+        policy = self.logps(batch, views)
+        reference = self.reference_logps(batch, views) if reference and self.reference_strategy != "none" else None
+        return PairLogps(policy, reference, self.tokens(batch, views))
 
     @torch.no_grad()
     def reference_logps(self, batch: PreferenceBatch, views: tuple[str, ...]) -> dict[str, Tensor]:

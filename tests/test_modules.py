@@ -154,6 +154,13 @@ def test_reference_free_refuses_a_reference():
         ReferenceFree(backbone=BACKBONE, loss="dpo")
 
 
+def test_every_family_refuses_an_unknown_objective_at_construction():
+    """One way to choose: a name from the family's table, checked before any model is built."""
+    for family, key, known in ((DPO, "loss_type", "sigmoid"), (ReferenceFree, "loss", "simpo"), (Multimodal, "loss", "mdpo")):
+        with pytest.raises(ValueError, match=rf"{family.__name__}: unknown {key} 'nope'; use one of \[.*'{known}'"):
+            family(backbone=BACKBONE, **{key: "nope"})
+
+
 def test_reference_free_rewards_are_length_normalised(batch):
     module = build(ReferenceFree, loss="simpo", beta=2.0, gamma=0.5)
     perturb(module)

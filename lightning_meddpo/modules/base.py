@@ -47,6 +47,13 @@ def _allow_missing_reference_keys(module, incompatible_keys) -> None:
     incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if REFERENCE_PREFIX not in k]
 
 
+def check_choice(family: str, key: str, value: str, known) -> None:
+    """Every family chooses its objective by one name from its own table (DPO: losses.DPO_LOSS_TYPES by
+    `loss_type`; ReferenceFree and Multimodal: their OBJECTIVES by `loss`), checked at construction."""
+    if value not in known:
+        raise ValueError(f"{family}: unknown {key} {value!r}; use one of {sorted(known)}")
+
+
 def check_beta(beta: float) -> None:
     """The implicit-reward temperature must be positive: at 0 the preference terms have no gradient, and
     below 0 they learn the reverse preference while the logged reward accuracy still rises."""

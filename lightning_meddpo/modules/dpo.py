@@ -14,13 +14,15 @@ from torch import Tensor
 from lightning_meddpo.data.batch import PreferenceBatch
 from lightning_meddpo.losses import (
     DISCOPOP_DEFAULT_TAU,
+    DPO_LOSS_TYPES,
     bco_batch_reward_mean,
+    combine,
     dpo_loss,
     nll_loss,
     reduce_nll,
-    rewards,
 )
-from lightning_meddpo.modules.base import PreferenceModule, check_beta
+from lightning_meddpo.modules.base import PreferenceModule, check_beta, check_choice
+from lightning_meddpo.policy import PairLogps
 
 
 def reward_metrics(chosen: Tensor, rejected: Tensor, prefix: str = "rewards") -> dict[str, Tensor]:
@@ -93,6 +95,7 @@ class DPO(PreferenceModule):
         **kwargs,
     ):
         check_beta(beta)
+        check_choice("DPO", "loss_type", loss_type, DPO_LOSS_TYPES)
         super().__init__(**kwargs)
         self.save_hyperparameters()
         if loss_type == "bco_pair" and bco_baseline == "running_mean":  # only then: other runs keep their keys
@@ -103,10 +106,10 @@ class DPO(PreferenceModule):
     def formulation_name(self) -> str:
         return f"DPO (loss_type {self.hparams.loss_type})"
 
-    def _bco_delta(self, logps: dict[str, Tensor], ref: dict[str, Tensor]) -> Tensor:
+    def _bco_delta(self, s: PairLogps) -> Tensor:
         if self.training:
             batch_mean = bco_batch_reward_mean(
-                logps["chosen"], logps["rejected"], ref["chosen"], ref["rejected"], beta=self.hparams.beta
+                s.policy["chosen"], s.policy["rejected"], s.reference["chosen"], s.reference["rejected"], beta=self.hparams.beta
             )
             batch_mean = global_mean(self, batch_mean).to(self.bco_reward_mean.device)
             self.bco_reward_count += 1
@@ -115,27 +118,23 @@ class DPO(PreferenceModule):
 
     def compute_loss(self, batch: PreferenceBatch) -> tuple[Tensor, dict[str, Tensor]]:
         h = self.hparams
-        logps = self.policy.logps(batch, self.views)
-        ref = self.policy.reference_logps(batch, self.views)
-        tokens = self.policy.tokens(batch, self.views)
+        s = self.policy.score(batch, self.views)
         extra = {}
         if h.loss_type == "bco_pair" and h.get("bco_baseline", "running_mean") == "running_mean":
-            extra["bco_delta"] = self._bco_delta(logps, ref)
+            extra["bco_delta"] = self._bco_delta(s)
         per_pair = dpo_loss(
-            logps["chosen"], logps["rejected"], ref["chosen"], ref["rejected"],
+            s.policy["chosen"], s.policy["rejected"], s.reference["chosen"], s.reference["rejected"],
             beta=h.beta, loss_type=h.loss_type, label_smoothing=h.label_smoothing,
-            chosen_tokens=tokens["chosen"], rejected_tokens=tokens["rejected"],
+            chosen_tokens=s.tokens["chosen"], rejected_tokens=s.tokens["rejected"],
             discopop_tau=h.discopop_tau, **extra,
         )
         metrics = {"loss/dpo": per_pair.detach()}
-        loss = per_pair.mean()
-        if h.nll_weight:
-            metrics["loss/nll"] = nll_loss(logps["chosen"], tokens["chosen"]).detach()
-            loss = loss + h.nll_weight * reduce_nll(logps["chosen"], tokens["chosen"], h.get("nll_reduction", "sequence"))
+        terms = {"dpo": per_pair.mean()}
+        if h.nll_weight:  # DPO+NLL (RPO): a second term, weighted
+            metrics["loss/nll"] = nll_loss(s.policy["chosen"], s.tokens["chosen"]).detach()
+            terms["nll"] = reduce_nll(s.policy["chosen"], s.tokens["chosen"], h.get("nll_reduction", "sequence"))
         if "bco_delta" in extra:
             metrics["bco/delta"] = extra["bco_delta"]
-        metrics.update(reward_metrics(
-            rewards(logps["chosen"], ref["chosen"], h.beta), rewards(logps["rejected"], ref["rejected"], h.beta)
-        ))
-        metrics.update(logps_metrics(logps))
-        return loss, metrics
+        metrics.update(reward_metrics(s.rewards("chosen", h.beta), s.rewards("rejected", h.beta)))
+        metrics.update(logps_metrics(s.policy))
+        return combine(terms, {"nll": h.nll_weight} if "nll" in terms else {}), metrics

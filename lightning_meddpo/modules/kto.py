@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from lightning_meddpo.data.batch import PreferenceBatch
-from lightning_meddpo.losses import kto_kl_baseline, kto_loss, rewards
+from lightning_meddpo.losses import kto_kl_baseline, kto_loss
 from lightning_meddpo.modules.base import PreferenceModule, check_beta
 from lightning_meddpo.modules.dpo import global_mean, logps_metrics, reward_metrics
 
@@ -62,31 +62,28 @@ class KTO(PreferenceModule):
         if batch.desirable is not None:
             return self.unpaired_loss(batch)
         h = self.hparams
-        logps = self.policy.logps(batch, self.views)
-        ref = self.policy.reference_logps(batch, self.views)
+        s = self.policy.score(batch, self.views)
         z0 = self.kl_baseline(batch)
-        policy = torch.cat([logps["chosen"], logps["rejected"]])
-        reference = torch.cat([ref["chosen"], ref["rejected"]])
+        policy = torch.cat([s.policy["chosen"], s.policy["rejected"]])
+        reference = torch.cat([s.reference["chosen"], s.reference["rejected"]])
         desirable = torch.arange(len(policy), device=policy.device) < len(batch)
         per_example = kto_loss(
             policy, reference, desirable, z0,
             beta=h.beta, desirable_weight=h.desirable_weight, undesirable_weight=h.undesirable_weight,
         )
         metrics = {"loss/kto": per_example.detach(), "kl": z0}
-        metrics.update(reward_metrics(
-            rewards(logps["chosen"], ref["chosen"], h.beta), rewards(logps["rejected"], ref["rejected"], h.beta)
-        ))
-        metrics.update(logps_metrics(logps))
+        metrics.update(reward_metrics(s.rewards("chosen", h.beta), s.rewards("rejected", h.beta)))
+        metrics.update(logps_metrics(s.policy))
         return per_example.mean(), metrics
 
     def unpaired_loss(self, batch: PreferenceBatch) -> tuple[Tensor, dict[str, Tensor]]:
         h, desirable = self.hparams, batch.desirable
-        policy = self.policy.logps(batch, ("chosen",))["chosen"]
-        reference = self.policy.reference_logps(batch, ("chosen",))["chosen"]
+        s = self.policy.score(batch, ("chosen",))
+        policy, reference = s.policy["chosen"], s.reference["chosen"]
         z0 = self.kl_baseline(batch)
         per_example = kto_loss(policy, reference, desirable, z0, beta=h.beta,
                                desirable_weight=h.desirable_weight, undesirable_weight=h.undesirable_weight)
-        reward = rewards(policy, reference, h.beta).detach()
+        reward = s.rewards("chosen", h.beta)
         signed = torch.where(desirable, 1.0, -1.0) * (reward - h.beta * z0)
         metrics = {"loss/kto": per_example.detach(), "kl": z0, "rewards/margins": signed,
                    "rewards/accuracies": (signed > 0).float(), "logps/chosen": policy.detach()}

@@ -6,7 +6,7 @@ from torch import Tensor
 
 from lightning_meddpo.data.batch import PreferenceBatch
 from lightning_meddpo.data.needs import PairNeeds
-from lightning_meddpo.losses import mmedpo_loss, rewards
+from lightning_meddpo.losses import mmedpo_loss
 from lightning_meddpo.modules.base import PreferenceModule, check_beta
 from lightning_meddpo.modules.dpo import logps_metrics, reward_metrics
 
@@ -42,15 +42,11 @@ class MMedPO(PreferenceModule):
             )
         self.require_mprime(batch)
         beta = self.hparams.beta
-        logps = self.policy.logps(batch, self.views)
-        ref = self.policy.reference_logps(batch, self.views)
-        weights = batch.weights.to(logps["chosen"].device)
-        per_pair = mmedpo_loss(
-            logps["chosen"], logps["rejected_mprime"], ref["chosen"], ref["rejected_mprime"], weights, beta=beta
-        )
+        s = self.policy.score(batch, self.views)
+        weights = batch.weights.to(s.policy["chosen"].device)
+        per_pair = mmedpo_loss(s.policy["chosen"], s.policy["rejected_mprime"], s.reference["chosen"],
+                               s.reference["rejected_mprime"], weights, beta=beta)
         metrics = {"loss/mmedpo": per_pair.detach(), "weights": weights}
-        metrics.update(reward_metrics(
-            rewards(logps["chosen"], ref["chosen"], beta), rewards(logps["rejected_mprime"], ref["rejected_mprime"], beta)
-        ))
-        metrics.update(logps_metrics(logps))
+        metrics.update(reward_metrics(s.rewards("chosen", beta), s.rewards("rejected_mprime", beta)))
+        metrics.update(logps_metrics(s.policy))
         return per_pair.mean(), metrics

@@ -12,15 +12,14 @@ from torch import Tensor
 
 from lightning_meddpo.data.batch import PreferenceBatch
 from lightning_meddpo.data.needs import PairNeeds
-from lightning_meddpo.losses import anchor_loss, combine, copo_loss, dpo_loss, rewards
-from lightning_meddpo.modules.base import PreferenceModule, check_beta
+from lightning_meddpo.losses import anchor_loss, combine, copo_loss, dpo_loss
+from lightning_meddpo.modules.base import PreferenceModule, check_beta, check_choice
 from lightning_meddpo.modules.dpo import (
     image_reward_metrics,
     logps_metrics,
     reward_metrics,
 )
-
-MULTIMODAL_LOSSES = ("copo", "mdpo", "targeted")
+from lightning_meddpo.policy import PairLogps
 
 
 class Multimodal(PreferenceModule):
@@ -53,8 +52,7 @@ class Multimodal(PreferenceModule):
         delta: float = 0.0,
         **kwargs,
     ):
-        if loss not in MULTIMODAL_LOSSES:
-            raise ValueError(f"Multimodal: unknown loss {loss!r}; use one of {MULTIMODAL_LOSSES}")
+        check_choice("Multimodal", "loss", loss, OBJECTIVES)
         check_beta(beta)
         super().__init__(**kwargs)
         self.save_hyperparameters()
@@ -91,49 +89,59 @@ class Multimodal(PreferenceModule):
 
     def compute_loss(self, batch: PreferenceBatch) -> tuple[Tensor, dict[str, Tensor]]:
         h = self.hparams
-        views = self.views_for(batch)
         self.require_mprime(batch, _image_rejected(batch) if h.loss == "targeted" else None)
-        logps = self.policy.logps(batch, views)
-        ref = self.policy.reference_logps(batch, views)
-        reward = {v: rewards(logps[v], ref[v], h.beta) for v in views}
-        if h.loss == "targeted":
-            return self._targeted(batch, logps, ref, reward)
-        metrics = logps_metrics(logps)
-        terms = {"copo": copo_loss(logps["chosen"], logps["chosen_mprime"], ref["chosen"], ref["chosen_mprime"], beta=h.beta)}
-        weights = {"copo": h.copo_weight}
-        if h.loss == "mdpo":
-            terms["dpo"] = dpo_loss(logps["chosen"], logps["rejected"], ref["chosen"], ref["rejected"], beta=h.beta)
-            terms["anchor"] = anchor_loss(logps["chosen"], ref["chosen"], beta=h.beta, delta=h.delta)
-            weights.update(dpo=h.dpo_weight, anchor=h.anchor_weight)
-            metrics.update(reward_metrics(reward["chosen"], reward["rejected"]))
-        else:
-            metrics.update(reward_metrics(reward["chosen"], reward["chosen_mprime"]))
-        metrics.update({f"loss/{name}": value.detach() for name, value in terms.items()})
-        metrics.update(image_reward_metrics(reward["chosen"], reward["chosen_mprime"]))
-        return combine(terms, weights).mean(), metrics
-
-    def _targeted(self, batch, logps, ref, reward) -> tuple[Tensor, dict[str, Tensor]]:
-        """Per pair: DPO (text-rejected) or CoPO (image-rejected). The logged keys do not depend on
-        the batch's mix (ranks must log the same keys); `*/rejected` is each pair's rejected side."""
-        h = self.hparams
-        image_pairs = _image_rejected(batch).to(logps["chosen"].device)
-        zeros = torch.zeros_like(logps["chosen"])
-        dpo = copo = zeros
-        if "rejected" in logps:
-            dpo = dpo_loss(logps["chosen"], logps["rejected"], ref["chosen"], ref["rejected"], beta=h.beta)
-        if "chosen_mprime" in logps:
-            copo = copo_loss(logps["chosen"], logps["chosen_mprime"], ref["chosen"], ref["chosen_mprime"], beta=h.beta)
-        terms = {"dpo": torch.where(image_pairs, zeros, dpo), "copo": torch.where(image_pairs, copo, zeros)}
-        per_pair = combine(terms, {"dpo": h.dpo_weight, "copo": h.copo_weight})
-        rejected_side = torch.where(image_pairs, reward.get("chosen_mprime", zeros), reward.get("rejected", zeros))
-        metrics = {f"loss/{name}": value.detach() for name, value in terms.items()}
-        metrics.update(reward_metrics(reward["chosen"], rejected_side))
-        metrics["logps/chosen"] = logps["chosen"].detach()
-        metrics["logps/rejected"] = torch.where(
-            image_pairs, logps.get("chosen_mprime", zeros), logps.get("rejected", zeros)
-        ).detach()
-        metrics["pairs/image_rejected"] = image_pairs.float()
+        per_pair, metrics = OBJECTIVES[h.loss](batch, self.policy.score(batch, self.views_for(batch)), h)
         return per_pair.mean(), metrics
+
+
+def copo(batch: PreferenceBatch, s: PairLogps, h) -> tuple[Tensor, dict[str, Tensor]]:
+    """CoPO alone; `rewards/*` is the image pair (y_w on m vs on m')."""
+    term = copo_loss(s.policy["chosen"], s.policy["chosen_mprime"], s.reference["chosen"], s.reference["chosen_mprime"],
+                     beta=h.beta)
+    metrics = {"loss/copo": term.detach(), **logps_metrics(s.policy)}
+    metrics.update(reward_metrics(s.rewards("chosen", h.beta), s.rewards("chosen_mprime", h.beta)))
+    metrics.update(image_reward_metrics(s.rewards("chosen", h.beta), s.rewards("chosen_mprime", h.beta)))
+    return combine({"copo": term}, {"copo": h.copo_weight}), metrics
+
+
+def mdpo(batch: PreferenceBatch, s: PairLogps, h) -> tuple[Tensor, dict[str, Tensor]]:
+    """DPO + CoPO + anchor, each computed on its own and weighted; `rewards/*` is the text pair."""
+    p, r = s.policy, s.reference
+    terms = {
+        "dpo": dpo_loss(p["chosen"], p["rejected"], r["chosen"], r["rejected"], beta=h.beta),
+        "copo": copo_loss(p["chosen"], p["chosen_mprime"], r["chosen"], r["chosen_mprime"], beta=h.beta),
+        "anchor": anchor_loss(p["chosen"], r["chosen"], beta=h.beta, delta=h.delta),
+    }
+    metrics = logps_metrics(p)
+    metrics.update(reward_metrics(s.rewards("chosen", h.beta), s.rewards("rejected", h.beta)))
+    metrics.update({f"loss/{name}": value.detach() for name, value in terms.items()})
+    metrics.update(image_reward_metrics(s.rewards("chosen", h.beta), s.rewards("chosen_mprime", h.beta)))
+    return combine(terms, {"dpo": h.dpo_weight, "copo": h.copo_weight, "anchor": h.anchor_weight}), metrics
+
+
+def targeted(batch: PreferenceBatch, s: PairLogps, h) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per pair: DPO (text-rejected) or CoPO (image-rejected). The logged keys do not depend on the batch's
+    mix (ranks must log the same keys); `*/rejected` is each pair's rejected side."""
+    p, r = s.policy, s.reference
+    image_pairs = _image_rejected(batch).to(p["chosen"].device)
+    zeros = torch.zeros_like(p["chosen"])
+    dpo = copo = zeros
+    if "rejected" in p:
+        dpo = dpo_loss(p["chosen"], p["rejected"], r["chosen"], r["rejected"], beta=h.beta)
+    if "chosen_mprime" in p:
+        copo = copo_loss(p["chosen"], p["chosen_mprime"], r["chosen"], r["chosen_mprime"], beta=h.beta)
+    terms = {"dpo": torch.where(image_pairs, zeros, dpo), "copo": torch.where(image_pairs, copo, zeros)}
+    reward = {view: s.rewards(view, h.beta) for view in p}
+    rejected_side = torch.where(image_pairs, reward.get("chosen_mprime", zeros), reward.get("rejected", zeros))
+    metrics = {f"loss/{name}": value.detach() for name, value in terms.items()}
+    metrics.update(reward_metrics(reward["chosen"], rejected_side))
+    metrics["logps/chosen"] = p["chosen"].detach()
+    metrics["logps/rejected"] = torch.where(image_pairs, p.get("chosen_mprime", zeros), p.get("rejected", zeros)).detach()
+    metrics["pairs/image_rejected"] = image_pairs.float()
+    return combine(terms, {"dpo": h.dpo_weight, "copo": h.copo_weight}), metrics
+
+
+OBJECTIVES = {"copo": copo, "mdpo": mdpo, "targeted": targeted}  # each: (batch, scores, hparams) -> (per pair, metrics)
 
 
 def _image_rejected(batch: PreferenceBatch) -> Tensor:

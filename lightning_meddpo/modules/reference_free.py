@@ -6,10 +6,33 @@ from torch import Tensor
 
 from lightning_meddpo.data.batch import PreferenceBatch
 from lightning_meddpo.losses import cpo_loss, log_odds, nll_loss, orpo_loss, simpo_loss
-from lightning_meddpo.modules.base import PreferenceModule, check_beta
+from lightning_meddpo.modules.base import PreferenceModule, check_beta, check_choice
 from lightning_meddpo.modules.dpo import logps_metrics, reward_metrics
+from lightning_meddpo.policy import PairLogps
 
-REFERENCE_FREE_LOSSES = ("simpo", "cpo", "orpo")
+# Each objective: (scores, hyper-parameters) -> (per-pair loss, logged reward of y_w, of y_l, extra metrics).
+# The logged rewards follow TRL (see ReferenceFree).
+
+
+def simpo(s: PairLogps, h) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+    per_pair = simpo_loss(s.policy["chosen"], s.policy["rejected"], s.tokens["chosen"], s.tokens["rejected"],
+                          beta=h.beta, gamma=h.gamma)
+    return per_pair, h.beta * s.mean_logp("chosen"), h.beta * s.mean_logp("rejected"), {}
+
+
+def cpo(s: PairLogps, h) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+    per_pair = cpo_loss(s.policy["chosen"], s.policy["rejected"], s.tokens["chosen"], beta=h.beta, nll_weight=h.nll_weight)
+    return per_pair, h.beta * s.policy["chosen"], h.beta * s.policy["rejected"], {}
+
+
+def orpo(s: PairLogps, h) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+    per_pair = orpo_loss(s.policy["chosen"], s.policy["rejected"], s.tokens["chosen"], s.tokens["rejected"], lam=h.lam)
+    avg_w, avg_l = s.mean_logp("chosen"), s.mean_logp("rejected")
+    extra = {"log_odds_ratio": (log_odds(avg_w) - log_odds(avg_l)).detach(), "log_odds_chosen": log_odds(avg_w).detach()}
+    return per_pair, h.lam * avg_w, h.lam * avg_l, extra
+
+
+OBJECTIVES = {"simpo": simpo, "cpo": cpo, "orpo": orpo}
 
 
 class ReferenceFree(PreferenceModule):
@@ -39,8 +62,7 @@ class ReferenceFree(PreferenceModule):
         reference: str = "none",
         **kwargs,
     ):
-        if loss not in REFERENCE_FREE_LOSSES:
-            raise ValueError(f"ReferenceFree: unknown loss {loss!r}; use one of {REFERENCE_FREE_LOSSES}")
+        check_choice("ReferenceFree", "loss", loss, OBJECTIVES)
         if reference != "none":
             raise ValueError(f"ReferenceFree ({loss}) uses no reference model: reference must be 'none', got {reference!r}")
         if loss in ("simpo", "cpo"):
@@ -54,27 +76,11 @@ class ReferenceFree(PreferenceModule):
 
     def compute_loss(self, batch: PreferenceBatch) -> tuple[Tensor, dict[str, Tensor]]:
         h = self.hparams
-        logps = self.policy.logps(batch, self.views)
-        tokens = self.policy.tokens(batch, self.views)
-        chosen, rejected = logps["chosen"], logps["rejected"]
-        n_w, n_l = tokens["chosen"], tokens["rejected"]
-        avg_w, avg_l = chosen / n_w.clamp(min=1), rejected / n_l.clamp(min=1)
-        nll = nll_loss(chosen, n_w)
-        metrics: dict[str, Tensor] = {"loss/nll": nll.detach()}
-        if h.loss == "simpo":
-            per_pair = simpo_loss(chosen, rejected, n_w, n_l, beta=h.beta, gamma=h.gamma)
-            reward_w, reward_l = h.beta * avg_w, h.beta * avg_l
-        elif h.loss == "cpo":
-            per_pair = cpo_loss(chosen, rejected, n_w, beta=h.beta, nll_weight=h.nll_weight)
-            reward_w, reward_l = h.beta * chosen, h.beta * rejected
-        else:
-            per_pair = orpo_loss(chosen, rejected, n_w, n_l, lam=h.lam)
-            reward_w, reward_l = h.lam * avg_w, h.lam * avg_l
-            log_odds_ratio = (log_odds(avg_w) - log_odds(avg_l)).detach()
-            metrics["log_odds_ratio"] = log_odds_ratio
-            metrics["log_odds_chosen"] = log_odds(avg_w).detach()
+        s = self.policy.score(batch, self.views)
+        per_pair, reward_w, reward_l, extra = OBJECTIVES[h.loss](s, h)
+        metrics: dict[str, Tensor] = {"loss/nll": nll_loss(s.policy["chosen"], s.tokens["chosen"]).detach(), **extra}
         metrics[f"loss/{h.loss}"] = per_pair.detach()
         metrics.update(reward_metrics(reward_w, reward_l))
-        metrics["rewards/accuracies"] = (avg_w > avg_l).float().detach()
-        metrics.update(logps_metrics(logps))
+        metrics["rewards/accuracies"] = (s.mean_logp("chosen") > s.mean_logp("rejected")).float().detach()
+        metrics.update(logps_metrics(s.policy))
         return per_pair.mean(), metrics

@@ -32,14 +32,12 @@ class SFT(PreferenceModule):
         return PairNeeds("SFT", signal="none", mprime="never")  # learns the chosen answer only
 
     def compute_loss(self, batch: PreferenceBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        logps = self.policy.logps(batch, self.views)
-        tokens = self.policy.tokens(batch, self.views)
-        loss = reduce_nll(logps["chosen"], tokens["chosen"], self.hparams.nll_reduction)
-        chosen_norm = (logps["chosen"] / tokens["chosen"].clamp(min=1)).detach()
-        rejected_norm = (logps["rejected"] / tokens["rejected"].clamp(min=1)).detach()
+        s = self.policy.score(batch, self.views, reference=False)
+        loss = reduce_nll(s.policy["chosen"], s.tokens["chosen"], self.hparams.nll_reduction)
+        chosen_norm, rejected_norm = s.mean_logp("chosen").detach(), s.mean_logp("rejected").detach()
         return loss, {
-            "logps/chosen": logps["chosen"].detach(),
-            "logps/rejected": logps["rejected"].detach(),
+            "logps/chosen": s.policy["chosen"].detach(),
+            "logps/rejected": s.policy["rejected"].detach(),
             "rewards/accuracies": (chosen_norm > rejected_norm).float(),
             "rewards/margins": chosen_norm - rejected_norm,
         }
