@@ -66,6 +66,21 @@ def test_sft_then_dpo_from_its_checkpoint(demo_dir, tmp_path):
             f"--model.init_args.init_from={sft_ckpt}", "--trainer.max_steps=1", "--trainer.limit_val_batches=1")
 
 
+def test_optimizer_and_scheduler_from_the_config(demo_dir, tmp_path):
+    """LightningCLI injects another optimizer and scheduler; `lr` stays the one learning-rate setting, and the
+    checkpoint still loads with weights_only (it records them as their config)."""
+    run_cli("fit", "--config", "configs/methods/dpo.yaml", "--config", "configs/backbones/demo.yaml",
+            *small_demo_args(demo_dir, tmp_path), "--trainer.max_steps=3", "--trainer.limit_val_batches=0",
+            "--model.init_args.lr=0.01", "--model.init_args.optimizer=torch.optim.SGD",
+            "--model.init_args.optimizer.momentum=0.9", "--model.init_args.lr_scheduler=torch.optim.lr_scheduler.StepLR",
+            "--model.init_args.lr_scheduler.step_size=1", "--model.init_args.lr_scheduler.gamma=0.5")
+    state = torch.load(_version_dirs(tmp_path)[0] / "checkpoints" / "last.ckpt", weights_only=True)
+    (group,) = state["optimizer_states"][0]["param_groups"]
+    assert group["momentum"] == 0.9 and "betas" not in group  # SGD, not AdamW
+    assert group["lr"] == pytest.approx(0.01 * 0.5**3)  # our lr, halved by StepLR after each of the 3 steps
+    assert state["hyper_parameters"]["optimizer"]["class_path"] == "torch.optim.SGD"  # as configured, plain values
+
+
 def test_bf16_mixed_run(demo_dir, tmp_path):
     run_cli("fit", "--config", "configs/methods/dpo.yaml", "--config", "configs/backbones/demo.yaml", *small_demo_args(demo_dir, tmp_path),
             "--trainer.precision=bf16-mixed", "--trainer.max_steps=2", "--trainer.limit_val_batches=1",

@@ -8,6 +8,7 @@ processor). Every module is built with `configure_model()` and scored with `comp
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import math
 import warnings
@@ -152,6 +153,21 @@ def test_reference_free_refuses_a_reference():
         ReferenceFree(backbone=BACKBONE, loss="simpo", reference="copy")
     with pytest.raises(ValueError, match="unknown loss"):
         ReferenceFree(backbone=BACKBONE, loss="dpo")
+
+
+def test_an_injected_optimizer_gets_our_lr_and_a_checkpoint_keeps_plain_values():
+    """Python users pass callables (LightningCLI passes them too, and saves their config): `lr` and
+    `weight_decay` are set on the optimizer; a callable is not written into the checkpoint."""
+    module = build(DPO, lr=0.02, weight_decay=0.1, optimizer=functools.partial(torch.optim.SGD, lr=1.0, momentum=0.9),
+                   lr_scheduler=functools.partial(torch.optim.lr_scheduler.StepLR, step_size=5))
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert isinstance(optimizer, torch.optim.SGD) and isinstance(scheduler, torch.optim.lr_scheduler.StepLR)
+    (group,) = optimizer.param_groups
+    assert (group["lr"], group["weight_decay"], group["momentum"]) == (0.02, 0.1, 0.9)
+    checkpoint = {"hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["hyper_parameters"]["optimizer"] is None and checkpoint["hyper_parameters"]["lr_scheduler"] is None
 
 
 def test_every_family_refuses_an_unknown_objective_at_construction():

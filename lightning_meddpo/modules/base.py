@@ -15,6 +15,7 @@ from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 from transformers import (
     get_constant_schedule_with_warmup,
@@ -76,6 +77,10 @@ class PreferenceModule(L.LightningModule):
         lr, weight_decay, warmup_ratio: AdamW, linear warmup over warmup_ratio of the steps, then `lr_schedule`.
         lr_schedule: "cosine" to 0 (the paper's: LLaVA's --lr_scheduler_type cosine), "linear" to 0 (the
             transformers Trainer's and so TRL's default) or "constant".
+        optimizer: another torch optimizer in place of AdamW, given as LightningCLI gives one
+            (`optimizer: {class_path: torch.optim.SGD, init_args: {momentum: 0.9}}`). `lr` and `weight_decay`
+            stay the one place for those two and are set on it; its init_args set the rest.
+        lr_scheduler: another torch scheduler (stepped every optimizer step) in place of warmup + `lr_schedule`.
         nonfinite: a NaN/inf training loss or gradient "stop"s the run with the step, the batch's record ids
             and the loss terms, or is skipped on every rank ("skip": no update; counted, logged as
             train/nonfinite_skipped). Never trained on.
@@ -139,6 +144,8 @@ class PreferenceModule(L.LightningModule):
         reference_cache_dir: str | None = None,
         lr_schedule: Literal["cosine", "linear", "constant"] = "cosine",
         nonfinite: Literal["stop", "skip"] = "stop",
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -158,6 +165,7 @@ class PreferenceModule(L.LightningModule):
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
         self.processor = load_processor(backbone, chat_template=chat_template, trust_remote_code=trust_remote_code)
+        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.policy: PreferencePolicy | None = None
         self._nonfinite_skipped = 0
         self._zero_grad_steps = 0
@@ -280,6 +288,9 @@ class PreferenceModule(L.LightningModule):
         hparams = checkpoint.get("hyper_parameters")
         if hparams is not None and isinstance(hparams.get("lora"), LoraSettings):
             hparams["lora"] = asdict(hparams["lora"])  # a plain dict: checkpoints load with weights_only=True
+        for key in ("optimizer", "lr_scheduler"):  # callables do not load with weights_only (under LightningCLI
+            if hparams is not None and callable(hparams.get(key)):  # they are saved as their config, a dict)
+                hparams[key] = None
         checkpoint["meddpo"] = {
             "module_class": f"{type(self).__module__}.{type(self).__qualname__}",
             "reference_saved": bool(self.hparams.save_reference) and self.reference_strategy == "copy",
@@ -439,11 +450,22 @@ class PreferenceModule(L.LightningModule):
         return [PredictionWriter()]
 
     def configure_optimizers(self):
+        """AdamW + linear warmup and `lr_schedule` (the default), or the configured optimizer / scheduler."""
+        h = self.hparams
         params = [p for p in self.policy.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        if self.optimizer_factory is None:
+            optimizer = torch.optim.AdamW(params, lr=h.lr, weight_decay=h.weight_decay)
+        else:
+            optimizer = self.optimizer_factory(params)
+            for group in optimizer.param_groups:  # lr and weight_decay: one place for them, ours
+                group["lr"] = h.lr
+                if "weight_decay" in group:
+                    group["weight_decay"] = h.weight_decay
+        if self.scheduler_factory is not None:
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(self.hparams.warmup_ratio * total)
-        schedule = self.hparams.get("lr_schedule", "cosine")
+        warmup = int(h.warmup_ratio * total)
+        schedule = h.get("lr_schedule", "cosine")
         if schedule == "cosine":
             scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
         elif schedule == "linear":
