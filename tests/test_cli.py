@@ -33,6 +33,8 @@ def test_fit_logs_metrics_then_resumes_from_last(demo_dir, tmp_path):
     for name in ("train/lr", "train/grad_norm", "train/pairs_per_sec", "train/tokens_per_sec", "train/loss/dpo_step"):
         assert name in scalars, name
     assert all(math.isfinite(v) for _, v in scalars["train/loss_step"])
+    lrs = [v for _, v in scalars["train/lr"]]  # Lightning's LearningRateMonitor, one value per logged step
+    assert len(lrs) == 6 and lrs[0] == pytest.approx(3e-3) and lrs == sorted(lrs, reverse=True) and lrs[-1] > 0  # cosine
     last = first / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 6
     assert list((first / "checkpoints").glob("best-*.ckpt"))  # best by val reward accuracy

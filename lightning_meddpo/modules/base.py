@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 
 REFERENCE_PREFIX = "policy.reference."
+LR_LOGGING = {"interval": "step", "name": "train/lr"}  # stepped per optimizer step; LearningRateMonitor's key
 ZERO_GRAD_PATIENCE = 20  # steps of an exactly-zero gradient norm before the run warns that nothing trains
 
 
@@ -347,8 +348,6 @@ class PreferenceModule(L.LightningModule):
 
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor | None:
         self._batch_ids = batch.ids
-        # batch_size given: else Lightning walks the whole batch to infer it, on every call
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False, batch_size=len(batch))
         return self._step(batch, "train")
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -442,12 +441,16 @@ class PreferenceModule(L.LightningModule):
         metrics.reset()
 
     def configure_callbacks(self):
-        """A PredictionWriter (predictions.jsonl in the run's log dir) unless the trainer has one configured."""
+        """A PredictionWriter (predictions.jsonl in the run's log dir) and, with a logger, Lightning's
+        LearningRateMonitor (the lr as `train/lr`, every logged step), unless the trainer has them configured."""
+        from lightning.pytorch.callbacks import LearningRateMonitor
+
         from lightning_meddpo.eval.generate import PredictionWriter
 
-        if any(isinstance(c, PredictionWriter) for c in self.trainer.callbacks):
-            return []
-        return [PredictionWriter()]
+        wanted = [PredictionWriter()]
+        if self.trainer.loggers:
+            wanted.append(LearningRateMonitor(logging_interval="step"))
+        return [c for c in wanted if not any(isinstance(have, type(c)) for have in self.trainer.callbacks)]
 
     def configure_optimizers(self):
         """AdamW + linear warmup and `lr_schedule` (the default), or the configured optimizer / scheduler."""
@@ -462,7 +465,7 @@ class PreferenceModule(L.LightningModule):
                 if "weight_decay" in group:
                     group["weight_decay"] = h.weight_decay
         if self.scheduler_factory is not None:
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), **LR_LOGGING}}
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(h.warmup_ratio * total)
         schedule = h.get("lr_schedule", "cosine")
@@ -474,4 +477,4 @@ class PreferenceModule(L.LightningModule):
             scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
         else:
             raise ValueError(f"lr_schedule must be cosine, linear or constant, got {schedule!r}")
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, **LR_LOGGING}}
