@@ -286,13 +286,16 @@ def _parse_error_types(values: list[str] | None) -> list[str] | None:
 
 
 def make_parser():
-    import argparse
+    """jsonargparse, like every subcommand: `--config opts.yaml` reads the options from a file and
+    `--print_config` writes them, so a build is reproducible from its options file."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
 
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m lightning_meddpo build-pairs",
         description="Build text- and/or image-rejected preference pairs (the paper's format) from a VQA, "
                     "conversation or caption file (JSON array or JSONL).",
     )
+    p.add_argument("--config", action=ActionConfigFile, help="options from a YAML file (as --print_config writes)")
     p.add_argument("--input", required=True, help="source records: LLaVA-Med questions, conversations or captions")
     p.add_argument("--image-root", default=None,
                    help="directory image paths are relative to, only read (default: the input file's directory)")

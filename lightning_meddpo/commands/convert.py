@@ -31,7 +31,6 @@ missing, unexpected or mis-shaped keys raise `ConversionError` listing them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -40,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from jsonargparse import ActionConfigFile, ArgumentParser
 from PIL import Image
 
 log = logging.getLogger(__name__)
@@ -625,8 +625,10 @@ def convert_llava_checkpoint(
 # ---------------------------------------------------------------------------------------------- command line
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Arguments of `python -m lightning_meddpo convert`."""
+def add_arguments(parser: ArgumentParser) -> ArgumentParser:
+    """Arguments of `python -m lightning_meddpo convert` (jsonargparse, like every subcommand: `--config`
+    reads them from a file, `--print_config` writes them)."""
+    parser.add_argument("--config", action=ActionConfigFile, help="options from a YAML file (as --print_config writes)")
     parser.add_argument("--src", required=True, help="original-LLaVA-layout checkpoint directory")
     parser.add_argument("--out", required=True, help="output directory (LlavaForConditionalGeneration)")
     parser.add_argument("--vision-tower-dir", default=None,
@@ -642,7 +644,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> ConversionReport:
+def run(args) -> ConversionReport:
     return convert_llava_checkpoint(
         args.src, args.out, vision_tower_dir=args.vision_tower_dir, dtype=args.dtype,
         chat_template=args.chat_template, pad_vocab_to_multiple_of=args.pad_vocab_to_multiple_of,
@@ -651,7 +653,7 @@ def run(args: argparse.Namespace) -> ConversionReport:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(prog="lightning_meddpo convert", description=__doc__.split("\n")[0]))
+    parser = add_arguments(ArgumentParser(prog="python -m lightning_meddpo convert", description=__doc__.split("\n")[0]))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     try:

@@ -16,7 +16,6 @@ hyper_parameters). The policy model is rebuilt, its weights loaded, LoRA adapter
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import logging
 import tempfile
@@ -25,6 +24,7 @@ from typing import Any
 
 import torch
 import yaml
+from jsonargparse import ArgumentParser
 
 log = logging.getLogger(__name__)
 POLICY_PREFIX = "policy.model."
@@ -140,7 +140,7 @@ def export(ckpt_path: str, out: str, *, config: str | None = None, merge: bool =
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m lightning_meddpo export", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m lightning_meddpo export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt_path", required=True, help="a .ckpt file or a sharded checkpoint directory")
     parser.add_argument("--out", required=True, help="output directory (Hugging Face format)")
     parser.add_argument("--config", help="the run's config.yaml (default: read the module from the checkpoint)")
