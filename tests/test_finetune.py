@@ -9,7 +9,6 @@ import torch
 
 from lightning_meddpo.backbones import loader
 from lightning_meddpo.backbones.build import part_parameters
-from lightning_meddpo.backbones.qwen import QWEN_IMAGE_PLACEHOLDER
 from lightning_meddpo.data.datamodule import PreferenceDataModule
 from lightning_meddpo.demo.synthetic import generate_demo_dataset
 from lightning_meddpo.demo.tiny_qwen import build_tiny_qwen_vl
@@ -183,9 +182,11 @@ def test_qwen_vl_dpo_trains(tmp_path, data, version):
     assert not [f.name for f in path.glob("*.json") if "QwenVLImageProcessor" in f.read_text()]
     module = DPO(backbone=str(path), beta=0.5, lr=1e-2)
     dm = PreferenceDataModule(str(data["train"]), str(data["val"]), batch_size=4, max_length=128,
-                              image_placeholder=QWEN_IMAGE_PLACEHOLDER, processor=module.processor)
+                              processor=module.processor)  # no image_placeholder: Qwen-VL's is the default
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
+    vision_start = module.processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
+    assert (batch.prompt.input_ids == vision_start).sum(dim=1).tolist() == [1] * 4  # one wrapped image per prompt
     assert "mm_token_type_ids" in batch.prompt.extra and "image_grid_thw" in batch.images.extra
     image_id = module.processor.image_token_id
     # the collator marks exactly the image tokens as multimodal

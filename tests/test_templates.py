@@ -136,9 +136,6 @@ def test_prefix_property(tokenizer, name, conversation):
 def test_registry_api():
     assert set(CHAT_TEMPLATES) == set(TEMPLATE_INFO)
     assert get_chat_template("tiny") == TEMPLATE_INFO["tiny"].template
-    assert TEMPLATE_INFO["v1"].image_placeholder == "<image>"
-    assert TEMPLATE_INFO["qwen_2"].image_placeholder == "<image>"  # HuatuoGPT-Vision is a LLaVA-style model
-    assert TEMPLATE_INFO["qwen2_vl"].image_placeholder == "<|vision_start|><|image_pad|><|vision_end|>"
     assert TEMPLATE_INFO["huatuo"].stops("<|endoftext|>") == ["<|endoftext|>"]
     assert TEMPLATE_INFO["mistral_instruct"].stops("</s>") == ["</s>"]
     with pytest.raises(ValueError, match="unknown chat template"):

@@ -1,8 +1,8 @@
 """Chat templates (Jinja, in the HF `chat_template` form), selectable by name in config.
 
 Messages are HF-style dicts {"role": "user"|"assistant"|"system", "content": str}; the image
-placeholder is already in the content where the record put it (`TEMPLATE_INFO[name].image_placeholder`
-says which string the backbone expects).
+placeholder is already in the content where the record put it (the collator writes the processor's image
+token there, data/collate.py).
 
 Prefix property (the collator relies on it): for a conversation ending in an assistant turn with content
 `response`,
@@ -151,7 +151,6 @@ HUATUO = (
 class TemplateInfo:
     """A chat template and what a collator / generator needs to know about it.
 
-    image_placeholder: the string a user turn carries for each image.
     assistant_prefix, end_of_turn: full render == prompt render (add_generation_prompt=True)
         + assistant_prefix + response + end_of_turn. `end_of_turn` may contain "{eos_token}".
     adds_bos: the template writes the BOS token itself (tokenize with add_special_tokens=False).
@@ -160,7 +159,6 @@ class TemplateInfo:
 
     name: str
     template: str
-    image_placeholder: str = "<image>"
     assistant_prefix: str = ""
     end_of_turn: str = ""
     adds_bos: bool = False
@@ -179,15 +177,13 @@ class TemplateInfo:
 
 
 TEMPLATE_INFO: dict[str, TemplateInfo] = {
-    "tiny": TemplateInfo("tiny", TINY, "<image>", " ", "{eos_token}\n", False, ("{eos_token}",)),
-    "v1": TemplateInfo("v1", V1, "<image>", " ", "</s>", True, ("</s>",)),
-    "llava_v1": TemplateInfo("llava_v1", LLAVA_V1, "<image>", " ", "</s>", True, ("</s>",)),
-    "mistral_instruct": TemplateInfo("mistral_instruct", MISTRAL_INSTRUCT, "<image>", " ", " </s>", True, ("</s>",)),
-    "qwen_2": TemplateInfo("qwen_2", CHATML, "<image>", "", "<|im_end|>\n", False, ("<|im_end|>",)),
-    "qwen2_vl": TemplateInfo(
-        "qwen2_vl", CHATML, "<|vision_start|><|image_pad|><|vision_end|>", "", "<|im_end|>\n", False, ("<|im_end|>",)
-    ),
-    "huatuo": TemplateInfo("huatuo", HUATUO, "<image>", "", "{eos_token}\n", False, ("{eos_token}",)),
+    "tiny": TemplateInfo("tiny", TINY, " ", "{eos_token}\n", False, ("{eos_token}",)),
+    "v1": TemplateInfo("v1", V1, " ", "</s>", True, ("</s>",)),
+    "llava_v1": TemplateInfo("llava_v1", LLAVA_V1, " ", "</s>", True, ("</s>",)),
+    "mistral_instruct": TemplateInfo("mistral_instruct", MISTRAL_INSTRUCT, " ", " </s>", True, ("</s>",)),
+    "qwen_2": TemplateInfo("qwen_2", CHATML, "", "<|im_end|>\n", False, ("<|im_end|>",)),
+    "qwen2_vl": TemplateInfo("qwen2_vl", CHATML, "", "<|im_end|>\n", False, ("<|im_end|>",)),  # its image: collate.py
+    "huatuo": TemplateInfo("huatuo", HUATUO, "", "{eos_token}\n", False, ("{eos_token}",)),
 }
 TEMPLATE_INFO["vicuna_v1"] = TemplateInfo(**{**TEMPLATE_INFO["v1"].__dict__, "name": "vicuna_v1"})
 

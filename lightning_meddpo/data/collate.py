@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from lightning_meddpo.backbones.qwen import image_placeholder_for
 from lightning_meddpo.data.batch import (
     IGNORE_INDEX,
     EncodedImages,
@@ -49,8 +50,8 @@ class EncodedPrompt:
 class PairEncoder:
     """Renders and tokenises prompts and responses with the processor's chat template.
 
-    `image_placeholder` replaces the dataset's `<image>` (e.g. Qwen2-VL's vision tokens); by default
-    the processor's own image token. `chat_template` (a Jinja template) replaces the processor's own.
+    `image_placeholder` replaces the dataset's `<image>`; by default the processor's own image token (for
+    Qwen-VL wrapped in its vision start / end tokens: backbones/qwen.py `image_placeholder_for`). `chat_template` (a Jinja template) replaces the processor's own.
     """
 
     processor: object
@@ -60,7 +61,7 @@ class PairEncoder:
     _placeholder: str = field(init=False)
 
     def __post_init__(self) -> None:
-        self._placeholder = self.image_placeholder or getattr(self.processor, "image_token", IMAGE_TOKEN)
+        self._placeholder = self.image_placeholder or image_placeholder_for(getattr(self.processor, "image_token", IMAGE_TOKEN))
 
     @property
     def tokenizer(self):
