@@ -34,7 +34,6 @@ import torch
 from torch import Tensor, nn
 
 from lightning_meddpo.data.batch import (
-    IGNORE_INDEX,
     EncodedImages,
     PreferenceBatch,
     TokenRows,
@@ -80,13 +79,6 @@ def token_logps(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
     safe = targets.masked_fill(~mask, 0)
     picked = torch.gather(logits, -1, safe.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
     return (picked * mask).sum(-1)
-
-
-def sequence_logps(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Summed log-probs of the labelled (response) tokens of full-sequence logits, and their count."""
-    logits, labels = logits[:, :-1], labels[:, 1:]
-    mask = labels != IGNORE_INDEX
-    return token_logps(logits, labels, mask), mask.sum(-1)
 
 
 # ---------------------------------------------------------------------------------------------- rows

@@ -14,9 +14,17 @@ from lightning_meddpo.data.batch import IGNORE_INDEX
 from lightning_meddpo.data.collate import PairEncoder, PreferenceCollator
 from lightning_meddpo.data.datamodule import PreferenceDataset
 from lightning_meddpo.data.records import read_preference_file
-from lightning_meddpo.policy import VIEWS, PreferencePolicy, sequence_logps
+from lightning_meddpo.policy import VIEWS, PreferencePolicy, token_logps
 
 ALL_VIEWS = ("chosen", "rejected", "chosen_mprime", "rejected_mprime")
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The textbook oracle: summed log-probs of the labelled (response) tokens of full-sequence logits, and
+    their count (what every scoring mode must reproduce)."""
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    mask = labels != IGNORE_INDEX
+    return token_logps(logits, labels, mask), mask.sum(-1)
 
 
 def encode(records, processor, max_length=256, corruption=None):

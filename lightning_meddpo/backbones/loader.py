@@ -95,7 +95,3 @@ def load_model(
     return AutoModelForImageTextToText.from_pretrained(
         resolve_backbone(name_or_path), dtype=dtype or torch.float32, trust_remote_code=trust_remote_code
     )
-
-
-def is_local_dir(name_or_path: str) -> bool:
-    return Path(name_or_path).is_dir()
