@@ -18,6 +18,7 @@ import torch
 from lightning_meddpo.data.datamodule import PreferenceDataModule
 from lightning_meddpo.demo.synthetic import generate_demo_dataset
 from lightning_meddpo.modules import DPO, KTO, Multimodal
+from lightning_meddpo.modules.precomputed import reference_fingerprint
 from lightning_meddpo.reference_cache import ReferenceTable, fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +99,7 @@ def test_cached_on_disk_reused_and_resumed(tmp_path, data, caplog):
 def key_of(module, dm):
     dm.setup("fit")
     module.trainer = L.Trainer(accelerator="cpu", logger=False)
-    return fingerprint(module.reference_fingerprint(dm))
+    return fingerprint(reference_fingerprint(module, dm))
 
 
 def test_fingerprint_changes_with_data_weights_template_and_corruption(tmp_path, data):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import asdict
-from pathlib import Path
 from typing import Literal
 
 import lightning as L
@@ -24,7 +23,7 @@ from transformers import (
 )
 
 from lightning_meddpo.backbones.build import FREEZABLE, LoraSettings, build_policy_model
-from lightning_meddpo.backbones.loader import load_processor, resolve_backbone
+from lightning_meddpo.backbones.loader import load_processor
 from lightning_meddpo.checkpoints import restore_rng_state, rng_state
 from lightning_meddpo.data.batch import PreferenceBatch
 from lightning_meddpo.data.needs import PairNeeds
@@ -69,7 +68,7 @@ class PreferenceModule(L.LightningModule):
     Args:
         backbone: HF directory, hub id, or `tiny://llama|mistral|qwen2` (the offline demo model).
         reference: `copy` (frozen copy), `adapter` (LoRA disabled), `precomputed` (the starting model's
-            log-probs computed once before the first step and cached on disk, see reference_cache.py:
+            log-probs computed once before the first step and cached on disk, see modules/precomputed.py:
             no reference model in memory), `none` (reference-free).
         reference_cache_dir: where precomputed reference log-probs are cached (default: the tool's cache,
             $LIGHTNING_MEDDPO_CACHE or ~/.cache/lightning_meddpo, under reference_logps/).
@@ -201,89 +200,6 @@ class PreferenceModule(L.LightningModule):
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel mesh
             mesh = self.device_mesh["data_parallel"] if "data_parallel" in (self.device_mesh.mesh_dim_names or ()) else self.device_mesh
             self.policy.fully_shard(mesh)
-
-    # -- a precomputed reference ---------------------------------------------------------------------
-    def on_fit_start(self) -> None:
-        self.ensure_reference_table()
-
-    def on_validation_start(self) -> None:
-        self.ensure_reference_table()
-
-    def on_test_start(self) -> None:
-        self.ensure_reference_table()
-
-    def reference_fingerprint(self, datamodule) -> dict:
-        from lightning_meddpo.reference_cache import (
-            processor_fingerprint,
-            weights_fingerprint,
-        )
-
-        h = self.hparams
-        return {
-            "data": datamodule.reference_fingerprint(),
-            "weights": [weights_fingerprint(resolve_backbone(h.backbone)), weights_fingerprint(h.init_from) if h.init_from else None],
-            "processor": processor_fingerprint(self.processor),
-            "views": sorted(self.reference_views),
-            "precision": str(self.trainer.precision),
-        }
-
-    def ensure_reference_table(self) -> None:
-        """`reference: precomputed`: load the cached reference log-probs of this data and starting model,
-        or compute them now, before the first step (each rank its shard; all ranks get the whole table)."""
-        if self.reference_strategy != "precomputed" or self.policy.reference_table is not None:
-            return
-        from lightning_meddpo.cache import default_cache_dir
-        from lightning_meddpo.reference_cache import ReferenceTable, fingerprint
-
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is None or not hasattr(dm, "reference_dataloaders"):
-            return  # generation-based evaluation: no preference pairs, no reference
-        if type(self.trainer.strategy).__name__ == "FSDPStrategy":
-            raise ValueError("reference: precomputed runs the model outside the training step, which FSDPStrategy's "
-                             "flat parameters do not allow: use FSDP2 (configs/strategies/fsdp2.yaml) or reference: copy")
-        drawn = dm.mprime_drawn_each_epoch()
-        if drawn and any(v.endswith("_mprime") for v in self.reference_views):
-            raise ValueError(f"reference: precomputed needs a fixed m', but records {drawn[:5]} get a new corruption "
-                             "every epoch (data.corruption, no rejected_image): write m' to files (build-pairs "
-                             "--mode image) or use reference: copy")
-        key = fingerprint(self.reference_fingerprint(dm))
-        root = Path(self.hparams.reference_cache_dir) if self.hparams.reference_cache_dir else default_cache_dir() / "reference_logps"
-        path = root / f"{key}.json"
-        if path.is_file():
-            self.policy.reference_table = ReferenceTable.load(path)
-            log.info("reference log-probs: %d records from %s", len(self.policy.reference_table), path)
-            return
-        if self.trainer.global_step > 0 or self.trainer.ckpt_path:
-            raise ValueError(f"reference: precomputed: no cached reference log-probs for this data and starting model "
-                             f"({path} is missing), and they cannot be computed from trained weights: start the run "
-                             "anew, or use reference: copy")
-        self.policy.reference_table = self._compute_reference_table(dm, path)
-
-    def _compute_reference_table(self, dm, path: Path):
-        from tqdm.auto import tqdm
-
-        from lightning_meddpo.reference_cache import ReferenceTable
-
-        views = tuple(self.reference_views)
-        table = ReferenceTable(views)
-        for split, loader in dm.reference_dataloaders().items():
-            for batch in tqdm(loader, desc=f"reference log-probs ({split})", disable=self.global_rank != 0):
-                batch = self.trainer.strategy.batch_to_device(batch)
-                if any(v.endswith("_mprime") for v in views):
-                    batch = batch.with_stand_in_mprime()  # a batch of text pairs only (targeted mix): m as m'
-                with self.trainer.precision_plugin.forward_context():  # the training steps' autocast
-                    table.add(batch.ids, self.policy.starting_logps(batch, views))
-        if self.trainer.world_size > 1:
-            import torch.distributed as dist
-
-            parts: list = [None] * self.trainer.world_size
-            dist.all_gather_object(parts, table.values)
-            for values in parts:
-                table.merge(ReferenceTable(views, values))
-        if self.global_rank == 0:
-            table.save(path, {"views": list(views)})
-            log.info("reference log-probs: %d records computed, cached in %s", len(table), path)
-        return table
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         hparams = checkpoint.get("hyper_parameters")
@@ -441,13 +357,17 @@ class PreferenceModule(L.LightningModule):
         metrics.reset()
 
     def configure_callbacks(self):
-        """A PredictionWriter (predictions.jsonl in the run's log dir) and, with a logger, Lightning's
-        LearningRateMonitor (the lr as `train/lr`, every logged step), unless the trainer has them configured."""
+        """A PredictionWriter (predictions.jsonl in the run's log dir), PrecomputedReference for `reference:
+        precomputed`, and with a logger Lightning's LearningRateMonitor (the lr as `train/lr`, every logged
+        step), unless the trainer has them configured."""
         from lightning.pytorch.callbacks import LearningRateMonitor
 
         from lightning_meddpo.eval.generate import PredictionWriter
+        from lightning_meddpo.modules.precomputed import PrecomputedReference
 
         wanted = [PredictionWriter()]
+        if self.reference_strategy == "precomputed":
+            wanted.append(PrecomputedReference())
         if self.trainer.loggers:
             wanted.append(LearningRateMonitor(logging_interval="step"))
         return [c for c in wanted if not any(isinstance(have, type(c)) for have in self.trainer.callbacks)]
