@@ -11,20 +11,56 @@ D = h(y_w, m) - h(y_l, m); sigma is the logistic function, beta the temperature.
 Where TRL (huggingface/trl DPOTrainer, CPO/ORPO/KTO trainers) fixed a convention that the paper left
 open, we follow TRL and say so in the docstring, so results are comparable with TRL runs.
 
-The one registry, `DPO_LOSS_TYPES`: `loss_type` name -> f(margin, *, beta, label_smoothing, policy_chosen, ...)
--> [B], dispatched by `dpo_loss` (the other families choose among their objectives in modules/).
+A pair-wise loss with a reference takes one `PairLogps` (the four log-probs and the token counts of a batch
+of pairs) instead of four to six tensors. The one registry, `DPO_LOSS_TYPES`: `loss_type` name ->
+f(pair, *, beta, label_smoothing, ...) -> [B], dispatched by `dpo_loss` (the other families choose among
+their objectives in modules/).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 DPO_LOSS_TYPES: dict[str, Callable[..., Tensor]] = {}
+
+
+@dataclass(frozen=True)
+class PairLogps:
+    """A batch of preference pairs as the losses see it: the summed response log-probs of the preferred (w)
+    and the dispreferred (l) side under the policy and the reference, [B] each, and the two responses' token
+    counts (needed by the length-normalised losses only). For CoPO the dispreferred side is y_w under m',
+    for MMedPO y_l under m'."""
+
+    policy_chosen: Tensor
+    policy_rejected: Tensor
+    reference_chosen: Tensor
+    reference_rejected: Tensor
+    chosen_tokens: Tensor | None = None
+    rejected_tokens: Tensor | None = None
+
+    @property
+    def log_ratios(self) -> tuple[Tensor, Tensor]:
+        """(h_w, h_l): each side's policy-minus-reference log-ratio."""
+        return self.policy_chosen - self.reference_chosen, self.policy_rejected - self.reference_rejected
+
+    @property
+    def margin(self) -> Tensor:
+        """The DPO margin D = h_w - h_l."""
+        h_w, h_l = self.log_ratios
+        return h_w - h_l
+
+    def per_token_log_ratios(self, loss_type: str) -> tuple[Tensor, Tensor]:
+        """(h_w / |y_w|, h_l / |y_l|), token counts clamped at 1; the counts must be given."""
+        if self.chosen_tokens is None or self.rejected_tokens is None:
+            raise ValueError(f"loss_type {loss_type!r} needs chosen_tokens and rejected_tokens (got None)")
+        h_w, h_l = self.log_ratios
+        return h_w / self.chosen_tokens.clamp(min=1), h_l / self.rejected_tokens.clamp(min=1)
 
 
 def register_dpo_loss(name: str) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
@@ -40,27 +76,6 @@ def register_dpo_loss(name: str) -> Callable[[Callable[..., Tensor]], Callable[.
 def rewards(policy_logps: Tensor, reference_logps: Tensor, beta: float) -> Tensor:
     """Implicit reward beta * (logp_theta - logp_ref), detached: it is for logging."""
     return (beta * (policy_logps - reference_logps)).detach()
-
-
-def _require(value: Tensor | None, name: str, loss_type: str) -> Tensor:
-    if value is None:
-        raise ValueError(f"loss_type {loss_type!r} needs `{name}` (got None)")
-    return value
-
-
-def _log_ratios(
-    loss_type: str,
-    policy_chosen: Tensor | None,
-    policy_rejected: Tensor | None,
-    reference_chosen: Tensor | None,
-    reference_rejected: Tensor | None,
-) -> tuple[Tensor, Tensor]:
-    """(h_w, h_l) = per-side policy-minus-reference log-ratios, all four inputs required."""
-    pc = _require(policy_chosen, "policy_chosen", loss_type)
-    pr = _require(policy_rejected, "policy_rejected", loss_type)
-    rc = _require(reference_chosen, "reference_chosen", loss_type)
-    rr = _require(reference_rejected, "reference_rejected", loss_type)
-    return pc - rc, pr - rr
 
 
 def _check_label_smoothing(label_smoothing: float, loss_type: str, *, open_upper: bool = False) -> None:
@@ -81,7 +96,7 @@ def _smoothed_logistic(logits: Tensor, label_smoothing: float) -> Tensor:
 
 
 @register_dpo_loss("sigmoid")
-def sigmoid_loss(margin: Tensor, *, beta: float, label_smoothing: float = 0.0, **_: object) -> Tensor:
+def sigmoid_loss(pair: PairLogps, *, beta: float, label_smoothing: float = 0.0, **_: object) -> Tensor:
     """DPO (Rafailov et al. 2023): -log sigma(beta D).
 
     label_smoothing = e > 0 is cDPO (conservative DPO, Mitchell 2023): the preference label is
@@ -89,75 +104,41 @@ def sigmoid_loss(margin: Tensor, *, beta: float, label_smoothing: float = 0.0, *
     At e = 0 this is exactly DPO.
     """
     _check_label_smoothing(label_smoothing, "sigmoid")
-    return _smoothed_logistic(beta * margin, label_smoothing)
+    return _smoothed_logistic(beta * pair.margin, label_smoothing)
 
 
 @register_dpo_loss("sigmoid_norm")
-def sigmoid_norm_loss(
-    margin: Tensor,
-    *,
-    beta: float,
-    policy_chosen: Tensor | None = None,
-    policy_rejected: Tensor | None = None,
-    reference_chosen: Tensor | None = None,
-    reference_rejected: Tensor | None = None,
-    chosen_tokens: Tensor | None = None,
-    rejected_tokens: Tensor | None = None,
-    **_: object,
-) -> Tensor:
+def sigmoid_norm_loss(pair: PairLogps, *, beta: float, **_: object) -> Tensor:
     """Length-normalised DPO, TRL's `sigmoid_norm` (DPOTrainer, TRL 1.16): the per-side log-ratios divided
     by their response token counts (clamped at 1) before the DPO sigmoid,
         -log sigma(beta (h_w/|y_w| - h_l/|y_l|)).
     """
-    pc = _require(policy_chosen, "policy_chosen", "sigmoid_norm")
-    pr = _require(policy_rejected, "policy_rejected", "sigmoid_norm")
-    rc = _require(reference_chosen, "reference_chosen", "sigmoid_norm")
-    rr = _require(reference_rejected, "reference_rejected", "sigmoid_norm")
-    nc = _require(chosen_tokens, "chosen_tokens", "sigmoid_norm").clamp(min=1)
-    nr = _require(rejected_tokens, "rejected_tokens", "sigmoid_norm").clamp(min=1)
-    return -F.logsigmoid(beta * ((pc - rc) / nc - (pr - rr) / nr))
+    h_w, h_l = pair.per_token_log_ratios("sigmoid_norm")
+    return -F.logsigmoid(beta * (h_w - h_l))
 
 
 @register_dpo_loss("ipo")
-def ipo_loss(
-    margin: Tensor,
-    *,
-    beta: float,
-    policy_chosen: Tensor | None = None,
-    policy_rejected: Tensor | None = None,
-    reference_chosen: Tensor | None = None,
-    reference_rejected: Tensor | None = None,
-    chosen_tokens: Tensor | None = None,
-    rejected_tokens: Tensor | None = None,
-    **_: object,
-) -> Tensor:
+def ipo_loss(pair: PairLogps, *, beta: float, **_: object) -> Tensor:
     """IPO (Azar et al. 2023, "A General Theoretical Paradigm..."): squared loss regressing the margin
     to 1/(2 beta), which does not saturate (so it does not overfit deterministic preferences).
 
     Convention (TRL's): the log-ratios are length-normalised per side,
         ((h_w/|y_w| - h_l/|y_l|) - 1/(2 beta))^2,
     because the paper's summed-log-prob form makes the 1/(2 beta) target scale with response length.
-    Token counts are clamped at 1. `margin` (summed) is not used; needs the four log-probs and both
-    token counts.
+    Token counts are clamped at 1 and must be given (the summed margin is not used).
     """
-    pc = _require(policy_chosen, "policy_chosen", "ipo")
-    pr = _require(policy_rejected, "policy_rejected", "ipo")
-    rc = _require(reference_chosen, "reference_chosen", "ipo")
-    rr = _require(reference_rejected, "reference_rejected", "ipo")
-    nc = _require(chosen_tokens, "chosen_tokens", "ipo").clamp(min=1)
-    nr = _require(rejected_tokens, "rejected_tokens", "ipo").clamp(min=1)
-    normalised_margin = (pc - rc) / nc - (pr - rr) / nr
-    return (normalised_margin - 1 / (2 * beta)) ** 2
+    h_w, h_l = pair.per_token_log_ratios("ipo")
+    return ((h_w - h_l) - 1 / (2 * beta)) ** 2
 
 
 @register_dpo_loss("hinge")
-def hinge_loss(margin: Tensor, *, beta: float, **_: object) -> Tensor:
+def hinge_loss(pair: PairLogps, *, beta: float, **_: object) -> Tensor:
     """Hinge loss of SLiC (Zhao et al. 2023) / RSO (Liu et al. 2024): relu(1 - beta D)."""
-    return torch.relu(1 - beta * margin)
+    return torch.relu(1 - beta * pair.margin)
 
 
 @register_dpo_loss("robust")
-def robust_loss(margin: Tensor, *, beta: float, label_smoothing: float = 0.0, **_: object) -> Tensor:
+def robust_loss(pair: PairLogps, *, beta: float, label_smoothing: float = 0.0, **_: object) -> Tensor:
     """Robust DPO (Chowdhury et al. 2024, "Provably Robust DPO"): an unbiased loss under preference
     labels flipped with known rate e = label_smoothing:
         [-(1-e) log sigma(beta D) + e log sigma(-beta D)] / (1 - 2e),  e in [0, 0.5).
@@ -165,7 +146,7 @@ def robust_loss(margin: Tensor, *, beta: float, label_smoothing: float = 0.0, **
     """
     _check_label_smoothing(label_smoothing, "robust", open_upper=True)
     e = label_smoothing
-    logits = beta * margin
+    logits = beta * pair.margin
     return (-(1 - e) * F.logsigmoid(logits) + e * F.logsigmoid(-logits)) / (1 - 2 * e)
 
 
@@ -173,7 +154,7 @@ EXO_DEFAULT_EPSILON = 1e-3
 
 
 @register_dpo_loss("exo_pair")
-def exo_pair_loss(margin: Tensor, *, beta: float, label_smoothing: float = 0.0, **_: object) -> Tensor:
+def exo_pair_loss(pair: PairLogps, *, beta: float, label_smoothing: float = 0.0, **_: object) -> Tensor:
     """Pairwise EXO (Ji et al. 2024, "Towards Efficient Exact Optimization of LM Alignment"):
     reverse KL from the model's pair distribution q = (sigma(beta D), sigma(-beta D)) to the
     smoothed label distribution p = (1 - eps, eps):
@@ -184,44 +165,25 @@ def exo_pair_loss(margin: Tensor, *, beta: float, label_smoothing: float = 0.0, 
     eps = label_smoothing if label_smoothing > 0 else EXO_DEFAULT_EPSILON
     if not eps < 1.0:
         raise ValueError(f"loss_type 'exo_pair': epsilon (label_smoothing) must be < 1, got {eps}")
-    logits = beta * margin
+    logits = beta * pair.margin
     return torch.sigmoid(logits) * (F.logsigmoid(logits) - math.log1p(-eps)) + torch.sigmoid(-logits) * (
         F.logsigmoid(-logits) - math.log(eps)
     )
 
 
 @register_dpo_loss("nca_pair")
-def nca_pair_loss(
-    margin: Tensor,
-    *,
-    beta: float,
-    policy_chosen: Tensor | None = None,
-    policy_rejected: Tensor | None = None,
-    reference_chosen: Tensor | None = None,
-    reference_rejected: Tensor | None = None,
-    **_: object,
-) -> Tensor:
+def nca_pair_loss(pair: PairLogps, *, beta: float, **_: object) -> Tensor:
     """Pairwise NCA (Chen et al. 2024, "Noise Contrastive Alignment"), on absolute rewards
     r = beta h rather than the margin, so the chosen likelihood is not pushed down:
         -log sigma(r_w) - 0.5 log sigma(-r_w) - 0.5 log sigma(-r_l).
     """
-    h_w, h_l = _log_ratios("nca_pair", policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    h_w, h_l = pair.log_ratios
     r_w, r_l = beta * h_w, beta * h_l
     return -F.logsigmoid(r_w) - 0.5 * F.logsigmoid(-r_w) - 0.5 * F.logsigmoid(-r_l)
 
 
 @register_dpo_loss("bco_pair")
-def bco_pair_loss(
-    margin: Tensor,
-    *,
-    beta: float,
-    policy_chosen: Tensor | None = None,
-    policy_rejected: Tensor | None = None,
-    reference_chosen: Tensor | None = None,
-    reference_rejected: Tensor | None = None,
-    bco_delta: Tensor | float = 0.0,
-    **_: object,
-) -> Tensor:
+def bco_pair_loss(pair: PairLogps, *, beta: float, bco_delta: Tensor | float = 0.0, **_: object) -> Tensor:
     """Pairwise BCO (Jung et al. 2024, "Binary Classifier Optimization"): a binary classifier with
     the implicit reward r = beta h as logit, chosen = 1, rejected = 0, shifted by a baseline delta:
         -log sigma(r_w - delta) - log sigma(-(r_l - delta)).
@@ -229,58 +191,32 @@ def bco_pair_loss(
     cat(r_w, r_l)); being stateful it is NOT kept here: the caller passes it as `bco_delta`
     (default 0, i.e. no baseline). `bco_batch_reward_mean` gives the per-batch value to accumulate.
     """
-    h_w, h_l = _log_ratios("bco_pair", policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    h_w, h_l = pair.log_ratios
     r_w, r_l = beta * h_w, beta * h_l
     delta = bco_delta.detach() if isinstance(bco_delta, Tensor) else bco_delta
     return -F.logsigmoid(r_w - delta) - F.logsigmoid(-(r_l - delta))
 
 
-def bco_batch_reward_mean(
-    policy_chosen: Tensor,
-    policy_rejected: Tensor,
-    reference_chosen: Tensor,
-    reference_rejected: Tensor,
-    *,
-    beta: float,
-) -> Tensor:
+def bco_batch_reward_mean(pair: PairLogps, *, beta: float) -> Tensor:
     """Detached mean of cat(beta h_w, beta h_l) over the batch: what a caller feeds into the running
     mean that becomes BCO's `bco_delta` (reduce across ranks before updating it)."""
-    r = torch.cat([beta * (policy_chosen - reference_chosen), beta * (policy_rejected - reference_rejected)])
-    return r.mean().detach()
+    h_w, h_l = pair.log_ratios
+    return torch.cat([beta * h_w, beta * h_l]).mean().detach()
 
 
 @register_dpo_loss("sppo_hard")
-def sppo_hard_loss(
-    margin: Tensor,
-    *,
-    beta: float,
-    policy_chosen: Tensor | None = None,
-    policy_rejected: Tensor | None = None,
-    reference_chosen: Tensor | None = None,
-    reference_rejected: Tensor | None = None,
-    **_: object,
-) -> Tensor:
+def sppo_hard_loss(pair: PairLogps, *, beta: float, **_: object) -> Tensor:
     """SPPO with hard labels (Wu et al. 2024, "Self-Play Preference Optimization"): the win
     probabilities are replaced by 1 (chosen) and 0 (rejected), so each log-ratio regresses to +-1/2
     (scaled by 1/beta, TRL's convention with eta = 1/beta):
         (h_w - 1/(2 beta))^2 + (h_l + 1/(2 beta))^2.
     """
-    h_w, h_l = _log_ratios("sppo_hard", policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    h_w, h_l = pair.log_ratios
     return (h_w - 0.5 / beta) ** 2 + (h_l + 0.5 / beta) ** 2
 
 
 @register_dpo_loss("aot")
-def aot_loss(
-    margin: Tensor,
-    *,
-    beta: float,
-    label_smoothing: float = 0.0,
-    policy_chosen: Tensor | None = None,
-    policy_rejected: Tensor | None = None,
-    reference_chosen: Tensor | None = None,
-    reference_rejected: Tensor | None = None,
-    **_: object,
-) -> Tensor:
+def aot_loss(pair: PairLogps, *, beta: float, label_smoothing: float = 0.0, **_: object) -> Tensor:
     """AOT, paired (Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal
     Transport"): first-order stochastic dominance of the policy's log-ratio distribution over the
     reference's, enforced by sorting each across the batch (the 1-D optimal transport plan):
@@ -289,84 +225,50 @@ def aot_loss(
     Caveat: entry k belongs to the k-th quantile, NOT to pair k: only the (unweighted) batch mean is
     meaningful, and per-pair weighting does not apply. Follows TRL (`loss_type="aot"`).
     """
-    pc = _require(policy_chosen, "policy_chosen", "aot")
-    pr = _require(policy_rejected, "policy_rejected", "aot")
-    rc = _require(reference_chosen, "reference_chosen", "aot")
-    rr = _require(reference_rejected, "reference_rejected", "aot")
-    policy_sorted, _ = torch.sort(pc - pr, dim=0)
-    reference_sorted, _ = torch.sort(rc - rr, dim=0)
+    policy_sorted, _ = torch.sort(pair.policy_chosen - pair.policy_rejected, dim=0)
+    reference_sorted, _ = torch.sort(pair.reference_chosen - pair.reference_rejected, dim=0)
     return _smoothed_logistic(beta * (policy_sorted - reference_sorted), label_smoothing)
 
 
 @register_dpo_loss("aot_unpaired")
-def aot_unpaired_loss(
-    margin: Tensor,
-    *,
-    beta: float,
-    label_smoothing: float = 0.0,
-    policy_chosen: Tensor | None = None,
-    policy_rejected: Tensor | None = None,
-    reference_chosen: Tensor | None = None,
-    reference_rejected: Tensor | None = None,
-    **_: object,
-) -> Tensor:
+def aot_unpaired_loss(pair: PairLogps, *, beta: float, label_smoothing: float = 0.0, **_: object) -> Tensor:
     """AOT, unpaired (Melnyk et al. 2024): the distribution of chosen log-ratios h_w should dominate
     that of rejected log-ratios h_l, pairing is ignored (sorted separately):
         delta_(k) = sort(h_w)_(k) - sort(h_l)_(k),  loss_(k) = label-smoothed -log sigma(beta delta_(k)).
     Same caveat as `aot`: entries are quantiles, not pairs. TRL's `aot_unpaired` (formerly `aot_pair`).
     """
-    h_w, h_l = _log_ratios("aot_unpaired", policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    h_w, h_l = pair.log_ratios
     chosen_sorted, _ = torch.sort(h_w, dim=0)
     rejected_sorted, _ = torch.sort(h_l, dim=0)
     return _smoothed_logistic(beta * (chosen_sorted - rejected_sorted), label_smoothing)
 
 
 @register_dpo_loss("apo_zero")
-def apo_zero_loss(
-    margin: Tensor,
-    *,
-    beta: float,
-    policy_chosen: Tensor | None = None,
-    policy_rejected: Tensor | None = None,
-    reference_chosen: Tensor | None = None,
-    reference_rejected: Tensor | None = None,
-    **_: object,
-) -> Tensor:
+def apo_zero_loss(pair: PairLogps, *, beta: float, **_: object) -> Tensor:
     """APO-zero (D'Oosterlinck et al. 2024, "Anchored Preference Optimization"), for when the chosen
     outputs are better than the model's: raise chosen, lower rejected likelihood, anchored at zero:
         (1 - sigma(beta h_w)) + sigma(beta h_l).
     """
-    h_w, h_l = _log_ratios("apo_zero", policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    h_w, h_l = pair.log_ratios
     return 1 - torch.sigmoid(beta * h_w) + torch.sigmoid(beta * h_l)
 
 
 @register_dpo_loss("apo_down")
-def apo_down_loss(
-    margin: Tensor,
-    *,
-    beta: float,
-    policy_chosen: Tensor | None = None,
-    reference_chosen: Tensor | None = None,
-    **_: object,
-) -> Tensor:
+def apo_down_loss(pair: PairLogps, *, beta: float, **_: object) -> Tensor:
     """APO-down (D'Oosterlinck et al. 2024), for when the model is better than the chosen outputs:
     lower both likelihoods, the rejected more (the chosen gradient is deliberately downward
     away from the reference point):
         sigma(beta h_w) + (1 - sigma(beta D)).
     """
-    h_w = _require(policy_chosen, "policy_chosen", "apo_down") - _require(
-        reference_chosen, "reference_chosen", "apo_down"
-    )
-    return torch.sigmoid(beta * h_w) + 1 - torch.sigmoid(beta * margin)
+    h_w, _ = pair.log_ratios
+    return torch.sigmoid(beta * h_w) + 1 - torch.sigmoid(beta * pair.margin)
 
 
 DISCOPOP_DEFAULT_TAU = 0.05
 
 
 @register_dpo_loss("discopop")
-def discopop_loss(
-    margin: Tensor, *, beta: float, discopop_tau: float = DISCOPOP_DEFAULT_TAU, **_: object
-) -> Tensor:
+def discopop_loss(pair: PairLogps, *, beta: float, discopop_tau: float = DISCOPOP_DEFAULT_TAU, **_: object) -> Tensor:
     """DiscoPOP / log-ratio modulated loss (Chris Lu et al. 2024, "Discovering Preference
     Optimization Algorithms with and for LLMs"): with rho = beta D and mixing weight
     s = sigma(rho / tau), tau = discopop_tau (default 0.05, the paper's and TRL's),
@@ -376,46 +278,30 @@ def discopop_loss(
     """
     if not discopop_tau > 0:
         raise ValueError(f"loss_type 'discopop': discopop_tau must be > 0, got {discopop_tau}")
-    rho = beta * margin
+    rho = beta * pair.margin
     mix = torch.sigmoid(rho / discopop_tau)
     return -F.logsigmoid(rho) * (1 - mix) + torch.exp(F.logsigmoid(rho / discopop_tau) - rho)
 
 
 def dpo_loss(
-    policy_chosen: Tensor,
-    policy_rejected: Tensor,
-    reference_chosen: Tensor,
-    reference_rejected: Tensor,
+    pair: PairLogps,
     *,
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
-    chosen_tokens: Tensor | None = None,
-    rejected_tokens: Tensor | None = None,
     discopop_tau: float = DISCOPOP_DEFAULT_TAU,
     bco_delta: Tensor | float = 0.0,
 ) -> Tensor:
-    """Per-sample DPO-family loss on the log-ratio margin h(y_w) - h(y_l).
+    """Per-sample DPO-family loss of a batch of pairs.
 
     `loss_type` is a key of `DPO_LOSS_TYPES`. `label_smoothing` is used by sigmoid (cDPO), robust
-    (flip rate), exo_pair (epsilon) and aot / aot_unpaired; ignored by the others. `ipo` needs the
-    token counts. `discopop_tau` is for discopop, `bco_delta` (running reward mean) for bco_pair.
+    (flip rate), exo_pair (epsilon) and aot / aot_unpaired; ignored by the others. `ipo` and `sigmoid_norm`
+    need the pair's token counts. `discopop_tau` is for discopop, `bco_delta` (running reward mean) for bco_pair.
     """
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; known: {sorted(DPO_LOSS_TYPES)}")
-    margin = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected)
     return DPO_LOSS_TYPES[loss_type](
-        margin,
-        beta=beta,
-        label_smoothing=label_smoothing,
-        policy_chosen=policy_chosen,
-        policy_rejected=policy_rejected,
-        reference_chosen=reference_chosen,
-        reference_rejected=reference_rejected,
-        chosen_tokens=chosen_tokens,
-        rejected_tokens=rejected_tokens,
-        discopop_tau=discopop_tau,
-        bco_delta=bco_delta,
+        pair, beta=beta, label_smoothing=label_smoothing, discopop_tau=discopop_tau, bco_delta=bco_delta
     )
 
 
@@ -533,22 +419,14 @@ def orpo_loss(
 # --------------------------------------------------------------------------------------------------
 
 
-def copo_loss(
-    policy_chosen_m: Tensor,
-    policy_chosen_mprime: Tensor,
-    ref_chosen_m: Tensor,
-    ref_chosen_mprime: Tensor,
-    *,
-    beta: float = 0.1,
-) -> Tensor:
+def copo_loss(pair: PairLogps, *, beta: float = 0.1) -> Tensor:
     """Conditional preference (CoPO, the image term of mDPO, Wang et al. 2024): the same chosen
     answer should be preferred under the true image m over the corrupted image m':
-        -log sigma(beta (h(y_w, m) - h(y_w, m'))).
-    Needs log-probs really computed under m' (m' = m gives margin 0 and loss log 2).
+        -log sigma(beta (h(y_w, m) - h(y_w, m'))),
+    `pair` = y_w under m (preferred side) and y_w under m' (dispreferred side). Needs log-probs really
+    computed under m' (m' = m gives margin 0 and loss log 2).
     """
-    h_m = policy_chosen_m - ref_chosen_m
-    h_mprime = policy_chosen_mprime - ref_chosen_mprime
-    return -F.logsigmoid(beta * (h_m - h_mprime))
+    return -F.logsigmoid(beta * pair.margin)
 
 
 def anchor_loss(policy_chosen: Tensor, ref_chosen: Tensor, *, beta: float = 0.1, delta: float = 0.0) -> Tensor:
@@ -559,33 +437,26 @@ def anchor_loss(policy_chosen: Tensor, ref_chosen: Tensor, *, beta: float = 0.1,
     return -F.logsigmoid(beta * (policy_chosen - ref_chosen) - delta)
 
 
-def mmedpo_loss(
-    policy_chosen: Tensor,
-    policy_rejected_mprime: Tensor,
-    ref_chosen: Tensor,
-    ref_rejected_mprime: Tensor,
-    weights: Tensor | None,
-    *,
-    beta: float = 0.1,
-) -> Tensor:
+def mmedpo_loss(pair: PairLogps, weights: Tensor | None, *, beta: float = 0.1) -> Tensor:
     """MMedPO (Zhu et al. 2024, "Clinical-Aware Multimodal Preference Optimization"): DPO where the
     rejected side is the hallucinated answer under the noised image m', weighted per pair by its
     clinical relevance w_i (`weighted_score` in the data):
-        w_i * (-log sigma(beta (h(y_w, m) - h(y_l, m')))).
+        w_i * (-log sigma(beta (h(y_w, m) - h(y_l, m')))),
+    `pair` = y_w under m (preferred side) and y_l under m' (dispreferred side).
     The weights are required: None, a shape mismatch, non-finite or negative values raise ValueError
     (a missing weight must not silently become 1).
     """
     if weights is None:
         raise ValueError("mmedpo_loss needs per-pair clinical-relevance `weights` (got None)")
-    if weights.shape != policy_chosen.shape:
+    if weights.shape != pair.policy_chosen.shape:
         raise ValueError(
-            f"mmedpo_loss: `weights` shape {tuple(weights.shape)} != log-prob shape {tuple(policy_chosen.shape)}"
+            f"mmedpo_loss: `weights` shape {tuple(weights.shape)} != log-prob shape {tuple(pair.policy_chosen.shape)}"
         )
     if not bool(torch.isfinite(weights).all()):
         raise ValueError(f"mmedpo_loss: `weights` must be finite, got {weights.tolist()}")
     if bool((weights < 0).any()):
         raise ValueError(f"mmedpo_loss: `weights` must be >= 0, got {weights.tolist()}")
-    margin = (policy_chosen - ref_chosen) - (policy_rejected_mprime - ref_rejected_mprime)
+    margin = pair.margin
     return weights.to(margin.dtype) * -F.logsigmoid(beta * margin)
 
 

@@ -38,7 +38,7 @@ from lightning_meddpo.data.batch import (
     PreferenceBatch,
     TokenRows,
 )
-from lightning_meddpo.losses import rewards
+from lightning_meddpo.losses import PairLogps, rewards
 
 log = logging.getLogger(__name__)
 
@@ -241,13 +241,18 @@ def is_qwen_vl(model: nn.Module) -> bool:
 
 
 @dataclass
-class PairLogps:
+class Scores:
     """One batch's scores per view: summed response log-probs under the policy (with grad) and the reference
     (None when reference-free), and the response token counts. Every family's loss is computed from one."""
 
     policy: dict[str, Tensor]
     reference: dict[str, Tensor] | None
     tokens: dict[str, Tensor]
+
+    def pair(self, preferred: str, dispreferred: str) -> PairLogps:
+        """Two views as the pair a loss takes, e.g. ("chosen", "rejected"), or ("chosen", "chosen_mprime") for CoPO."""
+        return PairLogps(self.policy[preferred], self.policy[dispreferred], self.reference[preferred],
+                         self.reference[dispreferred], self.tokens[preferred], self.tokens[dispreferred])
 
     def rewards(self, view: str, beta: float) -> Tensor:
         """The implicit reward beta * h(view) = beta * (logp_theta - logp_ref), detached (for logging)."""
@@ -342,12 +347,12 @@ class PreferencePolicy(nn.Module):
         """Policy log-probs per view (with grad)."""
         return self._logps(self.model, batch, views, share=self.shares_image_features)
 
-    def score(self, batch: PreferenceBatch, views: tuple[str, ...], reference: bool = True) -> PairLogps:
+    def score(self, batch: PreferenceBatch, views: tuple[str, ...], reference: bool = True) -> Scores:
         """The views' log-probs under the policy, then the reference (unless reference-free or not asked for),
         and the token counts."""
         policy = self.logps(batch, views)
         reference = self.reference_logps(batch, views) if reference and self.reference_strategy != "none" else None
-        return PairLogps(policy, reference, self.tokens(batch, views))
+        return Scores(policy, reference, self.tokens(batch, views))
 
     @torch.no_grad()
     def reference_logps(self, batch: PreferenceBatch, views: tuple[str, ...]) -> dict[str, Tensor]:

@@ -195,6 +195,8 @@ def test_paper_config_parses_with_the_papers_settings(runs, backbone, method):
     assert model["backbone"].startswith("/path/to/") and expected[2] in model["backbone"]
     if "beta" in model and method.stem != "orpo":
         assert model["beta"] == 0.1
+    if method.stem in ("sft", "simpo", "orpo", "cpo"):  # the family's own default, not the base module's
+        assert model["reference"] == "none"
     if method.stem == "dpo_nll":
         assert model["nll_weight"] == 1.0
     monitors = [c["init_args"]["monitor"] for c in trainer["callbacks"] if "monitor" in c.get("init_args", {})]

@@ -51,11 +51,20 @@ def same(actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert torch.allclose(actual, expected, rtol=1e-6, atol=1e-7), (actual, expected)
 
 
+def pair(pc=None, pr=None, rc=None, rr=None, tokens: bool = True) -> L.PairLogps:
+    """The shared test point as a PairLogps (any side replaceable), with the token counts unless told not."""
+    return L.PairLogps(t(PC) if pc is None else pc, t(PR) if pr is None else pr, t(RC) if rc is None else rc,
+                       t(RR) if rr is None else rr, t(NC) if tokens else None, t(NR) if tokens else None)
+
+
+def margin_only(margin: torch.Tensor) -> L.PairLogps:
+    """A pair whose DPO margin is `margin` (the policy's chosen side carries it, the rest is 0)."""
+    zeros = torch.zeros_like(margin)
+    return L.PairLogps(margin, zeros, zeros, zeros)
+
+
 def dpo(loss_type: str, **kwargs) -> torch.Tensor:
-    return L.dpo_loss(
-        t(PC), t(PR), t(RC), t(RR), beta=BETA, loss_type=loss_type,
-        chosen_tokens=t(NC), rejected_tokens=t(NR), **kwargs,
-    )
+    return L.dpo_loss(pair(), beta=BETA, loss_type=loss_type, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,7 +140,7 @@ def test_cdpo_at_zero_smoothing_is_dpo_and_robust_at_zero_is_dpo() -> None:
     same(dpo("robust", label_smoothing=0.0), dpo("sigmoid", label_smoothing=0.0))
     # And with the margin function called directly.
     margin = t([2.0, -2.0, 2.0])
-    same(L.robust_loss(margin, beta=BETA), L.sigmoid_loss(margin, beta=BETA))
+    same(L.robust_loss(margin_only(margin), beta=BETA), L.sigmoid_loss(margin_only(margin), beta=BETA))
 
 
 def test_exo_pair_zero_smoothing_uses_trl_epsilon() -> None:
@@ -144,7 +153,7 @@ def test_discopop_tau_and_stability() -> None:
     close(dpo("discopop"), expected_dpo("discopop", tau=0.05))
     # Very negative margin: the naive exp(-rho) * sigma(rho/tau) is inf * 0 = nan.
     margin = t([-2000.0, 2000.0], grad=True)
-    loss = L.discopop_loss(margin, beta=BETA)
+    loss = L.discopop_loss(margin_only(margin), beta=BETA)
     assert torch.isfinite(loss).all()
     assert loss[0].item() == pytest.approx(200.0, rel=1e-5)  # -log sigma(-200) ~ 200
     loss.sum().backward()
@@ -154,7 +163,7 @@ def test_discopop_tau_and_stability() -> None:
 def test_bco_pair_delta_and_batch_reward_mean() -> None:
     close(dpo("bco_pair", bco_delta=0.05), expected_dpo("bco_pair", delta=0.05))
     close(dpo("bco_pair", bco_delta=torch.tensor(0.05)), expected_dpo("bco_pair", delta=0.05))
-    mean = L.bco_batch_reward_mean(t(PC), t(PR), t(RC), t(RR), beta=BETA)
+    mean = L.bco_batch_reward_mean(pair(), beta=BETA)
     expected = sum(BETA * (PC[i] - RC[i]) + BETA * (PR[i] - RR[i]) for i in range(B)) / (2 * B)
     assert mean.item() == pytest.approx(expected, abs=1e-7)
 
@@ -175,7 +184,7 @@ def test_dpo_family_errors() -> None:
     with pytest.raises(ValueError, match="unknown loss_type"):
         dpo("nope")
     with pytest.raises(ValueError, match="chosen_tokens"):
-        L.dpo_loss(t(PC), t(PR), t(RC), t(RR), loss_type="ipo")
+        L.dpo_loss(pair(tokens=False), loss_type="ipo")
     with pytest.raises(ValueError, match="label_smoothing"):
         dpo("robust", label_smoothing=0.5)
     with pytest.raises(ValueError, match="discopop_tau"):
@@ -195,10 +204,7 @@ CHOSEN_SIGN = {name: -1 for name in L.DPO_LOSS_TYPES} | {"apo_down": +1}
 @pytest.mark.parametrize("loss_type", sorted(L.DPO_LOSS_TYPES))
 def test_dpo_family_gradient_signs(loss_type: str) -> None:
     pc, pr = t(PC, grad=True), t(PR, grad=True)
-    loss = L.dpo_loss(
-        pc, pr, t(RC), t(RR), beta=BETA, loss_type=loss_type, label_smoothing=0.1 if loss_type == "robust" else 0.0,
-        chosen_tokens=t(NC), rejected_tokens=t(NR),
-    )
+    loss = L.dpo_loss(pair(pc, pr), beta=BETA, loss_type=loss_type, label_smoothing=0.1 if loss_type == "robust" else 0.0)
     loss.sum().backward()
     assert (torch.sign(pc.grad) == CHOSEN_SIGN[loss_type]).all(), pc.grad
     assert (pr.grad > 0).all(), pr.grad
@@ -287,7 +293,7 @@ def test_copo_matches_formula_and_gradients() -> None:
     pm, pmp, rm, rmp = [-10.0, -7.0], [-13.0, -6.0], [-11.0, -7.5], [-12.0, -7.0]
     expected = [-ls(BETA * ((pm[i] - rm[i]) - (pmp[i] - rmp[i]))) for i in range(2)]
     a, b = t(pm, grad=True), t(pmp, grad=True)
-    loss = L.copo_loss(a, b, t(rm), t(rmp), beta=BETA)
+    loss = L.copo_loss(L.PairLogps(a, b, t(rm), t(rmp)), beta=BETA)
     close(loss, expected)
     loss.sum().backward()
     assert (a.grad < 0).all() and (b.grad > 0).all()
@@ -295,7 +301,7 @@ def test_copo_matches_formula_and_gradients() -> None:
 
 def test_copo_with_mprime_equal_m_is_log2() -> None:
     pm, rm = t([-10.0, -3.0, -40.0]), t([-11.0, -2.0, -35.0])
-    close(L.copo_loss(pm, pm.clone(), rm, rm.clone(), beta=BETA), [math.log(2)] * 3)
+    close(L.copo_loss(L.PairLogps(pm, pm.clone(), rm, rm.clone()), beta=BETA), [math.log(2)] * 3)
 
 
 def test_anchor_matches_formula_and_gradient() -> None:
@@ -310,7 +316,7 @@ def test_anchor_matches_formula_and_gradient() -> None:
 def test_mmedpo_matches_formula_and_gradients() -> None:
     w = [0.61, 1.0, 0.0]
     pc, pr = t(PC, grad=True), t(PR, grad=True)
-    loss = L.mmedpo_loss(pc, pr, t(RC), t(RR), t(w), beta=BETA)
+    loss = L.mmedpo_loss(pair(pc, pr), t(w), beta=BETA)
     close(loss, [w[i] * -ls(BETA * (h(i)[0] - h(i)[1])) for i in range(B)])
     loss.sum().backward()
     assert (pc.grad[:2] < 0).all() and (pr.grad[:2] > 0).all()
@@ -329,7 +335,7 @@ def test_mmedpo_matches_formula_and_gradients() -> None:
 )
 def test_mmedpo_rejects_missing_or_bad_weights(weights, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        L.mmedpo_loss(t(PC), t(PR), t(RC), t(RR), weights, beta=BETA)
+        L.mmedpo_loss(pair(), weights, beta=BETA)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,7 +389,7 @@ def test_combine_is_weighted_sum() -> None:
 def test_mdpo_combination_uses_mprime() -> None:
     # mDPO = DPO + CoPO + anchor; with a corrupted image the CoPO term differs from log 2.
     dpo_term = dpo("sigmoid")
-    copo_term = L.copo_loss(t(PC), t([-14.0, -25.0, -9.0]), t(RC), t([-13.0, -22.0, -8.0]), beta=BETA)
+    copo_term = L.copo_loss(L.PairLogps(t(PC), t([-14.0, -25.0, -9.0]), t(RC), t([-13.0, -22.0, -8.0])), beta=BETA)
     anchor_term = L.anchor_loss(t(PC), t(RC), beta=BETA)
     total = L.combine({"dpo": dpo_term, "copo": copo_term, "anchor": anchor_term}, {"copo": 1.0, "anchor": 0.5})
     same(total, dpo_term + copo_term + 0.5 * anchor_term)

@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 from lightning_meddpo.data.datamodule import PreferenceDataModule
 from lightning_meddpo.losses import (
     DPO_LOSS_TYPES,
+    PairLogps,
     anchor_loss,
     copo_loss,
     dpo_loss,
@@ -225,8 +226,8 @@ def test_mdpo_is_the_weighted_sum_of_its_separate_terms(batch):
     with torch.no_grad():
         pol = {v: module.policy.logps(batch, (v,))[v] for v in views}
         ref = module.policy.reference_logps(batch, views)
-    dpo = dpo_loss(pol["chosen"], pol["rejected"], ref["chosen"], ref["rejected"], beta=0.5)
-    copo = copo_loss(pol["chosen"], pol["chosen_mprime"], ref["chosen"], ref["chosen_mprime"], beta=0.5)
+    dpo = dpo_loss(PairLogps(pol["chosen"], pol["rejected"], ref["chosen"], ref["rejected"]), beta=0.5)
+    copo = copo_loss(PairLogps(pol["chosen"], pol["chosen_mprime"], ref["chosen"], ref["chosen_mprime"]), beta=0.5)
     anchor = anchor_loss(pol["chosen"], ref["chosen"], beta=0.5, delta=0.1)
     for name, term in (("dpo", dpo), ("copo", copo), ("anchor", anchor)):
         assert torch.allclose(metrics[f"loss/{name}"], term, atol=1e-4), name
@@ -253,8 +254,8 @@ def test_targeted_mixes_dpo_and_copo_per_pair(batch):
         views = ("chosen", "rejected", "chosen_mprime")
         pol = module.policy.logps(batch, views)
         ref = module.policy.reference_logps(batch, views)
-    dpo = dpo_loss(pol["chosen"], pol["rejected"], ref["chosen"], ref["rejected"], beta=0.5)
-    copo = copo_loss(pol["chosen"], pol["chosen_mprime"], ref["chosen"], ref["chosen_mprime"], beta=0.5)
+    dpo = dpo_loss(PairLogps(pol["chosen"], pol["rejected"], ref["chosen"], ref["rejected"]), beta=0.5)
+    copo = copo_loss(PairLogps(pol["chosen"], pol["chosen_mprime"], ref["chosen"], ref["chosen_mprime"]), beta=0.5)
     expected = torch.where(image, copo, dpo)
     assert torch.allclose(metrics["loss/dpo"] + metrics["loss/copo"], expected, atol=1e-4)
     assert torch.all(metrics["loss/dpo"][image] == 0) and torch.all(metrics["loss/copo"][~image] == 0)
@@ -357,7 +358,7 @@ def test_trl_conventions_selectable(batch):
     views = ("chosen", "rejected")
     pol, ref = module.policy.logps(batch, views), module.policy.reference_logps(batch, views)
     loss, metrics = module.compute_loss(batch)
-    expected = dpo_loss(pol["chosen"], pol["rejected"], ref["chosen"], ref["rejected"], beta=0.5, loss_type="bco_pair")
+    expected = dpo_loss(PairLogps(pol["chosen"], pol["rejected"], ref["chosen"], ref["rejected"]), beta=0.5, loss_type="bco_pair")
     assert torch.allclose(metrics["loss/dpo"], expected.detach(), atol=1e-5) and "bco/delta" not in metrics
 
     sft = build(SFT, nll_reduction="token")

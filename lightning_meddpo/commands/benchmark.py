@@ -6,7 +6,8 @@ e.g. configs/backbones/demo.yaml, then any overlays it lists) and each seed in `
 1. fits it as a subprocess (`python -m lightning_meddpo fit --config METHOD --config BACKBONE ...`) with the overrides every
    run shares: the seed (`seed_everything` and the data's shuffle/corruption seed), the trainer budget
    (`trainer:`), the data options (`data:`) and, for configs that build the synthetic demo data, the demo
-   sizes (`demo_sizes:`), then `fit_args` and the formulation's own `formulation_args` (its data only).
+   sizes (`demo_sizes:`), then `fit_args` and the formulation's own `formulation_args` (its data, or its
+   hyper-parameters at the grid's scale).
    Demo data is generated under `<out_dir>/data/` with `data_seed` (the same data for every training
    seed), one directory per distinct set of demo options;
 2. tests the run's checkpoint (`eval.checkpoint`) on each evaluation set: `evals:` names several

@@ -51,7 +51,8 @@ class PairEncoder:
     """Renders and tokenises prompts and responses with the processor's chat template.
 
     `image_placeholder` replaces the dataset's `<image>`; by default the processor's own image token (for
-    Qwen-VL wrapped in its vision start / end tokens: backbones/qwen.py `image_placeholder_for`). `chat_template` (a Jinja template) replaces the processor's own.
+    Qwen-VL wrapped in its vision start / end tokens: backbones/qwen.py `image_placeholder_for`).
+    `chat_template` (a Jinja template) replaces the processor's own.
     """
 
     processor: object

@@ -22,7 +22,7 @@ from lightning_meddpo.losses import (
     reduce_nll,
 )
 from lightning_meddpo.modules.base import PreferenceModule, check_beta, check_choice
-from lightning_meddpo.policy import PairLogps
+from lightning_meddpo.policy import Scores
 
 
 def reward_metrics(chosen: Tensor, rejected: Tensor, prefix: str = "rewards") -> dict[str, Tensor]:
@@ -106,11 +106,9 @@ class DPO(PreferenceModule):
     def formulation_name(self) -> str:
         return f"DPO (loss_type {self.hparams.loss_type})"
 
-    def _bco_delta(self, s: PairLogps) -> Tensor:
+    def _bco_delta(self, s: Scores) -> Tensor:
         if self.training:
-            batch_mean = bco_batch_reward_mean(
-                s.policy["chosen"], s.policy["rejected"], s.reference["chosen"], s.reference["rejected"], beta=self.hparams.beta
-            )
+            batch_mean = bco_batch_reward_mean(s.pair("chosen", "rejected"), beta=self.hparams.beta)
             batch_mean = global_mean(self, batch_mean).to(self.bco_reward_mean.device)
             self.bco_reward_count += 1
             self.bco_reward_mean += (batch_mean - self.bco_reward_mean) / self.bco_reward_count
@@ -122,12 +120,8 @@ class DPO(PreferenceModule):
         extra = {}
         if h.loss_type == "bco_pair" and h.get("bco_baseline", "running_mean") == "running_mean":
             extra["bco_delta"] = self._bco_delta(s)
-        per_pair = dpo_loss(
-            s.policy["chosen"], s.policy["rejected"], s.reference["chosen"], s.reference["rejected"],
-            beta=h.beta, loss_type=h.loss_type, label_smoothing=h.label_smoothing,
-            chosen_tokens=s.tokens["chosen"], rejected_tokens=s.tokens["rejected"],
-            discopop_tau=h.discopop_tau, **extra,
-        )
+        per_pair = dpo_loss(s.pair("chosen", "rejected"), beta=h.beta, loss_type=h.loss_type,
+                            label_smoothing=h.label_smoothing, discopop_tau=h.discopop_tau, **extra)
         metrics = {"loss/dpo": per_pair.detach()}
         terms = {"dpo": per_pair.mean()}
         if h.nll_weight:  # DPO+NLL (RPO): a second term, weighted

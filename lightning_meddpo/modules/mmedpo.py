@@ -44,8 +44,7 @@ class MMedPO(PreferenceModule):
         beta = self.hparams.beta
         s = self.policy.score(batch, self.views)
         weights = batch.weights.to(s.policy["chosen"].device)
-        per_pair = mmedpo_loss(s.policy["chosen"], s.policy["rejected_mprime"], s.reference["chosen"],
-                               s.reference["rejected_mprime"], weights, beta=beta)
+        per_pair = mmedpo_loss(s.pair("chosen", "rejected_mprime"), weights, beta=beta)
         metrics = {"loss/mmedpo": per_pair.detach(), "weights": weights}
         metrics.update(reward_metrics(s.rewards("chosen", beta), s.rewards("rejected_mprime", beta)))
         metrics.update(logps_metrics(s.policy))

@@ -19,7 +19,7 @@ from lightning_meddpo.modules.dpo import (
     logps_metrics,
     reward_metrics,
 )
-from lightning_meddpo.policy import PairLogps
+from lightning_meddpo.policy import Scores
 
 
 class Multimodal(PreferenceModule):
@@ -94,42 +94,40 @@ class Multimodal(PreferenceModule):
         return per_pair.mean(), metrics
 
 
-def copo(batch: PreferenceBatch, s: PairLogps, h) -> tuple[Tensor, dict[str, Tensor]]:
+def copo(batch: PreferenceBatch, s: Scores, h) -> tuple[Tensor, dict[str, Tensor]]:
     """CoPO alone; `rewards/*` is the image pair (y_w on m vs on m')."""
-    term = copo_loss(s.policy["chosen"], s.policy["chosen_mprime"], s.reference["chosen"], s.reference["chosen_mprime"],
-                     beta=h.beta)
+    term = copo_loss(s.pair("chosen", "chosen_mprime"), beta=h.beta)
     metrics = {"loss/copo": term.detach(), **logps_metrics(s.policy)}
     metrics.update(reward_metrics(s.rewards("chosen", h.beta), s.rewards("chosen_mprime", h.beta)))
     metrics.update(image_reward_metrics(s.rewards("chosen", h.beta), s.rewards("chosen_mprime", h.beta)))
     return combine({"copo": term}, {"copo": h.copo_weight}), metrics
 
 
-def mdpo(batch: PreferenceBatch, s: PairLogps, h) -> tuple[Tensor, dict[str, Tensor]]:
+def mdpo(batch: PreferenceBatch, s: Scores, h) -> tuple[Tensor, dict[str, Tensor]]:
     """DPO + CoPO + anchor, each computed on its own and weighted; `rewards/*` is the text pair."""
-    p, r = s.policy, s.reference
     terms = {
-        "dpo": dpo_loss(p["chosen"], p["rejected"], r["chosen"], r["rejected"], beta=h.beta),
-        "copo": copo_loss(p["chosen"], p["chosen_mprime"], r["chosen"], r["chosen_mprime"], beta=h.beta),
-        "anchor": anchor_loss(p["chosen"], r["chosen"], beta=h.beta, delta=h.delta),
+        "dpo": dpo_loss(s.pair("chosen", "rejected"), beta=h.beta),
+        "copo": copo_loss(s.pair("chosen", "chosen_mprime"), beta=h.beta),
+        "anchor": anchor_loss(s.policy["chosen"], s.reference["chosen"], beta=h.beta, delta=h.delta),
     }
-    metrics = logps_metrics(p)
+    metrics = logps_metrics(s.policy)
     metrics.update(reward_metrics(s.rewards("chosen", h.beta), s.rewards("rejected", h.beta)))
     metrics.update({f"loss/{name}": value.detach() for name, value in terms.items()})
     metrics.update(image_reward_metrics(s.rewards("chosen", h.beta), s.rewards("chosen_mprime", h.beta)))
     return combine(terms, {"dpo": h.dpo_weight, "copo": h.copo_weight, "anchor": h.anchor_weight}), metrics
 
 
-def targeted(batch: PreferenceBatch, s: PairLogps, h) -> tuple[Tensor, dict[str, Tensor]]:
+def targeted(batch: PreferenceBatch, s: Scores, h) -> tuple[Tensor, dict[str, Tensor]]:
     """Per pair: DPO (text-rejected) or CoPO (image-rejected). The logged keys do not depend on the batch's
     mix (ranks must log the same keys); `*/rejected` is each pair's rejected side."""
-    p, r = s.policy, s.reference
+    p = s.policy
     image_pairs = _image_rejected(batch).to(p["chosen"].device)
     zeros = torch.zeros_like(p["chosen"])
     dpo = copo = zeros
     if "rejected" in p:
-        dpo = dpo_loss(p["chosen"], p["rejected"], r["chosen"], r["rejected"], beta=h.beta)
+        dpo = dpo_loss(s.pair("chosen", "rejected"), beta=h.beta)
     if "chosen_mprime" in p:
-        copo = copo_loss(p["chosen"], p["chosen_mprime"], r["chosen"], r["chosen_mprime"], beta=h.beta)
+        copo = copo_loss(s.pair("chosen", "chosen_mprime"), beta=h.beta)
     terms = {"dpo": torch.where(image_pairs, zeros, dpo), "copo": torch.where(image_pairs, copo, zeros)}
     reward = {view: s.rewards(view, h.beta) for view in p}
     rejected_side = torch.where(image_pairs, reward.get("chosen_mprime", zeros), reward.get("rejected", zeros))

@@ -8,24 +8,24 @@ from lightning_meddpo.data.batch import PreferenceBatch
 from lightning_meddpo.losses import cpo_loss, log_odds, nll_loss, orpo_loss, simpo_loss
 from lightning_meddpo.modules.base import PreferenceModule, check_beta, check_choice
 from lightning_meddpo.modules.dpo import logps_metrics, reward_metrics
-from lightning_meddpo.policy import PairLogps
+from lightning_meddpo.policy import Scores
 
 # Each objective: (scores, hyper-parameters) -> (per-pair loss, logged reward of y_w, of y_l, extra metrics).
 # The logged rewards follow TRL (see ReferenceFree).
 
 
-def simpo(s: PairLogps, h) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+def simpo(s: Scores, h) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
     per_pair = simpo_loss(s.policy["chosen"], s.policy["rejected"], s.tokens["chosen"], s.tokens["rejected"],
                           beta=h.beta, gamma=h.gamma)
     return per_pair, h.beta * s.mean_logp("chosen"), h.beta * s.mean_logp("rejected"), {}
 
 
-def cpo(s: PairLogps, h) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+def cpo(s: Scores, h) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
     per_pair = cpo_loss(s.policy["chosen"], s.policy["rejected"], s.tokens["chosen"], beta=h.beta, nll_weight=h.nll_weight)
     return per_pair, h.beta * s.policy["chosen"], h.beta * s.policy["rejected"], {}
 
 
-def orpo(s: PairLogps, h) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+def orpo(s: Scores, h) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
     per_pair = orpo_loss(s.policy["chosen"], s.policy["rejected"], s.tokens["chosen"], s.tokens["rejected"], lam=h.lam)
     avg_w, avg_l = s.mean_logp("chosen"), s.mean_logp("rejected")
     extra = {"log_odds_ratio": (log_odds(avg_w) - log_odds(avg_l)).detach(), "log_odds_chosen": log_odds(avg_w).detach()}
