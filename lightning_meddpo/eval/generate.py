@@ -30,6 +30,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor, nn
+from torchmetrics import MetricCollection
 
 from lightning_meddpo.eval.metrics import (
     BLEU,
@@ -133,7 +134,8 @@ def generate(model: nn.Module, processor: Any, batch: EvalBatch) -> list[str]:
 
 
 class EvalMetrics(nn.Module):
-    """The generation metrics of a test run, grouped by answer type (see module docstring)."""
+    """The generation metrics of a test run: one torchmetrics MetricCollection per answer type (see module
+    docstring), each updated with its questions only."""
 
     GROUPS = {
         "CLOSED": {"closed_accuracy": ClosedAccuracy, "closed_accuracy_strict": StrictClosedAccuracy,
@@ -145,7 +147,10 @@ class EvalMetrics(nn.Module):
 
     def __init__(self, judge: JudgeSettings | None = None):
         super().__init__()
-        self.metrics = nn.ModuleDict({name: cls() for group in self.GROUPS.values() for name, cls in group.items()})
+        # compute_groups off: two metrics whose states happen to agree after a batch must not be merged
+        self.groups = nn.ModuleDict({atype: MetricCollection({name: cls() for name, cls in metrics.items()},
+                                                             compute_groups=False)
+                                     for atype, metrics in self.GROUPS.items()})
         self.judge = judge.build() if judge is not None else None
         if self.judge is not None:
             from lightning_meddpo.eval.judge import NLIScores
@@ -153,7 +158,7 @@ class EvalMetrics(nn.Module):
             self.nli = NLIScores()
 
     def update(self, batch: EvalBatch, predictions: list[str]) -> None:
-        for atype, names in self.GROUPS.items():
+        for atype, group in self.groups.items():
             idx = [i for i, t in enumerate(batch.answer_types) if t == atype]
             if not idx:
                 continue
@@ -162,31 +167,26 @@ class EvalMetrics(nn.Module):
             if missing:
                 raise ValueError(f"questions {missing[:5]} have no gold answer: `test` needs one (use `predict` to only generate)")
             preds = [predictions[i] for i in idx]
-            for name in names:
-                self.metrics[name].update(preds, golds)
+            group.update(preds, golds)
             if atype == "REPORT" and self.judge is not None:
                 self.nli.update(self.judge.judge_many(preds, golds))
 
     def compute(self) -> dict[str, Tensor]:
         """Every metric that saw samples on any rank (NaN-valued, i.e. unused, metrics are left out)."""
-        out: dict[str, Tensor] = {}
+        values: dict[str, Tensor] = {}
         with warnings.catch_warnings():
             # compute() runs on every rank, whatever it saw (it is a collective under DDP); a metric
             # no sample reached is NaN and left out, so its "compute before update" warning is noise.
             warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")
-            for name, metric in self.metrics.items():
-                value = metric.compute()
-                if not math.isnan(float(value)):
-                    out[name] = value.float()
+            for group in self.groups.values():
+                values.update(group.compute())
             if self.judge is not None:
-                for name, value in self.nli.compute().items():
-                    if not math.isnan(float(value)):
-                        out[f"nli/{name}"] = value.float()
-        return out
+                values.update({f"nli/{name}": value for name, value in self.nli.compute().items()})
+        return {name: value.float() for name, value in values.items() if not math.isnan(float(value))}
 
     def reset(self) -> None:
-        for metric in self.metrics.values():
-            metric.reset()
+        for group in self.groups.values():
+            group.reset()
         if self.judge is not None:
             self.nli.reset()
 
