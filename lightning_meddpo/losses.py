@@ -64,7 +64,7 @@ class PairLogps:
 
 
 def register_dpo_loss(name: str) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
-    """Register a DPO-family loss `f(logits, *, beta, ...) -> per-sample loss` under `name`."""
+    """Register a DPO-family loss `f(pair: PairLogps, *, beta, ...) -> per-sample loss` under `name`."""
 
     def wrap(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
         DPO_LOSS_TYPES[name] = fn
@@ -91,7 +91,7 @@ def _smoothed_logistic(logits: Tensor, label_smoothing: float) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# DPO family: functions of the margin D (and, for some, the per-side log-ratios)
+# DPO family: functions of a PairLogps (most of its margin D alone, some of the per-side log-ratios)
 # --------------------------------------------------------------------------------------------------
 
 
