@@ -190,6 +190,8 @@ class PreferenceDataModule(L.LightningDataModule):
             the demo's own (train.json, val.json, test.json in one folder that is absent, empty or an
             earlier demo build): the demo never writes into a folder of other files.
         max_length: tokens per sequence; responses are truncated from the end, image tokens never.
+        image_placeholder: what replaces `<image>` in prompts (default: the processor's image token, for Qwen-VL
+            wrapped as `<|vision_start|><|image_pad|><|vision_end|>`).
         corruption: on-the-fly corruption for m' when a record has no rejected_image (e.g. "crop").
         skip_invalid: count and report invalid records instead of raising on the first. Reading and
             validation skips are counted by reason in `reports[file]` (see also `skipped`) and logged.

@@ -299,6 +299,8 @@ class EvalDataModule(L.LightningDataModule):
         report_prompt: the instruction for report records (the `<image>` placeholder goes before it).
         batch_size, num_workers: DataLoader settings (prompts are left-padded).
         max_length: fail on a prompt (with image tokens) longer than this, naming the record.
+        image_placeholder: what replaces `<image>` in prompts (default: the processor's image token, for Qwen-VL
+            wrapped as `<|vision_start|><|image_pad|><|vision_end|>`).
         chat_template: a template name (backbones/templates.py) for the generation prompts; default: the
             model's. The paper ran LLaVA-Med's VQA inference with `mistral_instruct` (vqa_inference.sh), though
             its training used `v1`: configs/eval/vqa.yaml sets it.
