@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lightning_meddpo.commands.benchmark import config_args, data_block
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 SMALL_DEMO = {"n_train": 16, "n_val": 8, "n_test": 8}
@@ -36,10 +38,6 @@ OVERLAYS = {"targeted": [CONFIGS / "data" / "demo_targeted.yaml"]}  # the demo's
 def stack(backbone: str, method: Path) -> list[Path]:
     """The configs of one run, in order: method, backbone, and on the demo the method's data overlay."""
     return [method, CONFIGS / "backbones" / f"{backbone}.yaml", *(OVERLAYS.get(method.stem, []) if backbone == "demo" else [])]
-
-
-def config_args(configs: list[Path]) -> list[str]:
-    return [arg for config in configs for arg in ("--config", str(config))]
 
 
 PAPER = [(backbone, method) for backbone in ("llava_med", "huatuo") for method in METHODS]
@@ -67,8 +65,6 @@ json.dump(results, open(out, "w"))
 
 def demo_options(method: Path) -> dict:
     """The run's own demo-data options (e.g. the targeted overlay's image_pair_fraction), sizes made small."""
-    from lightning_meddpo.commands.benchmark import data_block
-
     options = data_block(stack("demo", method))["init_args"].get("demo", {})
     return {**(options if isinstance(options, dict) else {}), **SMALL_DEMO}
 

@@ -6,7 +6,8 @@ processor loads here without torchvision (`load_qwen_vl_processor`). The tiny Qw
 
 Qwen-VL prompts want the image wrapped as `<|vision_start|><|image_pad|><|vision_end|>` (the processor
 expands `<|image_pad|>`): the collator writes that for a processor whose image token is `<|image_pad|>`
-(`image_placeholder_for`), so a config needs no `image_placeholder`.
+(templates.py `image_placeholder_for`, kept there so the data layer does not import transformers' Qwen
+classes), so a config needs no `image_placeholder`.
 """
 
 from __future__ import annotations
@@ -25,14 +26,6 @@ QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
     "<|image_pad|>", "<|video_pad|>",
 ]
-QWEN_IMAGE_TOKEN = "<|image_pad|>"
-QWEN_IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
-
-
-def image_placeholder_for(image_token: str) -> str:
-    """What a prompt carries for one image, given the processor's image token: Qwen-VL's wrapped in its
-    vision start / end tokens (as its own chat template writes it), any other token as it is."""
-    return QWEN_IMAGE_PLACEHOLDER if image_token == QWEN_IMAGE_TOKEN else image_token
 
 # ChatML, as Qwen-VL instruct models use (string content; the image placeholder is in the text).
 CHATML = (
@@ -52,7 +45,7 @@ class QwenVLImageProcessor(Qwen2VLProcessor):
     """
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        self.image_token = getattr(tokenizer, "image_token", None) or QWEN_IMAGE_TOKEN
+        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
         self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from lightning_meddpo.backbones.qwen import image_placeholder_for
+from lightning_meddpo.backbones.templates import image_placeholder_for
 from lightning_meddpo.data.batch import (
     IGNORE_INDEX,
     EncodedImages,
@@ -51,7 +51,7 @@ class PairEncoder:
     """Renders and tokenises prompts and responses with the processor's chat template.
 
     `image_placeholder` replaces the dataset's `<image>`; by default the processor's own image token (for
-    Qwen-VL wrapped in its vision start / end tokens: backbones/qwen.py `image_placeholder_for`).
+    Qwen-VL wrapped in its vision start / end tokens: backbones/templates.py `image_placeholder_for`).
     `chat_template` (a Jinja template) replaces the processor's own.
     """
 

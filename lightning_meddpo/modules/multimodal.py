@@ -97,9 +97,10 @@ class Multimodal(PreferenceModule):
 def copo(batch: PreferenceBatch, s: Scores, h) -> tuple[Tensor, dict[str, Tensor]]:
     """CoPO alone; `rewards/*` is the image pair (y_w on m vs on m')."""
     term = copo_loss(s.pair("chosen", "chosen_mprime"), beta=h.beta)
+    on_m, on_mprime = s.rewards("chosen", h.beta), s.rewards("chosen_mprime", h.beta)
     metrics = {"loss/copo": term.detach(), **logps_metrics(s.policy)}
-    metrics.update(reward_metrics(s.rewards("chosen", h.beta), s.rewards("chosen_mprime", h.beta)))
-    metrics.update(image_reward_metrics(s.rewards("chosen", h.beta), s.rewards("chosen_mprime", h.beta)))
+    metrics.update(reward_metrics(on_m, on_mprime))
+    metrics.update(image_reward_metrics(on_m, on_mprime))
     return combine({"copo": term}, {"copo": h.copo_weight}), metrics
 
 
@@ -110,10 +111,11 @@ def mdpo(batch: PreferenceBatch, s: Scores, h) -> tuple[Tensor, dict[str, Tensor
         "copo": copo_loss(s.pair("chosen", "chosen_mprime"), beta=h.beta),
         "anchor": anchor_loss(s.policy["chosen"], s.reference["chosen"], beta=h.beta, delta=h.delta),
     }
+    reward = {view: s.rewards(view, h.beta) for view in ("chosen", "rejected", "chosen_mprime")}
     metrics = logps_metrics(s.policy)
-    metrics.update(reward_metrics(s.rewards("chosen", h.beta), s.rewards("rejected", h.beta)))
+    metrics.update(reward_metrics(reward["chosen"], reward["rejected"]))
     metrics.update({f"loss/{name}": value.detach() for name, value in terms.items()})
-    metrics.update(image_reward_metrics(s.rewards("chosen", h.beta), s.rewards("chosen_mprime", h.beta)))
+    metrics.update(image_reward_metrics(reward["chosen"], reward["chosen_mprime"]))
     return combine(terms, {"dpo": h.dpo_weight, "copo": h.copo_weight, "anchor": h.anchor_weight}), metrics
 
 
