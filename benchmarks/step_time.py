@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_meddpo.lightning_cli import TRAINER_DEFAULTS, MedDPOCLI  # noqa: E402
+from lightning_meddpo.cli import TRAINER_DEFAULTS, MedDPOCLI  # noqa: E402
 from lightning_meddpo.modules.base import PreferenceModule  # noqa: E402
 
 

@@ -85,7 +85,7 @@ def run_ours(args) -> dict:
     import lightning as L
     import torch
 
-    from lightning_meddpo.lightning_cli import TRAINER_DEFAULTS, MedDPOCLI
+    from lightning_meddpo.cli import TRAINER_DEFAULTS, MedDPOCLI
     from lightning_meddpo.modules.base import PreferenceModule
 
     class Timer(L.Callback):

@@ -1,10 +1,18 @@
-"""Command-line entry point: `python -m lightning_meddpo fit|validate|test|predict --config ...`
-and the extra subcommands (build-pairs, convert, export, benchmark).
+"""Command-line entry point: `python -m lightning_meddpo SUBCOMMAND ...`, one jsonargparse parser.
 
-Every subcommand parses its options with jsonargparse (`--help`, and `--config` / `--print_config` where a
-subcommand takes options from a file). The LightningCLI subclass (lightning_cli.py) and the other commands'
-modules are imported only when their subcommand runs: build-pairs starts in 0.1 s, not the 4.5 s that
-importing Lightning's CLI and the model code costs.
+LightningCLI's fit / validate / test / predict train and evaluate a module chosen by class_path (SFT, DPO,
+...) on a DataModule chosen by class_path; the model's processor is linked into the DataModule at
+instantiation, so data and model always agree on the tokenizer and image preprocessing. The programs in
+PROGRAMS (build-pairs, convert, export, benchmark) are subcommands of the same parser: `--help` lists them
+all, and each parses its own options (with `--config` / `--print_config` where it takes a file). One parser
+costs every subcommand Lightning's import (about 5 s on 2 CPU cores, 0.1 s before for build-pairs alone).
+
+`--ckpt_path` never changes what the user configured: Lightning's CLI would parse the checkpoint's saved
+hyper-parameters over the config (a checkpoint could switch on trust_remote_code, swap the backbone, or
+silently replace a `--model.init_args.beta` given on the command line). Here the checkpoint is read and
+compared instead: one of another module class, backbone, formulation or LoRA setting is refused with an
+error naming the difference, and the saved config.yaml states what actually ran. `--ckpt_path last`
+resumes the newest run of this config only when that run was trained with the same model settings.
 
 A data, config or checkpoint problem ends the run with one message naming what to fix (exit status 2),
 not a traceback; `--debug` (or LIGHTNING_MEDDPO_DEBUG=1) shows the traceback.
@@ -12,26 +20,21 @@ not a traceback; `--debug` (or LIGHTNING_MEDDPO_DEBUG=1) shows the traceback.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import sys
 import warnings
+from pathlib import Path
+from typing import Any
 
-# Subcommands beside LightningCLI's fit/validate/test/predict: name -> (the module whose main(argv) runs it,
-# what it does).
-EXTRA_COMMANDS = {
-    "build-pairs": ("lightning_meddpo.commands.build_pairs", "build text- and image-rejected preference pairs"),
-    "convert": ("lightning_meddpo.commands.convert", "convert an original LLaVA-layout checkpoint (LLaVA-Med, HuatuoGPT-Vision)"),
-    "export": ("lightning_meddpo.commands.export", "export a checkpoint's policy as a Hugging Face model directory"),
-    "benchmark": ("lightning_meddpo.commands.benchmark", "fit and test a grid of formulations and compare them"),
-}
-LIGHTNING_COMMANDS = {
-    "fit": "train a formulation (--config configs/methods/<m>.yaml --config configs/backbones/<b>.yaml)",
-    "validate": "the validation metrics of a checkpoint",
-    "test": "generate and score answers (--data configs/eval/vqa.yaml) or test preference metrics",
-    "predict": "generate answers only",
-}
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from lightning_meddpo.checkpoints import CheckpointError, read_checkpoint_meta
+from lightning_meddpo.commands import benchmark, build_pairs, convert, export
+from lightning_meddpo.modules.base import PreferenceModule
+
+# Subcommands beside LightningCLI's: each module has build_parser() (its options) and run(namespace).
+PROGRAMS = {"build-pairs": build_pairs, "convert": convert, "export": export, "benchmark": benchmark}
 DEBUG_ENV = "LIGHTNING_MEDDPO_DEBUG"
 # What a user's input can raise: printed as one message. Anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError, PermissionError)
@@ -44,19 +47,196 @@ QUIET = (
     r"`training_step` returned `None`",
 )
 
+# Logger and checkpointing live in the configs (configs/backbones/*.yaml) so they stay configurable;
+# without a config, Lightning's own defaults (TensorBoard) write under runs/.
+TRAINER_DEFAULTS = {"default_root_dir": "runs"}
+# Hyper-parameters that decide what a checkpoint IS: a different value is another model, not a setting.
+IDENTITY = ("backbone", "loss_type", "loss", "lora")
+OVERLAYS = ("strategies", "data")  # config folders stacked on a run without naming it
+RENAMED_BACKBONES = ("demo", "llava_med", "huatuo")  # configs/<backbone>/<method>.yaml before configs/backbones/
+DESCRIPTION = ("Preference optimization of medical vision-language models. `SUBCOMMAND --help` lists its options; "
+               f"--debug (or {DEBUG_ENV}=1) shows the traceback of an error.")
 
-def run_extra_command(name: str, argv: list[str]) -> object:
-    """Import the subcommand's module lazily and run its main(argv)."""
-    return importlib.import_module(EXTRA_COMMANDS[name][0]).main(argv)
+
+def run_name(config_files: list) -> str:
+    """`configs/methods/dpo.yaml` + `configs/backbones/demo.yaml` -> `demo/dpo` (any other single config:
+    `<folder>/<stem>`): runs of different configs never share a log directory. Strategy and data overlays
+    (configs/strategies/, configs/data/) do not rename a run."""
+    paths = [Path(str(p)) for p in config_files if Path(str(p)).parent.name not in OVERLAYS]
+    if not paths:
+        return "default"
+    stacked = {p.parent.name: p.stem for p in paths}
+    if "methods" in stacked:
+        return f"{stacked.get('backbones', 'default')}/{stacked['methods']}"
+    path = paths[-1]
+    return f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem
 
 
-def overview() -> str:
-    lines = ["usage: python -m lightning_meddpo SUBCOMMAND [options]   (SUBCOMMAND --help for its options)", "",
-             "subcommands:"]
-    lines += [f"  {name:<12} {what}" for name, what in LIGHTNING_COMMANDS.items()]
-    lines += [f"  {name:<12} {what}" for name, (_, what) in EXTRA_COMMANDS.items()]
-    lines += ["", f"--debug (or {DEBUG_ENV}=1): show the traceback of an error"]
-    return "\n".join(lines)
+def config_files(argv: list[str]) -> list[str]:
+    """The `--config` files of a command line, in order (`--config F` and `--config=F`)."""
+    return [a.split("=", 1)[1] if a.startswith("--config=") else argv[i + 1]
+            for i, a in enumerate(argv) if a.startswith("--config=") or (a == "--config" and i + 1 < len(argv))]
+
+
+def check_config_stack(argv: list[str]) -> None:
+    """Two mistakes a stacked run can make, said plainly instead of jsonargparse's errors (or none):
+
+    * a per-backbone config of before (configs/demo/dpo.yaml, ...): name the files that replace it;
+    * a backbone before its method: the backbone's model settings, read before any class_path, are filled in
+      with the base module's defaults, which the method's family would then inherit (SFT and the
+      reference-free losses would get `reference: copy`). The method goes first.
+    """
+    files = [Path(f) for f in config_files(argv)]
+    for path in files:
+        if path.exists() or path.parent.name not in RENAMED_BACKBONES or path.suffix != ".yaml":
+            continue
+        root, backbone = path.parent.parent, path.parent.name
+        stack = [root / "methods" / path.name, root / "backbones" / f"{backbone}.yaml"]
+        if backbone == "demo" and path.stem == "targeted":
+            stack.append(root / "data" / "demo_targeted.yaml")
+        note = (" The methods carry the paper's hyper-parameters; the demo's own (e.g. beta 0.5) are in "
+                "configs/benchmark/demo.yaml." if backbone == "demo" else "")
+        raise FileNotFoundError(f"{path}: the per-backbone configs are now a method and a backbone stacked: "
+                                + " ".join(f"--config {c}" for c in stack) + "." + note)
+    folders = [p.parent.name for p in files]
+    if "backbones" in folders and "methods" in folders and folders.index("backbones") < folders.index("methods"):
+        backbone, method = files[folders.index("backbones")], files[folders.index("methods")]
+        raise ValueError(f"--config {backbone} comes before --config {method}: give the method first "
+                         f"(--config {method} --config {backbone}), or the method's module inherits the base "
+                         "module's defaults (e.g. reference: copy for SFT)")
+
+
+def _plain(value: Any) -> Any:
+    """Namespaces and dataclasses as dicts, for comparing a config with a checkpoint's hyper-parameters."""
+    if hasattr(value, "as_dict"):
+        return _plain(value.as_dict())
+    if hasattr(value, "__dataclass_fields__"):
+        return {k: _plain(getattr(value, k)) for k in value.__dataclass_fields__}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if k != "_instantiator"}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def config_differences(model_config: Any, checkpoint: dict[str, Any], keys: tuple[str, ...] | None = None) -> list[str]:
+    """`name: checkpoint value -> configured value` for each hyper-parameter that differs (all of them, or
+    `keys`), and the module class."""
+    config = _plain(model_config)
+    class_path = config.get("class_path", "")
+    args = config.get("init_args") or {}
+    saved_class = (checkpoint.get("meddpo") or {}).get("module_class", "")
+    out = []
+    if saved_class and class_path and saved_class.rpartition(".")[2] != class_path.rpartition(".")[2]:
+        out.append(f"module class: {saved_class} -> {class_path}")
+    hparams = _plain(checkpoint.get("hyper_parameters") or {})
+    for key in keys if keys is not None else sorted(set(args) & set(hparams)):
+        if key in args and key in hparams and args[key] != hparams[key]:
+            out.append(f"{key}: {hparams[key]!r} -> {args[key]!r}")
+    return out
+
+
+class MedDPOParser(LightningArgumentParser):
+    """LightningCLI's parser, whose subcommands are Lightning's and then the PROGRAMS."""
+
+    def add_subcommands(self, **kwargs: Any):
+        subcommands = super().add_subcommands(**kwargs)
+        for name, program in PROGRAMS.items():
+            parser = program.build_parser()
+            subcommands.add_subcommand(name, parser, help=(parser.description or "").split("\n")[0])
+        return subcommands
+
+
+class MedDPOCLI(LightningCLI):
+    """fit / validate / test / predict as LightningCLI runs them (with the checks above), and the PROGRAMS:
+    a program builds no model, trainer or seed; its run(namespace) is called and its result kept in
+    `self.result`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.result: Any = None
+        kwargs.setdefault("parser_class", MedDPOParser)
+        super().__init__(*args, **kwargs)
+
+    @property
+    def program(self):
+        """The PROGRAMS module this command line runs, or None for Lightning's subcommands."""
+        return PROGRAMS.get(getattr(self, "subcommand", None) or "")
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        if self.program is None:
+            return super()._run_subcommand(subcommand)
+        self.result = self.program.run(self.config[subcommand])
+
+    def _set_seed(self) -> None:
+        if self.program is None:
+            super()._set_seed()
+
+    def instantiate_classes(self) -> None:
+        if self.program is None:
+            super().instantiate_classes()
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.processor", "data.init_args.processor", apply_on="instantiate")
+
+    def _parse_ckpt_path(self) -> None:
+        """Check `--ckpt_path` against the config instead of applying its hyper-parameters (see module
+        docstring); resolve `last` to the run this config means."""
+        subcommand = self.config.get("subcommand")
+        if subcommand not in self.subcommands():  # none, or a program (export's --ckpt_path is its own)
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path:
+            return
+        if ckpt_path == "last":
+            resolved = self._last_of_this_config(config)
+            if resolved is None:
+                return  # nothing to resume: Lightning starts anew (and says so)
+            config.ckpt_path = ckpt_path = str(resolved)
+        checkpoint = read_checkpoint_meta(ckpt_path)
+        differences = config_differences(config.model, checkpoint, IDENTITY)
+        if differences:
+            raise CheckpointError(
+                f"{ckpt_path} was trained as another model than this config describes: " + "; ".join(differences)
+                + ". Use a checkpoint of this model, or the config it was trained with (its run's config.yaml)."
+            )
+
+    def _last_of_this_config(self, config) -> Path | None:
+        """The newest last.ckpt among this config's runs, if it was trained with this config's model
+        settings; a run with other settings is not resumed by `last` (an error says how to resume it)."""
+        logger = config.trainer.get("logger")
+        init_args = getattr(logger, "init_args", None) if logger is not None else None
+        if init_args is None or not getattr(init_args, "save_dir", None):
+            return None
+        name = self._logger_name(config, init_args)
+        found = sorted((Path(init_args.save_dir) / name).glob("*/checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            return None
+        newest = found[-1]
+        differences = config_differences(config.model, read_checkpoint_meta(newest))
+        if differences:
+            raise CheckpointError(
+                f"--ckpt_path last would resume {newest}, which was trained with other settings: "
+                + "; ".join(differences) + f". To resume it anyway pass --ckpt_path {newest}; to start anew, "
+                "drop --ckpt_path."
+            )
+        return newest
+
+    def _logger_name(self, config, init_args) -> str:
+        name = getattr(init_args, "name", None) or "lightning_logs"
+        if name == "auto":
+            name = run_name(config.get("config") or [])
+        return str(name)
+
+    def before_instantiate_classes(self) -> None:
+        """A TensorBoard logger named `auto` is named after the config file (see run_name)."""
+        if self.program is not None:
+            return
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        logger = config.trainer.get("logger")
+        init_args = getattr(logger, "init_args", None)
+        if init_args is not None and getattr(init_args, "name", None) == "auto":
+            init_args.name = self._logger_name(config, init_args)
 
 
 class _DropTips(logging.Filter):
@@ -70,21 +250,32 @@ def quiet_lightning() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTips())
 
 
-def main(args: list[str] | None = None) -> object:
+def run_cli(argv: list[str]) -> MedDPOCLI:
+    """One command line through MedDPOCLI; a Lightning subcommand's config stack is checked first."""
+    if argv and argv[0] in MedDPOCLI.subcommands():
+        check_config_stack(argv)
+    return MedDPOCLI(
+        PreferenceModule,
+        None,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": "python -m lightning_meddpo", "description": DESCRIPTION},
+        args=argv,
+        auto_configure_optimizers=False,
+    )
+
+
+def main(args: list[str] | None = None) -> MedDPOCLI:
+    """Run one command line; the CLI it ran is returned (a program's result is its `.result`)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = sys.argv[1:] if args is None else list(args)
     debug = "--debug" in argv or bool(os.environ.get(DEBUG_ENV))
-    argv = [a for a in argv if a != "--debug"]
-    if not argv or argv[0] in ("-h", "--help"):
-        print(overview())
-        return None
+    argv = [a for a in argv if a != "--debug"] or ["--help"]
+    quiet_lightning()
     try:
-        if argv[0] in EXTRA_COMMANDS:
-            return run_extra_command(argv[0], argv[1:])
-        quiet_lightning()
-        from lightning_meddpo.lightning_cli import run_lightning_cli
-
-        return run_lightning_cli(argv)
+        return run_cli(argv)
     except USER_ERRORS as e:
         if debug:
             raise

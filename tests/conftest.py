@@ -56,6 +56,14 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
     return proc
 
 
+def run_program(name: str, argv: list[str]):
+    """`python -m lightning_meddpo NAME ARGV` in this process, through the CLI's own parser and dispatch:
+    the program's result (e.g. build-pairs' BuildSummary)."""
+    from lightning_meddpo.cli import main
+
+    return main([name, *argv]).result
+
+
 def small_demo_args(demo_dir: Path, root: Path) -> list[str]:
     """CLI overrides: the small demo data, logs and checkpoints under `root`, no progress bar."""
     return [

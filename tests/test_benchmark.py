@@ -13,6 +13,7 @@ import pytest
 
 from lightning_meddpo.commands import benchmark
 from lightning_meddpo.eval.errors import ERROR_TYPES
+from tests.conftest import run_program
 
 GRID = {"sft": "configs/methods/sft.yaml", "dpo": "configs/methods/dpo.yaml"}
 
@@ -38,7 +39,7 @@ def finished_benchmark(tmp_path_factory) -> Path:
     """A finished small benchmark. It lives at a fixed path under the session's base temp directory,
     so a second request (test_notebook.py imports this fixture) is a rerun that skips every run."""
     out_dir = tmp_path_factory.getbasetemp() / "benchmark"
-    benchmark.main(grid_args(out_dir))
+    run_program("benchmark", grid_args(out_dir))
     return out_dir
 
 
@@ -99,7 +100,7 @@ def test_benchmark_grid(finished_benchmark):
 def test_rerun_skips_finished_runs(finished_benchmark, capsys):
     out = finished_benchmark
     stamps = {p: p.stat().st_mtime_ns for name in GRID for p in [*(out / name).rglob("result.json"), *(out / name).rglob("fit/*")]}
-    results = benchmark.main(grid_args(out))
+    results = run_program("benchmark", grid_args(out))
     assert [(r["name"], r["seed"]) for r in results] == [("sft", 0), ("dpo", 0), ("sft", 1), ("dpo", 1)]
     assert capsys.readouterr().out.count("finished earlier: skipped") == 4
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing refitted or retested
@@ -114,7 +115,7 @@ def test_rerun_skips_finished_runs(finished_benchmark, capsys):
     assert runner.finished("dpo", 1, {**commands, "start_from": "2000-01-01T00:00:00Z"}) is None
     assert runner.finished("dpo", 1, {**commands, "test_checkpoint": "last"}) is None  # another checkpoint tested
     with pytest.raises(SystemExit, match="start_from 'sft' has no finished run"):
-        benchmark.main([*grid_args(out.parent / "empty-benchmark"), "--only=[dpo]"])
+        run_program("benchmark", [*grid_args(out.parent / "empty-benchmark"), "--only=[dpo]"])
 
 
 def test_demo_grid_config_and_missing_configs(tmp_path):
@@ -131,4 +132,4 @@ def test_demo_grid_config_and_missing_configs(tmp_path):
     assert options["n_train"] == 24 and options["seed"] == 3 and options["image_pair_fraction"] == 0.5
     assert "image_pair_fraction" not in benchmark.demo_options(benchmark.data_block([benchmark.Runner(args).resolve(args.backbone)]), None, 0)
     with pytest.raises(SystemExit, match="fit configs not found.*nope.yaml"):
-        benchmark.main([f"--out_dir={tmp_path}", '--formulations={"x": "configs/methods/nope.yaml"}'])
+        run_program("benchmark", [f"--out_dir={tmp_path}", '--formulations={"x": "configs/methods/nope.yaml"}'])

@@ -13,10 +13,9 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from lightning_meddpo.commands.build_pairs import main
 from lightning_meddpo.data.images import corrupt, load_image
 from lightning_meddpo.data.records import read_preference_file
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_program
 from tests.llm_server import FakeLLMServer
 
 
@@ -107,7 +106,7 @@ def test_cli_llm_rewriter_over_http(vqa, tmp_path, monkeypatch):
             "q1-text": "A nodule in the right lung.", "q2-text": "No."}
         # a rerun (in process, same flags) is served from the cache: no request reaches the server
         out2 = tmp_path / "rw2.jsonl"
-        summary = main([str(out2) if a == str(out) else a for a in args[1:]] + ["--no-progress"])
+        summary = run_program("build-pairs", [str(out2) if a == str(out) else a for a in args[1:]] + ["--no-progress"])
         assert srv.count == n and summary.written == {"text": 2}
     assert out2.read_text() == out.read_text()
 
@@ -117,10 +116,10 @@ def test_cli_errors_are_clear(vqa, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(src.read_text() + '{"question_id": "q9", "image": "images/retina.png", "text": "Q"\n')
     with pytest.raises(SystemExit) as e:
-        main(["--input", str(bad), "--image-root", str(root), "--out", str(tmp_path / "o.json"), "--no-progress"])
+        run_program("build-pairs", ["--input", str(bad), "--image-root", str(root), "--out", str(tmp_path / "o.json"), "--no-progress"])
     err = capsys.readouterr().err
     assert e.value.code == 1 and f"{bad}:5" in err and "malformed JSON" in err and "--skip-invalid" in err
-    s = main(["--input", str(bad), "--image-root", str(root), "--out", str(tmp_path / "o.json"), "--no-progress",
+    s = run_program("build-pairs", ["--input", str(bad), "--image-root", str(root), "--out", str(tmp_path / "o.json"), "--no-progress",
               "--skip-invalid", "--mode", "text"])
     assert s.skipped["invalid record: field <line>"] == 1 and "invalid record" in capsys.readouterr().out
     for argv, msg in [(["--corruption", "blur"], "unknown corruption 'blur'"),
@@ -129,7 +128,7 @@ def test_cli_errors_are_clear(vqa, tmp_path, capsys):
                       (["--mode", "image", "--rewriter-url", "http://127.0.0.1:9/v1"], "no effect with --mode image"),
                       (["--rewriter-cache-dir", str(tmp_path)], "needs --rewriter-url")]:
         with pytest.raises(SystemExit) as e:
-            main(["--input", str(src), "--out", str(tmp_path / "o.json"), *argv])
+            run_program("build-pairs", ["--input", str(src), "--out", str(tmp_path / "o.json"), *argv])
         assert e.value.code == 2 and msg in capsys.readouterr().err
 
 
@@ -191,3 +190,37 @@ def test_rewriter_against_a_flaky_server_killed_and_rerun(tmp_path):
     assert len(pairs) == 12 and all(p["rejected_conversations"][-1]["value"].startswith("Rewritten") for p in pairs)
     everything = [p.read_text() for p in cache.rglob("*") if p.is_file()] + [out.read_text(), rerun.stdout, rerun.stderr]
     assert not any(secret in text for text in everything)
+
+
+def test_options_file_round_trips_through_the_one_parser(vqa, tmp_path, capsys):
+    """build-pairs is a subcommand of the CLI's one jsonargparse parser: `--print_config` writes its options,
+    `--config` reads them back, and the build from the file equals the build from the flags. A program seeds
+    nothing and builds no model or trainer (LightningCLI's part of the run is skipped)."""
+    import random
+
+    from lightning_meddpo.cli import main
+
+    src, root = vqa
+    flags = ["--input", str(src), "--image-root", str(root), "--mode", "text", "--seed", "5", "--no-progress"]
+    with pytest.raises(SystemExit) as e:
+        main(["build-pairs", *flags, "--out", str(tmp_path / "a.json"), "--print_config"])
+    assert e.value.code == 0
+    options = tmp_path / "opts.yaml"
+    options.write_text(capsys.readouterr().out)
+    assert "seed: 5" in options.read_text() and "mode: text" in options.read_text()
+    random.seed(123)
+    cli = main(["build-pairs", "--config", str(options)])
+    assert random.random() == random.Random(123).random()  # no seed_everything for a program
+    assert not hasattr(cli, "trainer") and not hasattr(cli, "model")
+    from_flags = run_program("build-pairs", [*flags, "--out", str(tmp_path / "b.json")])
+    assert cli.result.written == from_flags.written == {"text": 2}
+    assert (tmp_path / "a.json").read_text() == (tmp_path / "b.json").read_text()
+
+
+def test_unknown_subcommand_names_the_choices(capsys):
+    from lightning_meddpo.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["build-pair", "--input", "x"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "build-pairs" in err and "fit" in err, err

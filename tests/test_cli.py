@@ -101,7 +101,7 @@ def test_print_config_shows_the_module_and_data():
 def test_config_stack_mistakes_are_named():
     """configs/<backbone>/<method>.yaml became two stacked files: the error says which; a backbone before its
     method is refused (the CLI prints either and exits 2, as for every FileNotFoundError / ValueError)."""
-    from lightning_meddpo.lightning_cli import check_config_stack
+    from lightning_meddpo.cli import check_config_stack
 
     with pytest.raises(FileNotFoundError, match="--config configs/methods/targeted.yaml --config configs/backbones/demo.yaml "
                        "--config configs/data/demo_targeted.yaml"):
@@ -114,7 +114,7 @@ def test_config_stack_mistakes_are_named():
 
 
 def test_run_names_follow_backbone_and_method():
-    from lightning_meddpo.lightning_cli import run_name
+    from lightning_meddpo.cli import run_name
 
     assert run_name(["configs/methods/dpo.yaml", "configs/backbones/demo.yaml", "configs/strategies/fsdp2.yaml"]) == "demo/dpo"
     assert run_name(["configs/methods/targeted.yaml", "configs/backbones/demo.yaml", "configs/data/demo_targeted.yaml"]) == "demo/targeted"

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lightning_meddpo.checkpoints import CheckpointError
-from lightning_meddpo.lightning_cli import TRAINER_DEFAULTS, MedDPOCLI
+from lightning_meddpo.cli import TRAINER_DEFAULTS, MedDPOCLI
 from lightning_meddpo.modules import DPO
 from lightning_meddpo.modules.base import PreferenceModule
 from tests.conftest import REPO, small_demo_args

@@ -29,8 +29,8 @@ from lightning_meddpo.commands.convert import (
     ConversionError,
     convert_llava_checkpoint,
     expand_to_square,
-    main,
 )
+from tests.conftest import run_program
 
 HIDDEN = 32
 VISION = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
@@ -262,7 +262,7 @@ def test_main_cli(tmp_path, capsys):
     parts = Parts("qwen2", tokenizer_vocab(tmp_path))
     src = write_original(parts, tmp_path / "src")
     args = ["--src", str(src), "--out", str(tmp_path / "out"), "--dtype", "bfloat16", "--pad-vocab-to-multiple-of", "64"]
-    assert main(args) == 0
+    assert Path(run_program("convert", args).out_dir) == tmp_path / "out"
     assert '"image_token_id"' in capsys.readouterr().out
     model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "out")
     assert model.config.text_config.model_type == "qwen2"
@@ -270,7 +270,7 @@ def test_main_cli(tmp_path, capsys):
     assert model.get_input_embeddings().weight.shape[0] == 128 == model.config.text_config.vocab_size
     assert model.get_output_embeddings().weight.shape[0] == 128
     with pytest.raises(SystemExit):
-        main(["--src", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")])
+        run_program("convert", ["--src", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")])
 
 
 def test_vision_tower_key_variants(tmp_path):
@@ -334,7 +334,7 @@ def test_text_config_keeps_no_original_only_fields_and_output_names_no_empty_typ
     cfg.pop("rope_parameters", None)
     cfg.update(feature_outs="encoder+decoder", segtok_posembed="sincos", proj_vis_to_txt_tokens=False, rope_theta=1e6)
     (src / "config.json").write_text(json.dumps(cfg))
-    assert main(["--src", str(src), "--out", str(tmp_path / "out")]) == 0
+    run_program("convert", ["--src", str(src), "--out", str(tmp_path / "out")])
     text = json.loads((tmp_path / "out" / "config.json").read_text())["text_config"]
     assert not {"feature_outs", "segtok_posembed", "proj_vis_to_txt_tokens"} & set(text)
     assert text["rope_parameters"]["rope_theta"] == 1e6  # a legacy field the text config understands is kept

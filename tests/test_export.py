@@ -12,11 +12,11 @@ import yaml
 from transformers import AutoModelForImageTextToText
 
 from lightning_meddpo.backbones.loader import load_processor
-from lightning_meddpo.commands.export import main as export_main
 from lightning_meddpo.data.datamodule import PreferenceDataModule
 from lightning_meddpo.demo.synthetic import generate_demo_dataset
 from lightning_meddpo.modules import DPO
 from lightning_meddpo.policy import build_rows, row_images
+from tests.conftest import run_program
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def fitted_and_exported(tmp_path, data, *extra_args, **module_kwargs):
     ckpt = tmp_path / "run.ckpt"
     trainer.save_checkpoint(ckpt)
     out = tmp_path / "hf"
-    export_main(["--ckpt_path", str(ckpt), "--out", str(out), *extra_args])
+    run_program("export", ["--ckpt_path", str(ckpt), "--out", str(out), *extra_args])
     batch = next(iter(dm.val_dataloader()))
     return module, out, model_inputs(batch), ckpt
 
@@ -119,7 +119,7 @@ def test_export_lora_unmerged_and_from_config(tmp_path, data):
     config.write_text(yaml.safe_dump({"model": {"class_path": "lightning_meddpo.modules.DPO", "init_args": {
         "beta": 0.5, "lr": 1e-2, "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}}}}))
     out = tmp_path / "adapter"
-    export_main(["--ckpt_path", str(ckpt), "--config", str(config), "--out", str(out), "--no-merge"])
+    run_program("export", ["--ckpt_path", str(ckpt), "--config", str(config), "--out", str(out), "--no-merge"])
     adapter = json.loads((out / "adapter_config.json").read_text())
     base = AutoModelForImageTextToText.from_pretrained(adapter["base_model_name_or_path"])
     reloaded = PeftModel.from_pretrained(base, out)
@@ -127,9 +127,12 @@ def test_export_lora_unmerged_and_from_config(tmp_path, data):
     assert (logits(module.policy.model, inputs) - logits(reloaded, inputs)).abs().max() < 1e-5
 
 
-def test_export_errors_name_the_problem(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such file"):
-        export_main(["--ckpt_path", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "o")])
+def test_export_errors_name_the_problem(tmp_path, capsys):
+    """A missing or wrong checkpoint: one message naming it (exit 2), no traceback, nothing written."""
     (tmp_path / "d").mkdir()
-    with pytest.raises(ValueError, match="not a torch.distributed.checkpoint"):
-        export_main(["--ckpt_path", str(tmp_path / "d"), "--out", str(tmp_path / "o")])
+    for ckpt, message in [("missing.ckpt", "no such file"), ("d", "not a torch.distributed.checkpoint")]:
+        with pytest.raises(SystemExit) as e:
+            run_program("export", ["--ckpt_path", str(tmp_path / ckpt), "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "export: error: " in err and str(tmp_path / ckpt) in err and message in err, err
+    assert not (tmp_path / "o").exists()

@@ -16,6 +16,8 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
+from tests.conftest import run_program
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_SIZE = "{n_train: 32, n_val: 16, n_test: 16}"
 
@@ -65,12 +67,11 @@ def test_fsdp2_two_processes_save_resume_export(tmp_path):
     assert "Restored all states from the checkpoint" in out and "`max_steps=4` reached" in out
 
     # export the sharded checkpoint, reading the module from the run's config.yaml
-    from lightning_meddpo.commands.export import main as export_main
     from lightning_meddpo.commands.export import read_checkpoint
 
     resumed = last_checkpoint(tmp_path, 1)
     hf = tmp_path / "hf"
-    export_main(["--ckpt_path", str(resumed), "--config", str(resumed.parents[1] / "config.yaml"), "--out", str(hf)])
+    run_program("export", ["--ckpt_path", str(resumed), "--config", str(resumed.parents[1] / "config.yaml"), "--out", str(hf)])
     full = read_checkpoint(resumed)
     assert full["global_step"] == 4  # 2 steps per epoch (16 pairs per rank, batch 8): trained on after the resume
     model = AutoModelForImageTextToText.from_pretrained(hf)
@@ -78,7 +79,7 @@ def test_fsdp2_two_processes_save_resume_export(tmp_path):
     for key, value in full["state_dict"].items():
         assert torch.equal(exported[key.removeprefix("policy.model.")], value), key
     # without --config the module class and arguments come from the checkpoint
-    export_main(["--ckpt_path", str(resumed), "--out", str(tmp_path / "hf2")])
+    run_program("export", ["--ckpt_path", str(resumed), "--out", str(tmp_path / "hf2")])
     assert (tmp_path / "hf2" / "model.safetensors").read_bytes() == (hf / "model.safetensors").read_bytes()
 
 

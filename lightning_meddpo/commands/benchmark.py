@@ -67,7 +67,9 @@ DEMO_SIZE_KEYS = ("n_train", "n_val", "n_test")
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m lightning_meddpo benchmark", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m lightning_meddpo benchmark",
+                       description="Fit and test a grid of formulations over several seeds under identical conditions "
+                                   "and compare them in one table (e.g. --config configs/benchmark/demo.yaml).")
     p.add_argument("--config", action=ActionConfigFile, help="benchmark YAML (see configs/benchmark/demo.yaml)")
     p.add_argument("--backbone", type=str | None, default=None,
                    help="the backbone config every formulation is stacked on (configs/backbones/*.yaml)")
@@ -379,8 +381,8 @@ def collect_metrics(run_dir: Path, evaluations: list[str]) -> dict[str, Any]:
     return {"metrics": {k: v for k, v in metrics.items() if not math.isnan(v)}, "steps": steps}
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    args = build_parser().parse_args(argv)
+def run(args) -> list[dict[str, Any]]:
+    """Fit and test every formulation x seed not finished yet, then write the comparison (args: build_parser's)."""
     names = list(args.formulations)
     if args.only:
         unknown = sorted(set(args.only) - set(names))
@@ -431,7 +433,3 @@ def write_plots(out_dir: Path, baseline: str | None, bootstrap: int = 1000) -> N
     plot_errors(summary, out_dir / "errors.png")
     plot_curves(training_curves(out_dir), out_dir / "curves.png")
     print(f"plots: {out_dir / 'metrics.png'}, {out_dir / 'errors.png'}, {out_dir / 'curves.png'}")
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -36,12 +36,13 @@ import os
 import re
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from jsonargparse import ActionConfigFile, ArgumentParser
 from PIL import Image
 
 from lightning_meddpo.commands.perturb import lexicon_tables, perturb_answer
@@ -285,11 +286,12 @@ def _parse_error_types(values: list[str] | None) -> list[str] | None:
     return names
 
 
-def make_parser():
+REWRITER_MODEL = "gpt-4o"
+
+
+def build_parser() -> ArgumentParser:
     """jsonargparse, like every subcommand: `--config opts.yaml` reads the options from a file and
     `--print_config` writes them, so a build is reproducible from its options file."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
     p = ArgumentParser(
         prog="python -m lightning_meddpo build-pairs",
         description="Build text- and/or image-rejected preference pairs (the paper's format) from a VQA, "
@@ -318,7 +320,7 @@ def make_parser():
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("LLM rewriter (text pairs from an OpenAI-compatible model instead of the lexicon)")
     g.add_argument("--rewriter-url", default=None, help="API base, e.g. http://127.0.0.1:8000/v1")
-    g.add_argument("--rewriter-model", default="gpt-4o", help="model name (default: gpt-4o)")
+    g.add_argument("--rewriter-model", default=REWRITER_MODEL, help=f"model name (default: {REWRITER_MODEL})")
     g.add_argument("--rewriter-api-key-env", default="OPENAI_API_KEY",
                    help="NAME of the environment variable holding the API key (default: OPENAI_API_KEY; "
                         "unset is fine for local servers)")
@@ -328,28 +330,25 @@ def make_parser():
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> BuildSummary:
-    """`python -m lightning_meddpo build-pairs ...`: prints what was written and skipped, and why."""
-    parser = make_parser()
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    rewriter_flags = [f for f in ("rewriter_model", "rewriter_cache_dir") if getattr(args, f) != parser.get_default(f)]
+def run(args) -> BuildSummary:
+    """`python -m lightning_meddpo build-pairs ...` (args: build_parser's namespace): prints what was written
+    and skipped, and why. A wrong option raises ValueError naming it (the CLI prints it and exits 2)."""
+    rewriter_flags = [f for f, default in (("rewriter_model", REWRITER_MODEL), ("rewriter_cache_dir", None))
+                      if getattr(args, f) != default]
     if args.rewriter_url is None and rewriter_flags:
-        parser.error(f"--{rewriter_flags[0].replace('_', '-')} needs --rewriter-url")
+        raise ValueError(f"--{rewriter_flags[0].replace('_', '-')} needs --rewriter-url")
     if args.rewriter_url is not None and args.mode == "image":
-        parser.error("--rewriter-url makes text pairs; it has no effect with --mode image")
-    try:
-        corruption = _parse_corruption(args.corruption)
-        error_types = _parse_error_types(args.error_types)
-    except ValueError as e:
-        parser.error(str(e))
+        raise ValueError("--rewriter-url makes text pairs; it has no effect with --mode image")
+    corruption = _parse_corruption(args.corruption)
+    error_types = _parse_error_types(args.error_types)
     if args.rewriter_url is not None and error_types is not None:
-        parser.error("--error-types selects lexicon perturbations; the LLM rewriter (--rewriter-url) replaces them")
+        raise ValueError("--error-types selects lexicon perturbations; the LLM rewriter (--rewriter-url) replaces them")
     input_path = Path(args.input)
     if not input_path.is_file():
-        parser.error(f"--input {input_path}: no such file")
+        raise FileNotFoundError(f"--input {input_path}: no such file")
     image_root = Path(args.image_root) if args.image_root is not None else input_path.parent
     if not image_root.is_dir():
-        parser.error(f"--image-root {image_root}: no such directory")
+        raise NotADirectoryError(f"--image-root {image_root}: no such directory")
 
     rewriter = client = None
     if args.rewriter_url is not None:

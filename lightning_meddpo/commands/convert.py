@@ -625,9 +625,10 @@ def convert_llava_checkpoint(
 # ---------------------------------------------------------------------------------------------- command line
 
 
-def add_arguments(parser: ArgumentParser) -> ArgumentParser:
+def build_parser() -> ArgumentParser:
     """Arguments of `python -m lightning_meddpo convert` (jsonargparse, like every subcommand: `--config`
     reads them from a file, `--print_config` writes them)."""
+    parser = ArgumentParser(prog="python -m lightning_meddpo convert", description=__doc__.split("\n")[0])
     parser.add_argument("--config", action=ActionConfigFile, help="options from a YAML file (as --print_config writes)")
     parser.add_argument("--src", required=True, help="original-LLaVA-layout checkpoint directory")
     parser.add_argument("--out", required=True, help="output directory (LlavaForConditionalGeneration)")
@@ -645,24 +646,12 @@ def add_arguments(parser: ArgumentParser) -> ArgumentParser:
 
 
 def run(args) -> ConversionReport:
-    return convert_llava_checkpoint(
+    """Convert, then print the report (a ConversionError names every key that does not fit)."""
+    logging.basicConfig(level=logging.INFO)
+    report = convert_llava_checkpoint(
         args.src, args.out, vision_tower_dir=args.vision_tower_dir, dtype=args.dtype,
         chat_template=args.chat_template, pad_vocab_to_multiple_of=args.pad_vocab_to_multiple_of,
         vision_source=args.vision_source,
     )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = add_arguments(ArgumentParser(prog="python -m lightning_meddpo convert", description=__doc__.split("\n")[0]))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    try:
-        report = run(args)
-    except ConversionError as e:
-        parser.exit(2, f"error: {e}\n")
     print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in report.__dict__.items()}, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return report

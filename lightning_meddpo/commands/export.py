@@ -139,8 +139,10 @@ def export(ckpt_path: str, out: str, *, config: str | None = None, merge: bool =
     return out_dir
 
 
-def main(argv: list[str] | None = None) -> Path:
-    parser = ArgumentParser(prog="python -m lightning_meddpo export", description=__doc__.split("\n\n")[0])
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m lightning_meddpo export",
+                            description="Export a checkpoint's policy as a Hugging Face model directory (LoRA merged "
+                                        "unless --no-merge).")
     parser.add_argument("--ckpt_path", required=True, help="a .ckpt file or a sharded checkpoint directory")
     parser.add_argument("--out", required=True, help="output directory (Hugging Face format)")
     parser.add_argument("--config", help="the run's config.yaml (default: read the module from the checkpoint)")
@@ -148,7 +150,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast the weights (default: as trained)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="let the backbone run its own code (never taken from the checkpoint)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(args) -> Path:
     logging.basicConfig(level=logging.INFO)
     out = export(args.ckpt_path, args.out, config=args.config, merge=args.merge, dtype=args.dtype,
                  trust_remote_code=args.trust_remote_code)
