@@ -160,7 +160,7 @@ class MedDPOCLI(LightningCLI):
     @property
     def program(self):
         """The PROGRAMS module this command line runs, or None for Lightning's subcommands."""
-        return PROGRAMS.get(getattr(self, "subcommand", None) or "")
+        return PROGRAMS.get(self.subcommand or "")
 
     def _run_subcommand(self, subcommand: str) -> None:
         if self.program is None:

@@ -33,11 +33,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_meddpo.data.batch import (
-    EncodedImages,
-    PreferenceBatch,
-    TokenRows,
-)
+from lightning_meddpo.backbones.build import base_model
+from lightning_meddpo.data.batch import EncodedImages, PreferenceBatch, TokenRows
 from lightning_meddpo.losses import PairLogps, rewards
 
 log = logging.getLogger(__name__)
@@ -198,11 +195,6 @@ def row_images(batch: PreferenceBatch, rows: Rows) -> EncodedImages:
 
 
 # ---------------------------------------------------------------------------------------------- model parts
-
-
-def base_model(model: nn.Module) -> nn.Module:
-    """The transformers model under a peft wrapper (the same object otherwise)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def vision_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -43,9 +43,14 @@ class LoraSettings:
 FREEZABLE = ("vision_tower", "projector", "language_model")  # the parts `freeze` can name
 
 
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a peft wrapper (the same object otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def part_parameters(model: torch.nn.Module, part: str) -> list[torch.nn.Parameter]:
     """Parameters of one part of a LLaVA-style or Qwen-VL model (peft-wrapped or not)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     core = getattr(base, "model", base)
     vision = getattr(core, "vision_tower", None) or getattr(core, "visual", None)
     projector = getattr(core, "multi_modal_projector", None) or getattr(vision, "merger", None)
@@ -81,7 +86,7 @@ def freeze_unused_vision_layers(model: torch.nn.Module) -> list[str]:
     optimizer (an optimizer state without them is what a sharded checkpoint must match on resume)
     and DDP needs no find_unused_parameters for them. Training is unchanged: they would never move.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     config = base.config
     tower = getattr(getattr(base, "model", base), "vision_tower", None)
     layer = getattr(config, "vision_feature_layer", None)

@@ -110,6 +110,7 @@ def export(ckpt_path: str, out: str, *, config: str | None = None, merge: bool =
     """Write the policy of a Lightning checkpoint as a Hugging Face directory; returns `out`. The backbone's
     own code (trust_remote_code) runs only when the caller asks here or in their --config, never because a
     checkpoint's saved hyper-parameters say so."""
+    from lightning_meddpo.backbones.build import base_model
     from lightning_meddpo.backbones.qwen import save_processor
 
     checkpoint = read_checkpoint(ckpt_path)
@@ -124,7 +125,7 @@ def export(ckpt_path: str, out: str, *, config: str | None = None, merge: bool =
     is_peft = hasattr(model, "merge_and_unload")
     if is_peft and merge:
         model = model.merge_and_unload()
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     if getattr(base, "is_activation_checkpointing", False):
         base.gradient_checkpointing_disable()
     base.config.use_cache = True
