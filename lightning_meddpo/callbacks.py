@@ -23,6 +23,9 @@ class ResumableCheckpoint(ModelCheckpoint):
       checkpoints are unaffected.
     - Every save is atomic (checkpoints.py): written beside its final name, fsynced, then renamed, also for
       sharded (FSDP2) directories, so a kill during a save leaves the previous checkpoint whole.
+    - One last.ckpt per directory: a run resumed from a checkpoint of its own directory writes last.ckpt again,
+      even when a changed callback list or monitor keeps Lightning from restoring this callback's state (it
+      would write last-v1.ckpt and leave last.ckpt stale).
     - `--ckpt_path last` (Lightning's search, outside our CLI) also looks in the run's other version
       directories; the CLI resolves `last` itself and refuses a run trained with other settings.
     - The "could not find the monitored key" warning is given only once validation has logged something
@@ -51,6 +54,18 @@ class ResumableCheckpoint(ModelCheckpoint):
         trainer.strategy.barrier("atomic_checkpoint_done")
         self._last_checkpoint_saved = filepath
         self._last_saved_at = time.monotonic()
+
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
+        """A run resumed from a checkpoint in this directory continues its last.ckpt, whether or not Lightning
+        restored this callback's state (it does not when the callback's settings, e.g. its monitor, changed):
+        otherwise the newest state would go to last-v1.ckpt beside a stale last.ckpt."""
+        if self._resumed_here(trainer):
+            self.last_model_path = self.format_checkpoint_name(monitor_candidates, self.CHECKPOINT_NAME_LAST)
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+
+    def _resumed_here(self, trainer: L.Trainer) -> bool:
+        resumed = trainer.ckpt_path
+        return bool(resumed and self.dirpath) and Path(resumed).resolve().parent == Path(self.dirpath).resolve()
 
     def _save_last_if_behind(self, trainer: L.Trainer) -> None:
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):

@@ -27,10 +27,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import ActionYesNo
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_meddpo.checkpoints import CheckpointError, read_checkpoint_meta
 from lightning_meddpo.commands import benchmark, build_pairs, convert, export
+from lightning_meddpo.data.datamodule import PreferenceDataModule
+from lightning_meddpo.data.fingerprint import data_differences
 from lightning_meddpo.modules.base import PreferenceModule
 
 # Subcommands beside LightningCLI's: each module has build_parser() (its options) and run(namespace).
@@ -136,6 +139,23 @@ def config_differences(model_config: Any, checkpoint: dict[str, Any], keys: tupl
     return out
 
 
+def training_data_differences(config: Any, checkpoint: dict[str, Any]) -> list[str]:
+    """What differs between the data a checkpoint trained on and the data this config trains on (files' bytes and
+    training settings, see data/fingerprint.py); nothing for a DataModule other than ours."""
+    data = _plain(config.get("data")) or {}
+    if not str(data.get("class_path", "")).endswith(PreferenceDataModule.__name__):
+        return []
+    saved_state = checkpoint.get(PreferenceDataModule.__qualname__) or {}
+    return data_differences(_plain(checkpoint.get("datamodule_hyper_parameters")), saved_state.get("files"),
+                            data.get("init_args") or {})
+
+
+def _warn(message: str) -> None:
+    """One line on stderr, once per job (rank 0)."""
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+        print(f"lightning_meddpo: warning: {message}", file=sys.stderr, flush=True)
+
+
 class MedDPOParser(LightningArgumentParser):
     """LightningCLI's parser, whose subcommands are Lightning's and then the PROGRAMS."""
 
@@ -177,6 +197,9 @@ class MedDPOCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.processor", "data.init_args.processor", apply_on="instantiate")
+        parser.add_argument("--resume_anyway", action=ActionYesNo, default=False,
+                            help="--ckpt_path last: resume the newest run of this config even if it was trained on other "
+                                 "data or settings (the differences are printed)")
 
     def _parse_ckpt_path(self) -> None:
         """Check `--ckpt_path` against the config instead of applying its hyper-parameters (see module
@@ -188,7 +211,8 @@ class MedDPOCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path")
         if not ckpt_path:
             return
-        if ckpt_path == "last":
+        resolved_last = ckpt_path == "last"
+        if resolved_last:
             resolved = self._last_of_this_config(config)
             if resolved is None:
                 return  # nothing to resume: Lightning starts anew (and says so)
@@ -200,10 +224,15 @@ class MedDPOCLI(LightningCLI):
                 f"{ckpt_path} was trained as another model than this config describes: " + "; ".join(differences)
                 + ". Use a checkpoint of this model, or the config it was trained with (its run's config.yaml)."
             )
+        if subcommand == "fit" and not resolved_last:
+            differences = training_data_differences(config, checkpoint)
+            if differences:
+                _warn(f"resuming {ckpt_path}, which was trained on other data: " + "; ".join(differences))
 
     def _last_of_this_config(self, config) -> Path | None:
-        """The newest last.ckpt among this config's runs, if it was trained with this config's model
-        settings; a run with other settings is not resumed by `last` (an error says how to resume it)."""
+        """The newest last.ckpt among this config's runs, if it was trained with this config's model settings
+        and data (data/fingerprint.py); a run with other settings or data is not resumed by `last`: an error names
+        the differences and says how to resume it anyway (`--resume_anyway`, or its path) or start anew."""
         logger = config.trainer.get("logger")
         init_args = getattr(logger, "init_args", None) if logger is not None else None
         if init_args is None or not getattr(init_args, "save_dir", None):
@@ -213,12 +242,16 @@ class MedDPOCLI(LightningCLI):
         if not found:
             return None
         newest = found[-1]
-        differences = config_differences(config.model, read_checkpoint_meta(newest))
-        if differences:
+        checkpoint = read_checkpoint_meta(newest)
+        differences = config_differences(config.model, checkpoint) + training_data_differences(config, checkpoint)
+        if differences and config.get("resume_anyway"):
+            _warn(f"--resume_anyway: resuming {newest}, which was trained with other settings or data: "
+                  + "; ".join(differences))
+        elif differences:
             raise CheckpointError(
-                f"--ckpt_path last would resume {newest}, which was trained with other settings: "
-                + "; ".join(differences) + f". To resume it anyway pass --ckpt_path {newest}; to start anew, "
-                "drop --ckpt_path."
+                f"--ckpt_path last would resume {newest}, which was trained with other settings or data: "
+                + "; ".join(differences) + f". To resume it anyway add --resume_anyway (or pass --ckpt_path {newest}); "
+                "to start anew, drop --ckpt_path."
             )
         return newest
 

@@ -30,6 +30,7 @@ from lightning_meddpo.data.collate import (
     PreferenceCollator,
     PromptTooLongError,
 )
+from lightning_meddpo.data.fingerprint import data_files
 from lightning_meddpo.data.formats import FORMATS, read_records
 from lightning_meddpo.data.images import (
     DEFAULT_MAX_PIXELS,
@@ -231,6 +232,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.truncated: Counter = Counter()
         self._origin: dict[int, str] = {}  # id(record) -> the file it was read from (its report's key)
         self.needs: PairNeeds | None = None  # None: read from the trainer's module (PreferenceModule.pair_needs)
+        self._files: dict[str, Any] | None = None  # the training files' identity, hashed once (fingerprint.py)
 
     @property
     def skipped(self) -> Counter:
@@ -351,6 +353,7 @@ class PreferenceDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         h = self.hparams
         if stage in ("fit", "validate", None) and "train" not in self.datasets and h.train_file:
+            self._files = data_files(h)  # before reading: the bytes the run reads
             train = self._read(h.train_file, "train")
             if h.val_file:
                 val = self._read(h.val_file, "val")
@@ -414,14 +417,18 @@ class PreferenceDataModule(L.LightningDataModule):
         )
 
     # -- resuming mid-epoch: the position is part of the DataModule's checkpoint state ------------------
-    def state_dict(self) -> dict[str, int]:
-        """(epoch, batches of it trained on) as the trainer counts them, when it saves."""
+    def state_dict(self) -> dict[str, Any]:
+        """(epoch, batches of it trained on) as the trainer counts them, when it saves, and what the run trains
+        on (data/fingerprint.py: the CLI compares it before a resume)."""
         if self.trainer is None:
             return {}
+        if self._files is None:
+            self._files = data_files(self.hparams)
         return {"epoch": self.trainer.current_epoch,
-                "position": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+                "position": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+                "files": self._files}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self._resume = (int(state["epoch"]), int(state["position"])) if state else None
 
     def _resume_skip(self, epoch: int) -> int:

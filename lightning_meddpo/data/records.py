@@ -220,12 +220,20 @@ PAPER_FIELDS = frozenset({"id", "image", "conversations", "rejected_conversation
                           "weighted_score", "pair_type"})
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32: the dtype weights are batched and used in
+
+
 def check_score(score: Any, source: str, rid: str) -> float | None:
-    """weighted_score: absent/None, or a finite number (not a bool, not a string, not NaN/inf)."""
+    """weighted_score: absent/None, or a number finite in float32, the dtype it is used in (not a bool, not a
+    string, not NaN/inf, not a value like 1e39 that JSON and Python hold but float32 turns into inf)."""
     if score is None:
         return None
     if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
         raise RecordError(source, rid, "weighted_score", f"expected a finite number, got {score!r}")
+    if abs(float(score)) > FLOAT32_MAX:
+        raise RecordError(source, rid, "weighted_score",
+                          f"{score!r} is inf in float32, the dtype the loss uses (largest finite: {FLOAT32_MAX:.4g})",
+                          reason="field weighted_score: inf in float32")
     return float(score)
 
 
