@@ -102,7 +102,8 @@ def test_the_users_config_wins_or_the_run_stops(tmp_path, checkpoint, demo_dir):
 
 def test_ckpt_path_last_resumes_only_this_configs_run(tmp_path, checkpoint, demo_dir):
     runs = tmp_path / "demo" / "dpo"
-    args = ["fit", "--config", str(REPO / "configs/methods/dpo.yaml"), "--config", str(REPO / "configs/backbones/demo.yaml"), *small_demo_args(demo_dir, tmp_path), "--ckpt_path=last"]
+    args = ["fit", "--config", str(REPO / "configs/methods/dpo.yaml"), "--config", str(REPO / "configs/backbones/demo.yaml"),
+            *small_demo_args(demo_dir, tmp_path), "--data.init_args.batch_size=4", "--ckpt_path=last"]  # as the checkpoint
     older = runs / "version_0" / "checkpoints" / "last.ckpt"
     older.parent.mkdir(parents=True)
     shutil.copy(checkpoint, older)
@@ -112,6 +113,8 @@ def test_ckpt_path_last_resumes_only_this_configs_run(tmp_path, checkpoint, demo
     crafted(checkpoint, newer, lr=1e-4)  # the newest run was trained at another lr
     with pytest.raises(CheckpointError, match=r"would resume .*version_1.*lr: 0.0001 -> 0.003"):
         parsed(*args)
+    with pytest.raises(CheckpointError, match=r"would resume .*version_1.*data.batch_size: 4 -> 8"):
+        parsed(*args[:-2], args[-1])  # the demo config's batch size (8), not the checkpoint's (4)
 
 
 def test_errors_are_one_message_and_debug_shows_the_traceback(tmp_path, checkpoint):
