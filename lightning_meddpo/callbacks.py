@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_meddpo.checkpoints import commit, temporary_sibling
+from lightning_meddpo.checkpoints import commit, temporary_sibling, writing
 from lightning_meddpo.data.batch import PreferenceBatch
 
 
@@ -22,7 +22,8 @@ class ResumableCheckpoint(ModelCheckpoint):
       every T minutes (whichever comes first), so a crash loses at most that much; the monitored best
       checkpoints are unaffected.
     - Every save is atomic (checkpoints.py): written beside its final name, fsynced, then renamed, also for
-      sharded (FSDP2) directories, so a kill during a save leaves the previous checkpoint whole.
+      sharded (FSDP2) directories, so a kill during a save leaves the previous checkpoint whole; a save that
+      fails (disk full) removes its partial file and stops the run with one line naming the path and cause.
     - One last.ckpt per directory: a run resumed from a checkpoint of its own directory writes last.ckpt again,
       even when a changed callback list or monitor keeps Lightning from restoring this callback's state (it
       would write last-v1.ckpt and leave last.ckpt stale).
@@ -47,10 +48,11 @@ class ResumableCheckpoint(ModelCheckpoint):
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         path = Path(filepath)
         tmp = temporary_sibling(path)
-        super()._save_checkpoint(trainer, str(tmp))
-        trainer.strategy.barrier("atomic_checkpoint")
-        if trainer.is_global_zero and tmp.exists():
-            commit(tmp, path)
+        with writing(path, "the checkpoint", partial=tmp):  # a full disk: one line, no partial file left
+            super()._save_checkpoint(trainer, str(tmp))
+            trainer.strategy.barrier("atomic_checkpoint")
+            if trainer.is_global_zero and tmp.exists():
+                commit(tmp, path)
         trainer.strategy.barrier("atomic_checkpoint_done")
         self._last_checkpoint_saved = filepath
         self._last_saved_at = time.monotonic()

@@ -7,16 +7,19 @@
 - `atomic_write(path, write)`: `write(tmp)` then fsync and rename over `path`: a kill during a save never
   leaves a truncated checkpoint in place of the good one (Lightning's own save goes through a temporary
   file in the system temp directory and `shutil.move`, which is a copy, not a rename, across filesystems).
+- `writing(path, what)`: a failed write (disk full, permission, read-only) becomes a one-line `WriteError`
+  naming the path and the cause, with the partial file removed; `write_text_atomic` for small text outputs.
 - `rng_state()` / `restore_rng_state()`: the torch (CPU and CUDA), numpy and python generators, as plain
   lists so a checkpoint still loads with `weights_only=True`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,51 @@ METADATA = "meta.pt"  # what Lightning's ModelParallelStrategy writes beside the
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used, with the file and the reason."""
+
+
+class WriteError(OSError):
+    """A write that failed (disk full, no permission, a read-only filesystem), as one line naming the path, what
+    was being written and the cause; what was there before is intact (writes go to a partial file first)."""
+
+    def __init__(self, path: str | Path, what: str, cause: OSError):
+        super().__init__(cause.errno, cause.strerror)
+        self.path, self.cause = Path(path), cause
+        before = " (the previous one is intact)" if self.path.exists() else ""
+        self.message = f"cannot write {what} {path}: {cause.strerror or cause}{before}"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def remove_partial(path: Path) -> None:
+    """Delete a partial file or directory left by a failed write; never raises."""
+    try:
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+@contextlib.contextmanager
+def writing(path: str | Path, what: str, partial: Path | None = None) -> Iterator[None]:
+    """Turn an OSError raised inside into a WriteError naming `path` and `what`, after removing `partial`."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as e:
+        if partial is not None:
+            remove_partial(partial)
+        raise WriteError(path, what, e) from e
+
+
+def write_text_atomic(path: str | Path, text: str, what: str) -> None:
+    """`text` to `path` through a partial sibling and a rename; a failure is a WriteError and leaves no partial."""
+    path = Path(path)
+    tmp = temporary_sibling(path)
+    with writing(path, what, partial=tmp):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text, encoding="utf-8")
+        commit(tmp, path)
 
 
 def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
@@ -83,12 +131,14 @@ def temporary_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.partial")
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)` (a file, or a directory of shards), fsync, then rename over `path` (see module docstring)."""
+def atomic_write(path: str | Path, write: Callable[[Path], None], what: str = "the file") -> None:
+    """`write(tmp)` (a file, or a directory of shards), fsync, then rename over `path` (see module docstring). An
+    OSError (a full disk) is a WriteError naming `path`; the partial write is removed, what was at `path` stays."""
     path = Path(path)
     tmp = temporary_sibling(path)
-    write(tmp)
-    commit(tmp, path)
+    with writing(path, what, partial=tmp):
+        write(tmp)
+        commit(tmp, path)
 
 
 def commit(tmp: Path, path: Path) -> None:

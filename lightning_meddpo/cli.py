@@ -39,8 +39,9 @@ from lightning_meddpo.modules.base import PreferenceModule
 # Subcommands beside LightningCLI's: each module has build_parser() (its options) and run(namespace).
 PROGRAMS = {"build-pairs": build_pairs, "convert": convert, "export": export, "benchmark": benchmark}
 DEBUG_ENV = "LIGHTNING_MEDDPO_DEBUG"
-# What a user's input can raise: printed as one message. Anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError, PermissionError)
+# What a user's input or machine can raise: printed as one message (an OSError: a missing or unwritable path, a
+# full disk; our writers name the path, see checkpoints.WriteError). Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
 # Lightning messages that say nothing to our users (the reference is in eval mode on purpose, and so on).
 QUIET = (
     r"Found \d+ module\(s\) in eval mode",

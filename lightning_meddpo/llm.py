@@ -158,21 +158,25 @@ class LLMClient:
         if self.cache_dir is None:
             return
         path = self._cache_path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         entry = {"key": key, "url": self.url, "model": self.model, "temperature": self.temperature,
                  "messages": messages, "reply": reply, "created": time.time()}
-        fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=path.parent)
+        tmp = None
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=path.parent)
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(entry, f, ensure_ascii=False)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+        except BaseException as e:
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+            if isinstance(e, OSError):  # a full disk: one line naming the cache file (finished replies stay)
+                raise OSError(e.errno, f"cannot write the reply cache {path}: {e.strerror or e}") from e
             raise
 
     def _count(self, name: str) -> None:

@@ -121,11 +121,15 @@ class ReferenceTable:
         """Atomic: a crash mid-write never leaves a partial table under the final name."""
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"meta": meta, "views": list(self.views), "values": self.values}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"meta": meta, "views": list(self.views), "values": self.values}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # no partial table left behind (a full disk, a kill)
+            raise
 
     @classmethod
     def load(cls, path: Path) -> ReferenceTable:

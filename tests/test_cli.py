@@ -151,14 +151,16 @@ def test_fit_prints_and_logs_what_the_loader_fixed(demo_dir, tmp_path):
     train = tmp_path / "train.json"
     train.write_text(json.dumps(records))
     args = ["--config", "configs/methods/dpo.yaml", "--config", "configs/backbones/demo.yaml", *small_demo_args(demo_dir, tmp_path), f"--data.init_args.train_file={train}",
-            "--data.init_args.skip_invalid=true", "--data.init_args.max_length=24", "--trainer.max_steps=1",
+            # 32: responses are cut, none to the point where both sides of a pair are equal (24 would make 37 of the
+            # demo's 64 pairs degenerate, which are then skipped as pairs without preference signal)
+            "--data.init_args.skip_invalid=true", "--data.init_args.max_length=32", "--trainer.max_steps=1",
             "--trainer.limit_val_batches=1"]
     proc = run_cli("fit", *args)
     out = proc.stdout
     for noise in ("could not find the monitored key", "💡 Tip", "args parameter is intended", "eval mode"):
         assert noise not in out + proc.stderr, noise  # a one-step run is not misconfigured
     assert "1 had no <image> placeholder (inserted)" in out and "1 skipped: field image: image file not found" in out
-    assert "responses truncated to max_length=24" in out and "train: 11 pairs" in out
+    assert "responses truncated to max_length=32" in out and "train: 11 pairs" in out
     (version,) = _version_dirs(tmp_path)
     scalars = read_scalars(version)
     assert scalars["data/placeholders_inserted"] == [(0, 1.0)] and scalars["data/skipped"] == [(0, 1.0)]

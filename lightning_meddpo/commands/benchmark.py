@@ -46,6 +46,7 @@ from typing import Any, Literal
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from lightning_meddpo.checkpoints import write_text_atomic
 from lightning_meddpo.commands.report import (
     RESULT_NAME,
     SINGLE_EVAL,
@@ -332,9 +333,7 @@ class Runner:
             **collect_metrics(run_dir, list(evaluations)), "checkpoint_step": checkpoint_step(checkpoint),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        tmp = run_dir / f".{RESULT_NAME}.tmp"
-        tmp.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, run_dir / RESULT_NAME)  # written last: marks the run finished
+        write_text_atomic(run_dir / RESULT_NAME, json.dumps(result, indent=1) + "\n", "the run's result")  # marks it finished
         print(f"[{name} seed {seed}] done in {fit_seconds + test_seconds:.0f} s: "
               + ", ".join(f"{k}={v:.3f}" for k, v in result["metrics"].items()), flush=True)
         return result
@@ -407,7 +406,7 @@ def run(args) -> list[dict[str, Any]]:
             raise SystemExit(f"start_from {args.start_from!r} has no finished run in {runner.out_dir} for every seed: "
                              "include it in --only")
     runner.out_dir.mkdir(parents=True, exist_ok=True)
-    (runner.out_dir / "formulations.json").write_text(json.dumps(names) + "\n", encoding="utf-8")
+    write_text_atomic(runner.out_dir / "formulations.json", json.dumps(names) + "\n", "the benchmark's formulations")
     start = time.perf_counter()
     results = [runner.run(name, seed) for seed in seeds for name in names]
     baseline = args.baseline if args.baseline in names else None

@@ -32,7 +32,6 @@ Answers that cannot be perturbed are skipped and counted by reason in the `Build
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 from collections import Counter
@@ -45,6 +44,7 @@ import numpy as np
 from jsonargparse import ActionConfigFile, ArgumentParser
 from PIL import Image
 
+from lightning_meddpo.checkpoints import write_text_atomic
 from lightning_meddpo.commands.perturb import lexicon_tables, perturb_answer
 from lightning_meddpo.commands.sources import parse_source_record, safe_relative_path
 from lightning_meddpo.data.images import corrupt, load_image, normalize_spec, seed_for
@@ -112,16 +112,11 @@ def _conversation(prompt: list[dict[str, str]], answer: str) -> list[dict[str, s
 
 
 def _write_records(records: list[dict[str, Any]], out_path: Path) -> None:
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        if out_path.suffix == ".jsonl":
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        else:
-            json.dump(records, f, ensure_ascii=False, indent=1)
-            f.write("\n")
-    os.replace(tmp, out_path)
+    if out_path.suffix == ".jsonl":
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    else:
+        text = json.dumps(records, ensure_ascii=False, indent=1) + "\n"
+    write_text_atomic(out_path, text, "the pairs")
 
 
 def build_pairs(

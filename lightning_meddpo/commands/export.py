@@ -16,15 +16,21 @@ hyper_parameters). The policy model is rebuilt, its weights loaded, LoRA adapter
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
+import os
+import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 from jsonargparse import ArgumentParser
+
+from lightning_meddpo.checkpoints import atomic_write, remove_partial
 
 log = logging.getLogger(__name__)
 POLICY_PREFIX = "policy.model."
@@ -105,14 +111,46 @@ def policy_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return weights
 
 
+@contextlib.contextmanager
+def safetensors_io_as_oserror() -> Iterator[None]:
+    """safetensors reports a failed write (a full disk) as a SafetensorError "... (os error 28)": raise it as the
+    OSError it is, so it is reported like every other failed write."""
+    try:
+        yield
+    except Exception as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None or isinstance(e, OSError):
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from e
+
+
+def check_output(out: Path, ckpt_path: str | Path, overwrite: bool) -> None:
+    """`out` may be new or an empty folder; a folder with files only with `overwrite` (a user's model is never
+    replaced unasked), never the folder holding the checkpoint itself; an existing file never."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out}: an existing file; export writes a folder: choose a new path")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if Path(ckpt_path).resolve().is_relative_to(out.resolve()):
+        raise FileExistsError(f"--out {out}: holds the checkpoint being exported ({ckpt_path}); choose another folder")
+    if not overwrite:
+        held = sorted(p.name for p in out.iterdir())
+        raise FileExistsError(f"--out {out}: the folder is not empty (it holds {', '.join(held[:4])}"
+                              f"{', ...' if len(held) > 4 else ''}); choose a new folder, or pass --overwrite to replace it")
+
+
 def export(ckpt_path: str, out: str, *, config: str | None = None, merge: bool = True, dtype: str | None = None,
-           trust_remote_code: bool = False) -> Path:
+           trust_remote_code: bool = False, overwrite: bool = False) -> Path:
     """Write the policy of a Lightning checkpoint as a Hugging Face directory; returns `out`. The backbone's
     own code (trust_remote_code) runs only when the caller asks here or in their --config, never because a
-    checkpoint's saved hyper-parameters say so."""
+    checkpoint's saved hyper-parameters say so. A non-empty `out` is refused unless `overwrite` (see
+    check_output); the model is written beside `out` and swapped in, so a failure (a full disk) leaves what was
+    there and no partial folder."""
     from lightning_meddpo.backbones.build import base_model
     from lightning_meddpo.backbones.qwen import save_processor
 
+    out_dir = Path(out)
+    check_output(out_dir, ckpt_path, overwrite)
     checkpoint = read_checkpoint(ckpt_path)
     class_path, init_args = module_spec(checkpoint, config)
     if trust_remote_code:
@@ -132,10 +170,15 @@ def export(ckpt_path: str, out: str, *, config: str | None = None, merge: bool =
     model.eval()
     if dtype is not None:
         model = model.to(getattr(torch, dtype))
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    save_processor(module.processor, out_dir)
+
+    def write(tmp: Path) -> None:
+        remove_partial(tmp)  # a partial export of a killed earlier run
+        with safetensors_io_as_oserror():
+            model.save_pretrained(tmp)
+        save_processor(module.processor, tmp)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_dir, write, "the exported model")  # written beside, then swapped in: never half a model
     log.info("exported %s (%s%s) to %s", ckpt_path, class_path, ", LoRA merged" if is_peft and merge else "", out_dir)
     return out_dir
 
@@ -149,6 +192,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--config", help="the run's config.yaml (default: read the module from the checkpoint)")
     parser.add_argument("--no-merge", dest="merge", action="store_false", help="save LoRA adapters unmerged")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast the weights (default: as trained)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty --out folder (written beside it, then swapped in)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="let the backbone run its own code (never taken from the checkpoint)")
     return parser
@@ -157,6 +202,6 @@ def build_parser() -> ArgumentParser:
 def run(args) -> Path:
     logging.basicConfig(level=logging.INFO)
     out = export(args.ckpt_path, args.out, config=args.config, merge=args.merge, dtype=args.dtype,
-                 trust_remote_code=args.trust_remote_code)
+                 trust_remote_code=args.trust_remote_code, overwrite=args.overwrite)
     print(out)
     return out

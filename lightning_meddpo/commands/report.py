@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from lightning_meddpo.checkpoints import write_text_atomic, writing
 from lightning_meddpo.data.records import IMAGE_TOKEN, load_json_records
 from lightning_meddpo.eval.errors import ERROR_TYPES, VISUAL_ERRORS, classify
 from lightning_meddpo.eval.metrics import (
@@ -427,8 +428,8 @@ def write_summary(out_dir: str | Path, baseline: str | None = None, bootstrap: i
     out_dir = Path(out_dir)
     summary = summarize(load_results(out_dir), out_dir, baseline, bootstrap=bootstrap)
     paths = {"csv": out_dir / "summary.csv", "md": out_dir / "summary.md"}
-    paths["csv"].write_text(to_csv(summary.rows), encoding="utf-8")
-    paths["md"].write_text(f"# Benchmark {out_dir.name}\n\n" + to_markdown(summary), encoding="utf-8")
+    write_text_atomic(paths["csv"], to_csv(summary.rows), "the benchmark summary")
+    write_text_atomic(paths["md"], f"# Benchmark {out_dir.name}\n\n" + to_markdown(summary), "the benchmark summary")
     return paths
 
 
@@ -493,9 +494,14 @@ def plot_metrics(summary: Summary, path: str | Path | None = None, metrics: list
         ax.axis("off")
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        _save(fig, path, plt)
     return fig
+
+
+def _save(fig, path: str | Path, plt) -> None:
+    with writing(path, "the plot"):
+        fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def plot_errors(summary: Summary, path: str | Path | None = None):
@@ -523,8 +529,7 @@ def plot_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], path: str
     else:
         fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        _save(fig, path, plt)
     return fig
 
 

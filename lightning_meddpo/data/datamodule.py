@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 PROMPT_TOO_LONG = "prompt with image tokens exceeds max_length"
 NO_SIGNAL = "no preference signal for the formulation"
+NO_SIGNAL_TRUNCATED = "no preference signal for the formulation once truncated to max_length"
 WEIGHT_WARN = 100.0  # weighted_score above this is warned about
 
 
@@ -233,6 +234,8 @@ class PreferenceDataModule(L.LightningDataModule):
         self._origin: dict[int, str] = {}  # id(record) -> the file it was read from (its report's key)
         self.needs: PairNeeds | None = None  # None: read from the trainer's module (PreferenceModule.pair_needs)
         self._files: dict[str, Any] | None = None  # the training files' identity, hashed once (fingerprint.py)
+        self._resume: tuple[int, int] | None = None  # (epoch, batches trained) of the checkpoint resumed from
+        self._restored = False  # a checkpoint's DataModule state was loaded (or found missing)
 
     @property
     def skipped(self) -> Counter:
@@ -308,9 +311,14 @@ class PreferenceDataModule(L.LightningDataModule):
                                       reason=f"field weighted_score: missing or negative ({needs.formulation})")
                 pair = dataset[i]
                 problem = None if needs is None or record.desirable is not None else needs.missing_signal(
-                    record.pair_type, record.chosen.strip() != record.rejected.strip(), _images_differ(pair))
+                    record.pair_type, _responses_differ(record, pair), _images_differ(pair))
                 if problem is not None:
-                    error = RecordError(record.source, record.id, "rejected_conversations", problem, reason=NO_SIGNAL)
+                    reason = NO_SIGNAL
+                    if pair.truncated and record.chosen.strip() != record.rejected.strip():
+                        problem += (f" once both are truncated to fit max_length={self.hparams.max_length} (they differ "
+                                    "only after that; raise data.init_args.max_length)")
+                        reason = NO_SIGNAL_TRUNCATED
+                    error = RecordError(record.source, record.id, "rejected_conversations", problem, reason=reason)
                     if not self.hparams.skip_invalid:
                         no_signal.append(error)
                         continue
@@ -430,10 +438,22 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._resume = (int(state["epoch"]), int(state["position"])) if state else None
+        self._restored = True
 
     def _resume_skip(self, epoch: int) -> int:
-        """Sample indices to leave out of `epoch`'s order: the batches trained on before a resume, once."""
-        resume, self._resume = getattr(self, "_resume", None), None
+        """Sample indices to leave out of `epoch`'s order: the batches trained on before a resume, once. A
+        checkpoint without the position (written before it was saved) resumed mid-epoch cannot say which pairs of
+        the epoch were trained on: the rest of that epoch is left out (warned), never replayed in another order."""
+        resume, self._resume = self._resume, None
+        trainer = self.trainer
+        if resume is None and not self._restored and trainer is not None and trainer.ckpt_path:
+            self._restored = True
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed  # restored by Lightning
+            if done:
+                log.warning("%s has no data position (written by an older version): the run resumes at the next "
+                            "epoch boundary, leaving out the rest of epoch %d (%d batches were trained on) rather than "
+                            "training some of its pairs twice", trainer.ckpt_path, epoch, done)
+                return len(self.datasets["train"])
         if resume is None or resume[0] != epoch:
             return 0
         return resume[1] * self.hparams.batch_size
@@ -485,6 +505,13 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+
+def _responses_differ(record: PreferenceRecord, pair: EncodedPair) -> bool:
+    """The responses differ in the tokens that are scored: after truncation to max_length, not only as text."""
+    if record.chosen.strip() == record.rejected.strip():
+        return False
+    return pair.rejected is None or not torch.equal(pair.chosen, pair.rejected)
 
 
 def _images_differ(pair: EncodedPair) -> bool:

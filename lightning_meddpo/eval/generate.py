@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
+from lightning_meddpo.checkpoints import writing
 from lightning_meddpo.eval.metrics import (
     BLEU,
     ClippedOpenRecall,
@@ -224,10 +225,11 @@ class PredictionWriter(L.Callback):
         target = self._target(trainer)
         rank, world = trainer.global_rank, trainer.world_size
         part = target.with_name(f"{target.name}.rank{rank}") if world > 1 else target.with_name(f"{target.name}.tmp")
-        part.parent.mkdir(parents=True, exist_ok=True)
-        with part.open("w", encoding="utf-8") as f:
-            for row in self._rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        with writing(target, "the predictions", partial=part):  # a full disk: one line, no partial file
+            part.parent.mkdir(parents=True, exist_ok=True)
+            with part.open("w", encoding="utf-8") as f:
+                for row in self._rows:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
         if world > 1:
             trainer.strategy.barrier("prediction_writer")
             if rank == 0:

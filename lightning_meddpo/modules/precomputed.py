@@ -14,6 +14,7 @@ import lightning as L
 
 from lightning_meddpo.backbones.loader import resolve_backbone
 from lightning_meddpo.cache import default_cache_dir
+from lightning_meddpo.checkpoints import writing
 from lightning_meddpo.reference_cache import (
     ReferenceTable,
     fingerprint,
@@ -100,6 +101,7 @@ def compute_reference_table(trainer, module, dm, path: Path) -> ReferenceTable:
         for values in parts:
             table.merge(ReferenceTable(views, values))
     if trainer.global_rank == 0:
-        table.save(path, {"views": list(views)})
+        with writing(path, "the reference log-probs"):  # a full disk: one line naming the cache file
+            table.save(path, {"views": list(views)})
         log.info("reference log-probs: %d records computed, cached in %s", len(table), path)
     return table
