@@ -34,14 +34,16 @@ from lightning_meddpo.checkpoints import CheckpointError, read_checkpoint_meta
 from lightning_meddpo.commands import benchmark, build_pairs, convert, export
 from lightning_meddpo.data.datamodule import PreferenceDataModule
 from lightning_meddpo.data.fingerprint import data_differences
+from lightning_meddpo.llm import LLMError
 from lightning_meddpo.modules.base import PreferenceModule
 
 # Subcommands beside LightningCLI's: each module has build_parser() (its options) and run(namespace).
 PROGRAMS = {"build-pairs": build_pairs, "convert": convert, "export": export, "benchmark": benchmark}
 DEBUG_ENV = "LIGHTNING_MEDDPO_DEBUG"
 # What a user's input or machine can raise: printed as one message (an OSError: a missing or unwritable path, a
-# full disk; our writers name the path, see checkpoints.WriteError). Anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, OSError, FloatingPointError)
+# full disk; our writers name the path, see checkpoints.WriteError; a judge or rewriter server that failed for good,
+# named with its URL and status). Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, FloatingPointError, LLMError)
 # Lightning messages that say nothing to our users (the reference is in eval mode on purpose, and so on).
 QUIET = (
     r"Found \d+ module\(s\) in eval mode",

@@ -226,3 +226,46 @@ def test_paper_inference_prompt_mistral_instruct_one_bos(vqa_file, tiny_processo
     text = tiny_processor.tokenizer.decode(item.input_ids)
     assert text.startswith("<s>[INST] <image>") and text.endswith("What is the imaging modality? [/INST]")
     assert int((item.input_ids == tiny_processor.tokenizer.bos_token_id).sum()) == 1
+
+
+def test_a_judge_that_fails_for_good_ends_the_job_in_one_line_and_the_rerun_resumes(tmp_path, demo_dir, report_file):
+    """From its 3rd request on the judge answers HTTP 200 with truncated JSON: `test` ends with one line naming the
+    URL (exit 2), the finished answers stay cached, and the rerun (the judge healthy again) asks only for the rest."""
+    import os
+    import subprocess
+    import sys
+
+    answered: list[str] = []
+    broken = {"after": 2}
+
+    def judge_reply(body):
+        if broken["after"] is not None and len(answered) >= broken["after"]:
+            return 200, '{"id": "cmpl", "choices": [{"message": {"role": "assistant", "content": "ENTAI'
+        answered.append(last_user(body))
+        return "ENTAILMENT"
+
+    args = [a for a in small_demo_args(demo_dir, tmp_path) if "_file=" not in a and "demo=" not in a]
+    cache = tmp_path / "judge_cache"
+
+    def test_job(url: str) -> subprocess.CompletedProcess:
+        judge = json.dumps({"url": url, "model": "judge", "cache_dir": str(cache), "max_workers": 1,
+                            "max_attempts": 2, "backoff_base": 0.01})
+        return subprocess.run(
+            [sys.executable, "-m", "lightning_meddpo", "test", "--config", "configs/methods/sft.yaml", "--config",
+             "configs/backbones/demo.yaml", "--data", "configs/eval/report.yaml", f"--data.init_args.test_file={report_file}",
+             "--data.init_args.demo=false", "--data.init_args.generation.max_new_tokens=12",
+             f"--data.init_args.judge={judge}", *args],
+            cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+    with FakeLLMServer(judge_reply) as srv:
+        proc = test_job(srv.url)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        (line,) = [line for line in proc.stderr.splitlines() if ": error: " in line]
+        assert srv.url in line and "2 attempt(s)" in line
+        assert len(list(cache.rglob("*.json"))) == 2  # the finished answers
+        broken["after"] = None
+        proc = test_job(srv.url)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    first, rerun = answered[:2], answered[2:]
+    assert rerun and not set(first) & set(rerun)  # nothing asked twice
+    assert len(list(cache.rglob("*.json"))) == len(answered)

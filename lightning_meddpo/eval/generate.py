@@ -84,12 +84,15 @@ class JudgeSettings:
     api_key_env: str = "OPENAI_API_KEY"
     cache_dir: str | None = None
     max_workers: int = 8
+    max_attempts: int = 5  # tries per request before the job stops (finished replies stay in cache_dir)
+    backoff_base: float = 1.0  # seconds before the first retry, doubled after each
 
     def build(self):
         from lightning_meddpo.eval.judge import NLIJudge
         from lightning_meddpo.llm import LLMClient
 
-        client = LLMClient(self.url, self.model, api_key_env=self.api_key_env, cache_dir=self.cache_dir)
+        client = LLMClient(self.url, self.model, api_key_env=self.api_key_env, cache_dir=self.cache_dir,
+                           max_attempts=self.max_attempts, backoff_base=self.backoff_base)
         return NLIJudge(client, max_workers=self.max_workers)
 
 
