@@ -20,7 +20,8 @@ class ResumableCheckpoint(ModelCheckpoint):
       point and at the end of training.
     - `last_every_n_steps` / `last_every_minutes`: last.ckpt is also written every N optimizer steps and/or
       every T minutes (whichever comes first), so a crash loses at most that much; the monitored best
-      checkpoints are unaffected.
+      checkpoints are unaffected. A run that stops mid-epoch (max_steps, a stop request) writes it after its last
+      batch, so resuming it with a larger max_steps continues that epoch instead of skipping its rest.
     - Every save is atomic (checkpoints.py): written beside its final name, fsynced, then renamed, also for
       sharded (FSDP2) directories, so a kill during a save leaves the previous checkpoint whole; a save that
       fails (disk full) removes its partial file and stops the run with one line naming the path and cause.
@@ -76,6 +77,9 @@ class ResumableCheckpoint(ModelCheckpoint):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         due = self.last_every_n_steps is not None and trainer.global_step % self.last_every_n_steps == 0
+        # The run ends after this batch (max_steps, a stop request): save now, while the loops say "mid-epoch". Saved
+        # at train end instead, the checkpoint says the epoch ended, and a resume would skip the rest of its pairs.
+        due = due or trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step
         if self.last_every_minutes is not None:
             due = due or trainer.strategy.broadcast(time.monotonic() - self._last_saved_at >= 60 * self.last_every_minutes)
         if due:

@@ -202,7 +202,8 @@ class MedDPOCLI(LightningCLI):
         parser.link_arguments("model.processor", "data.init_args.processor", apply_on="instantiate")
         parser.add_argument("--resume_anyway", action=ActionYesNo, default=False,
                             help="--ckpt_path last: resume the newest run of this config even if it was trained on other "
-                                 "data or settings (the differences are printed)")
+                                 "data or settings (the differences are printed); data changed mid-epoch then resumes "
+                                 "at the next epoch boundary")
 
     def _parse_ckpt_path(self) -> None:
         """Check `--ckpt_path` against the config instead of applying its hyper-parameters (see module
@@ -263,6 +264,11 @@ class MedDPOCLI(LightningCLI):
         if name == "auto":
             name = run_name(config.get("config") or [])
         return str(name)
+
+    def before_fit(self) -> None:
+        """--resume_anyway reaches the DataModule: training data changed mid-epoch resumes at the next epoch."""
+        if self.config[self.subcommand].get("resume_anyway") and hasattr(self.datamodule, "resume_anyway"):
+            self.datamodule.resume_anyway = True
 
     def before_instantiate_classes(self) -> None:
         """A TensorBoard logger named `auto` is named after the config file (see run_name)."""

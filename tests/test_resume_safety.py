@@ -57,39 +57,45 @@ def test_ckpt_path_last_resumes_only_a_run_of_the_same_data(tmp_path, data):
     train = tmp_path / "train.json"  # the user's file, edited between the runs below
     train.write_text(data["train"].read_text())
     files = [f"--data.init_args.image_root={data['root']}", f"--data.init_args.val_file={data['val']}"]
-    ok(fit(tmp_path, *files, f"--data.init_args.train_file={train}", "--trainer.max_steps=2"))
-    last = tmp_path / "runs/demo/dpo/version_0/checkpoints/last.ckpt"
-    assert step_of(last) == 2
+    ok(fit(tmp_path, *files, f"--data.init_args.train_file={train}", "--trainer.max_steps=4"))  # one epoch
+    first = tmp_path / "runs/demo/dpo/version_0/checkpoints/last.ckpt"
+    assert step_of(first) == 4
 
     # pointed at another file: refused, naming the file and the ways out
-    line = one_line_error(fit(tmp_path, *files, f"--data.init_args.train_file={data['reversed']}", "--trainer.max_steps=4",
+    line = one_line_error(fit(tmp_path, *files, f"--data.init_args.train_file={data['reversed']}", "--trainer.max_steps=6",
                               "--ckpt_path=last"))
     assert f"train_file: {train}" in line and str(data["reversed"]) in line
     assert "--resume_anyway" in line and "drop --ckpt_path" in line
 
     # the same path with other bytes: refused, saying the content changed
     train.write_text(data["reversed"].read_text())
-    line = one_line_error(fit(tmp_path, *files, f"--data.init_args.train_file={train}", "--trainer.max_steps=4",
+    line = one_line_error(fit(tmp_path, *files, f"--data.init_args.train_file={train}", "--trainer.max_steps=6",
                               "--ckpt_path=last"))
     assert "the file's content changed" in line
 
     # a changed training setting is a difference too
     train.write_text(data["train"].read_text())
-    line = one_line_error(fit(tmp_path, *files, f"--data.init_args.train_file={train}", "--trainer.max_steps=4",
+    line = one_line_error(fit(tmp_path, *files, f"--data.init_args.train_file={train}", "--trainer.max_steps=6",
                               "--data.init_args.max_length=96", "--ckpt_path=last"))
     assert "data.max_length: 128 -> 96" in line
 
     # forced: resumed at its step, with the differences said in one warning line
-    proc = ok(fit(tmp_path, *files, f"--data.init_args.train_file={data['reversed']}", "--trainer.max_steps=4",
+    proc = ok(fit(tmp_path, *files, f"--data.init_args.train_file={data['reversed']}", "--trainer.max_steps=6",
                   "--ckpt_path=last", "--resume_anyway"))
     assert "warning: --resume_anyway: resuming" in proc.stderr and "train_file:" in proc.stderr
-    newest = max(tmp_path.glob("runs/demo/dpo/version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    assert step_of(newest) == 4
+    forced = tmp_path / "runs/demo/dpo/version_1/checkpoints/last.ckpt"
+    assert step_of(forced) == 6  # 2 batches into epoch 1
 
-    # an explicit path with other data runs, and says so in one line
-    proc = ok(fit(tmp_path, *files, f"--data.init_args.train_file={train}", "--trainer.max_steps=5", f"--ckpt_path={newest}"))
+    # an explicit path with other data, at an epoch boundary: it runs, and says so in one line
+    proc = ok(fit(tmp_path, *files, f"--data.init_args.train_file={data['reversed']}", "--trainer.max_steps=5",
+                  f"--ckpt_path={first}"))
     warning = [line for line in proc.stderr.splitlines() if "which was trained on other data" in line]
-    assert len(warning) == 1 and f"train_file: {data['reversed']}" in warning[0]
+    assert len(warning) == 1 and f"train_file: {train}" in warning[0]
+
+    # ... and mid-epoch: which pairs the epoch still owes is unknown on other data, so it is refused
+    line = one_line_error(fit(tmp_path, *files, f"--data.init_args.train_file={train}", "--trainer.max_steps=8",
+                              f"--ckpt_path={forced}"))
+    assert "cannot resume mid-epoch 1 (2 batches trained on)" in line and "--resume_anyway" in line
 
 
 def test_data_differences_compare_bytes_and_training_settings(tmp_path):
@@ -144,3 +150,69 @@ def test_a_score_that_overflows_float32_is_refused_at_setup(tmp_path, data):
     proc = ok(fit(tmp_path, *files, "--data.init_args.skip_invalid=true", method="mmedpo"))
     assert "1 skipped: field weighted_score: inf in float32" in proc.stdout, proc.stdout[-2000:]
     assert "train: 15 pairs" in proc.stdout
+
+
+def logged(path: Path) -> str:
+    return f'--trainer.callbacks+={{"class_path": "tests.batch_log.BatchLog", "init_args": {{"path": "{path}"}}}}'
+
+
+def batches(path: Path) -> list[tuple[int, int, list[str]]]:
+    return [tuple(json.loads(line)) for line in path.read_text().splitlines()]
+
+
+def test_a_mid_epoch_resume_with_another_batch_size_trains_every_remaining_pair_once(tmp_path, data):
+    """16 pairs in batches of 4, stopped after 2 steps (8 pairs of epoch 0 trained), resumed in batches of 2: the rest
+    of epoch 0 is exactly the 8 other pairs, each once; epoch 1 is the uninterrupted run's epoch 1."""
+    files = [f"--data.init_args.train_file={data['train']}", f"--data.init_args.val_file={data['val']}"]
+    ok(fit(tmp_path, *files, "--trainer.max_steps=2", logged(tmp_path / "first.jsonl")))
+    last = tmp_path / "runs/demo/dpo/version_0/checkpoints/last.ckpt"
+    ok(fit(tmp_path, *files, "--trainer.max_steps=8", f"--ckpt_path={last}", "--data.init_args.batch_size=2",
+           logged(tmp_path / "resumed.jsonl")))
+    first, resumed = batches(tmp_path / "first.jsonl"), batches(tmp_path / "resumed.jsonl")
+    trained = [i for _, epoch, ids in first + resumed if epoch == 0 for i in ids]
+    assert sorted(trained) == sorted(r["id"] for r in json.loads(data["train"].read_text()))  # each pair once
+    assert [len(ids) for _, epoch, ids in resumed if epoch == 0] == [2, 2, 2, 2]
+    assert [step for step, _, _ in resumed] == list(range(2, 8)) and resumed[-1][1] == 1
+
+
+def test_a_mid_epoch_resume_on_other_data_is_refused(tmp_path, data):
+    grown = data["root"] / "grown.json"
+    records = json.loads(data["train"].read_text())
+    grown.write_text(json.dumps(records + [{**r, "id": r["id"] + "-copy"} for r in records[:8]]))  # 16 -> 24 pairs
+    files = [f"--data.init_args.val_file={data['val']}"]
+    ok(fit(tmp_path, *files, f"--data.init_args.train_file={data['train']}", "--trainer.max_steps=2"))
+    last = tmp_path / "runs/demo/dpo/version_0/checkpoints/last.ckpt"
+    line = one_line_error(fit(tmp_path, *files, f"--data.init_args.train_file={grown}", "--trainer.max_steps=4",
+                              f"--ckpt_path={last}"))
+    assert "cannot resume mid-epoch 0 (2 batches trained on)" in line and "16 -> 24 training pairs" in line
+    assert "epoch boundary" in line
+
+
+@pytest.mark.parametrize("n", [16, 15])
+@pytest.mark.parametrize(("before", "after"), [((4, 1), (4, 2)), ((2, 2), (4, 1)), ((4, 2), (3, 3))])
+def test_the_rest_of_an_epoch_is_shared_by_any_number_of_ranks(n, before, after):
+    """(batch size, ranks) at the checkpoint -> at the resume: the ranks' remaining pairs are the epoch's pairs not yet
+    trained on, each once (plus DistributedSampler's padding repeats when they do not divide evenly)."""
+    from lightning_meddpo.data.datamodule import EpochSampler, ResumePoint
+
+    dataset = list(range(n))
+
+    class Items(list):
+        epoch = 0
+
+    (b0, w0), (b1, w1) = before, after
+    point = ResumePoint(epoch=1, batches=1, batch_size=b0, replicas=w0)
+    old = [EpochSampler(Items(dataset), True, seed=3, num_replicas=w0, rank=r, batch_size=b0) for r in range(w0)]
+    for s in old:
+        s.set_epoch(1)
+    seen = {i for s in old for i in list(s)[:b0]}
+    new = [EpochSampler(Items(dataset), True, seed=3, num_replicas=w1, rank=r, batch_size=b1,
+                        resume_point=lambda epoch: point) for r in range(w1)]
+    parts = []
+    for s in new:
+        s.set_epoch(1)
+        parts.append(list(s))
+    rest = [i for part in parts for i in part]
+    assert len({len(part) for part in parts}) == 1  # every rank steps the same number of times
+    assert set(rest) == set(dataset) - seen and len(seen) == b0 * w0
+    assert len(rest) - len(set(rest)) == -len(set(rest)) % w1  # only the padding repeats

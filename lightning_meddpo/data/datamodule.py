@@ -16,6 +16,7 @@ import logging
 import warnings
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from lightning_meddpo.data.collate import (
     PreferenceCollator,
     PromptTooLongError,
 )
-from lightning_meddpo.data.fingerprint import data_files
+from lightning_meddpo.data.fingerprint import data_differences, data_files
 from lightning_meddpo.data.formats import FORMATS, read_records
 from lightning_meddpo.data.images import (
     DEFAULT_MAX_PIXELS,
@@ -137,15 +138,37 @@ class PreferenceDataset(Dataset):
         )
 
 
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a checkpoint stopped in an epoch: `batches` of `batch_size` on each of `replicas` data-parallel ranks
+    (`batches=None`: to the end of the epoch: a checkpoint that cannot say, see _resume_point)."""
+
+    epoch: int
+    batches: int | None
+    batch_size: int
+    replicas: int
+
+    @property
+    def seen(self) -> int | None:
+        """How many leading entries of the epoch's global order were trained on: rank r takes entries r, r + W, ...
+        of it (DistributedSampler), so after k batches of b on W ranks exactly the first k * b * W are done."""
+        return None if self.batches is None else self.batches * self.batch_size * self.replicas
+
+
 class EpochSampler(DistributedSampler):
     """Shuffles per epoch, shards across data-parallel ranks, and hands the epoch to the dataset
     (it seeds on-the-fly corruption, so m' changes every epoch). Being a DistributedSampler, Lightning
-    uses it as it is under DDP / FSDP instead of wrapping it, and a wrapper would swallow set_epoch."""
+    uses it as it is under DDP / FSDP instead of wrapping it, and a wrapper would swallow set_epoch.
+
+    After a resume mid-epoch (`resume_point(epoch)`, asked once) the epoch goes on with the pairs not yet trained
+    on: with the checkpoint's batch size and number of ranks, exactly the uninterrupted run's remaining batches;
+    with others, the rest of the epoch's order (every remaining pair once), sharded over the ranks there are now."""
 
     def __init__(self, dataset: PreferenceDataset, shuffle: bool, seed: int, num_replicas: int = 1, rank: int = 0,
-                 resume_skip: Callable[[int], int] | None = None):
+                 batch_size: int = 1, resume_point: Callable[[int], ResumePoint | None] | None = None):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
-        self.resume_skip = resume_skip  # epoch -> indices of that epoch already trained on (once, after a resume)
+        self.batch_size = batch_size
+        self.resume_point = resume_point
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
@@ -153,8 +176,29 @@ class EpochSampler(DistributedSampler):
 
     def __iter__(self):
         order = list(super().__iter__())
-        skip = self.resume_skip(self.epoch) if self.resume_skip is not None else 0
-        return iter(order[skip:])
+        point = self.resume_point(self.epoch) if self.resume_point is not None else None
+        if point is None:
+            return iter(order)
+        if point.seen is None:
+            return iter([])
+        if (point.batch_size, point.replicas) == (self.batch_size, self.num_replicas):
+            return iter(order[point.batches * point.batch_size:])
+        return iter(self._remaining(point))
+
+    def _remaining(self, point: ResumePoint) -> list[int]:
+        """This rank's share of the epoch's pairs not trained on under the checkpoint's batch size and ranks."""
+        n = len(self.dataset)
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            epoch_order = torch.randperm(n, generator=g).tolist()
+        else:
+            epoch_order = list(range(n))
+        padded = epoch_order + epoch_order[: -n % point.replicas]  # the order the checkpoint's ranks shared
+        seen = set(padded[: point.seen])
+        rest = [i for i in epoch_order if i not in seen]
+        rest += rest[: -len(rest) % self.num_replicas]  # as DistributedSampler pads
+        return rest[self.rank :: self.num_replicas]
 
 
 class ResumableLoader(DataLoader):
@@ -234,8 +278,9 @@ class PreferenceDataModule(L.LightningDataModule):
         self._origin: dict[int, str] = {}  # id(record) -> the file it was read from (its report's key)
         self.needs: PairNeeds | None = None  # None: read from the trainer's module (PreferenceModule.pair_needs)
         self._files: dict[str, Any] | None = None  # the training files' identity, hashed once (fingerprint.py)
-        self._resume: tuple[int, int] | None = None  # (epoch, batches trained) of the checkpoint resumed from
+        self._resume: ResumePoint | None = None  # where the checkpoint resumed from stopped
         self._restored = False  # a checkpoint's DataModule state was loaded (or found missing)
+        self.resume_anyway = False  # set by the CLI's --resume_anyway: changed data mid-epoch resumes at the next epoch
 
     @property
     def skipped(self) -> Counter:
@@ -410,7 +455,7 @@ class PreferenceDataModule(L.LightningDataModule):
             logger.log_metrics(self.read_counts(), step=0)
 
     def _loader(self, split: str, shuffle: bool, cls: type[DataLoader] = DataLoader,
-                resume_skip: Callable[[int], int] | None = None) -> DataLoader:
+                resume_point: Callable[[int], ResumePoint | None] | None = None) -> DataLoader:
         if split not in self.datasets:
             raise ValueError(f"no {split} data: set data.{split}_file in the config")
         dataset = self.datasets[split]
@@ -418,7 +463,8 @@ class PreferenceDataModule(L.LightningDataModule):
         return cls(
             dataset,
             batch_size=batch_size,
-            sampler=EpochSampler(dataset, shuffle, self.hparams.seed, **self._sharding(), resume_skip=resume_skip),
+            sampler=EpochSampler(dataset, shuffle, self.hparams.seed, **self._sharding(), batch_size=batch_size,
+                                 resume_point=resume_point),
             num_workers=self.hparams.num_workers,
             collate_fn=PreferenceCollator(self.processor.tokenizer.pad_token_id),
             persistent_workers=False,
@@ -426,37 +472,63 @@ class PreferenceDataModule(L.LightningDataModule):
 
     # -- resuming mid-epoch: the position is part of the DataModule's checkpoint state ------------------
     def state_dict(self) -> dict[str, Any]:
-        """(epoch, batches of it trained on) as the trainer counts them, when it saves, and what the run trains
-        on (data/fingerprint.py: the CLI compares it before a resume)."""
+        """Where the run is in its epoch (batches trained on, of which size, over how many ranks) and what it trains
+        on (the number of pairs; the files, data/fingerprint.py, which the CLI compares before a resume)."""
         if self.trainer is None:
             return {}
         if self._files is None:
             self._files = data_files(self.hparams)
         return {"epoch": self.trainer.current_epoch,
                 "position": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+                "batch_size": self.hparams.batch_size, "replicas": self._sharding()["num_replicas"],
+                "pairs": len(self.datasets["train"]) if "train" in self.datasets else None,
                 "files": self._files}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._resume = (int(state["epoch"]), int(state["position"])) if state else None
+        """Restore the position; a mid-epoch resume on other training data is refused (which pairs of the epoch
+        were trained on is only known for the same pairs in the same order)."""
         self._restored = True
+        if not state or "position" not in state:
+            return
+        point = ResumePoint(int(state["epoch"]), int(state["position"]), int(state.get("batch_size", self.hparams.batch_size)),
+                            int(state.get("replicas", self._sharding()["num_replicas"])))
+        mid_epoch = 0 < point.seen < (state.get("pairs") or float("inf"))
+        changed = self._changed_since(state) if mid_epoch else []
+        if changed and not self.resume_anyway:
+            raise ValueError(f"cannot resume mid-epoch {point.epoch} ({point.batches} batches trained on): the training "
+                             f"data changed since the checkpoint ({'; '.join(changed)}), so which of its pairs this epoch "
+                             "still owes is unknown. Resume from a checkpoint saved at an epoch boundary, start anew on "
+                             "the new data, or add --resume_anyway to leave out the rest of that epoch")
+        if changed:
+            log.warning("--resume_anyway: the training data changed mid-epoch %d (%s): the run resumes at the next "
+                        "epoch boundary, on the new data", point.epoch, "; ".join(changed))
+            point = ResumePoint(point.epoch, None, point.batch_size, point.replicas)
+        self._resume = point
 
-    def _resume_skip(self, epoch: int) -> int:
-        """Sample indices to leave out of `epoch`'s order: the batches trained on before a resume, once. A
-        checkpoint without the position (written before it was saved) resumed mid-epoch cannot say which pairs of
-        the epoch were trained on: the rest of that epoch is left out (warned), never replayed in another order."""
-        resume, self._resume = self._resume, None
+    def _changed_since(self, state: dict[str, Any]) -> list[str]:
+        pairs = len(self.datasets["train"]) if "train" in self.datasets else None
+        changed = [f"{state['pairs']} -> {pairs} training pairs"] if state.get("pairs") not in (None, pairs) else []
+        if state.get("files"):
+            changed += data_differences(None, state["files"], dict(self.hparams))
+        return changed
+
+    def _resume_point(self, epoch: int) -> ResumePoint | None:
+        """Where `epoch` resumes, once after a restore (see EpochSampler). A checkpoint without the position
+        (written before it was saved) resumed mid-epoch cannot say which pairs of the epoch were trained on: the
+        rest of that epoch is left out (warned), never replayed in another order."""
+        point, self._resume = self._resume, None
         trainer = self.trainer
-        if resume is None and not self._restored and trainer is not None and trainer.ckpt_path:
+        if point is None and not self._restored and trainer is not None and trainer.ckpt_path:
             self._restored = True
             done = trainer.fit_loop.epoch_loop.batch_progress.current.processed  # restored by Lightning
             if done:
                 log.warning("%s has no data position (written by an older version): the run resumes at the next "
                             "epoch boundary, leaving out the rest of epoch %d (%d batches were trained on) rather than "
                             "training some of its pairs twice", trainer.ckpt_path, epoch, done)
-                return len(self.datasets["train"])
-        if resume is None or resume[0] != epoch:
-            return 0
-        return resume[1] * self.hparams.batch_size
+                return ResumePoint(epoch, None, self.hparams.batch_size, 1)
+        if point is None or point.epoch != epoch or point.batches == 0:
+            return None
+        return point
 
     # -- for a precomputed reference (reference_cache.py) --------------------------------------------
     def reference_dataloaders(self) -> dict[str, DataLoader]:
@@ -498,7 +570,7 @@ class PreferenceDataModule(L.LightningDataModule):
         return {"num_replicas": kwargs.get("num_replicas", 1), "rank": kwargs.get("rank", 0)}
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=self.hparams.shuffle, cls=ResumableLoader, resume_skip=self._resume_skip)
+        return self._loader("train", shuffle=self.hparams.shuffle, cls=ResumableLoader, resume_point=self._resume_point)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
