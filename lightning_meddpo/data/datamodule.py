@@ -518,7 +518,7 @@ class PreferenceDataModule(L.LightningDataModule):
         rest of that epoch is left out (warned), never replayed in another order."""
         point, self._resume = self._resume, None
         trainer = self.trainer
-        if point is None and not self._restored and trainer is not None and trainer.ckpt_path:
+        if point is None and not self._restored and getattr(trainer, "ckpt_path", None):
             self._restored = True
             done = trainer.fit_loop.epoch_loop.batch_progress.current.processed  # restored by Lightning
             if done:
