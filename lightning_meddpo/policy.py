@@ -354,7 +354,7 @@ class PreferencePolicy(nn.Module):
         if self.reference_strategy == "precomputed":
             if self.reference_table is None:
                 raise ValueError("reference='precomputed': the reference log-probs were not computed before this step")
-            return self.reference_table.lookup(batch.ids, views, batch.prompt.input_ids.device)
+            return self.reference_table.lookup(batch.keys, views, batch.prompt.input_ids.device, batch.ids)
         if self.reference_strategy == "copy":
             return self._logps(self.reference, batch, views, share=self.shares_image_features)
         with self.model.disable_adapter(), _eval(self.model):

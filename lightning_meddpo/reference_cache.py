@@ -1,19 +1,20 @@
 """Precomputed reference log-probs (`reference: precomputed`): computed once, cached on disk, reused.
 
 The reference model of DPO-style losses is the starting model, frozen. Its log-probs for every view a
-loss needs (chosen / rejected on m, and on the corrupted image m') depend only on the data, the starting
-weights and the way pairs are tokenised, so they are computed once before the first step and cached in a
-file named by a fingerprint of exactly those inputs:
+loss needs (chosen / rejected on m, and on the corrupted image m') depend only on the pair, the starting
+weights and the way pairs are tokenised, so they are computed once before the first step and cached:
 
-- the data: the preference files' bytes, every image file's path, size and modification time, the
-  split and the data settings (max_length, image placeholder, corruption and its seed, ...);
-- the starting weights: the backbone directory's files (name, size, modification time; the JSON files'
-  content) or a hub id, and the `init_from` checkpoint's;
-- the processor: chat template, image processor settings, tokenizer vocabulary size;
-- the views and the numeric precision.
+- one cache file per starting model and tokenisation, named by a fingerprint of the starting weights (the
+  backbone directory's files by name, size and modification time, the JSON files' content; a hub id by name;
+  the `init_from` checkpoint's), the processor (chat template, image processor settings, vocabulary size),
+  the data settings that change tokenisation or m' (max_length, image placeholder, corruption and its seed),
+  the views and the numeric precision;
+- in it, one entry per pair's *content key* (data/fingerprint.record_key: the pair's text and the bytes of its
+  images), never its id: records of two files that share an id, or a record whose image was replaced by
+  another of the same size and time, are different entries. A changed pair misses the cache and only it is
+  computed; nothing stale is read.
 
-Any change gives another fingerprint, so the log-probs are recomputed; nothing stale is read. TRL
-refuses a precomputed reference for vision data; here it works for every image-side view, except where
+TRL refuses a precomputed reference for vision data; here it works for every image-side view, except where
 m' is drawn anew each epoch (on-the-fly corruption), which has no fixed reference log-prob: refused.
 The cache lives in the tool's cache directory (never beside the user's data).
 """
@@ -75,43 +76,40 @@ def fingerprint(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def image_files(records: Iterable[Any]) -> list[list[Any]]:
-    """(path, size, mtime) of every image file the records name (PIL images from datasets: none)."""
-    seen: dict[str, list[Any]] = {}
-    for r in records:
-        for value in (r.image, r.rejected_image):
-            if isinstance(value, (str, Path)) and str(value) not in seen:
-                seen[str(value)] = _stat(Path(value))
-    return [seen[k] for k in sorted(seen)]
-
-
 class ReferenceTable:
-    """Reference log-probs per view and record id."""
+    """Reference log-probs per view and pair content key (see the module docstring)."""
 
     def __init__(self, views: tuple[str, ...], values: dict[str, dict[str, float]] | None = None):
         self.views = views
         self.values: dict[str, dict[str, float]] = values or {v: {} for v in views}
 
-    def add(self, ids: list[str], logps: dict[str, Tensor]) -> None:
+    def add(self, keys: list[str], logps: dict[str, Tensor]) -> None:
         for view in self.views:
-            for rid, value in zip(ids, logps[view].float().cpu().tolist()):
-                self.values[view][rid] = value
+            for key, value in zip(keys, logps[view].float().cpu().tolist()):
+                self.values[view][key] = value
 
     def merge(self, other: ReferenceTable) -> None:
         for view in self.views:
             self.values[view].update(other.values[view])
 
-    def lookup(self, ids: list[str], views: tuple[str, ...], device) -> dict[str, Tensor]:
+    def missing(self, keys: Iterable[str]) -> set[str]:
+        """The keys some view has no log-prob for."""
+        return {k for k in keys if any(k not in self.values.get(v, {}) for v in self.views)}
+
+    def lookup(self, keys: list[str] | None, views: tuple[str, ...], device, ids: list[str] = ()) -> dict[str, Tensor]:
+        if keys is None:
+            raise ValueError("reference: precomputed: this batch carries no content keys (the DataModule computes them "
+                             "before the first step; a DataModule other than PreferenceDataModule cannot be used with it)")
         out = {}
         for view in views:
             if view not in self.values:
                 raise ValueError(f"the precomputed reference has no {view!r} log-probs (it holds {list(self.values)})")
             table = self.values[view]
-            missing = [i for i in ids if i not in table]
+            missing = [rid for rid, k in zip(ids or keys, keys) if k not in table]
             if missing:
                 raise ValueError(f"the precomputed reference has no log-probs for records {missing[:5]}: the data "
                                  "changed since it was computed (it is recomputed at the start of a new fit)")
-            out[view] = torch.tensor([table[i] for i in ids], dtype=torch.float32, device=device)
+            out[view] = torch.tensor([table[k] for k in keys], dtype=torch.float32, device=device)
         return out
 
     def __len__(self) -> int:

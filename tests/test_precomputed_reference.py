@@ -66,11 +66,11 @@ def test_trains_as_a_frozen_copy(tmp_path, data, mixed, cls, kwargs):
     assert len(table) == 16 + 8 and set(table.views) == set(views)
     batch = next(iter(dm.val_dataloader()))
     # the table holds what the frozen copy computes, and both runs trained to the same model
-    torch.testing.assert_close(table.lookup(batch.ids, views, "cpu"), runs["copy"].policy.reference_logps(batch, views),
+    torch.testing.assert_close(table.lookup(batch.keys, views, "cpu"), runs["copy"].policy.reference_logps(batch, views),
                                atol=1e-5, rtol=1e-6)
     after = {name: m.policy.logps(batch, views) for name, m in runs.items()}
     torch.testing.assert_close(after["precomputed"], after["copy"], atol=1e-4, rtol=1e-5)
-    assert not torch.allclose(after["copy"]["chosen"], table.lookup(batch.ids, ("chosen",), "cpu")["chosen"])  # it trained
+    assert not torch.allclose(after["copy"]["chosen"], table.lookup(batch.keys, ("chosen",), "cpu")["chosen"])  # it trained
 
 
 def test_cached_on_disk_reused_and_resumed(tmp_path, data, caplog):
@@ -88,7 +88,7 @@ def test_cached_on_disk_reused_and_resumed(tmp_path, data, caplog):
     resumed = DPO(beta=0.5, lr=1e-2, reference="precomputed", reference_cache_dir=str(cache))
     with caplog.at_level("INFO"):
         fit(resumed, datamodule(resumed, data), steps=4, ckpt_path=str(ckpt))
-    assert "records from" in caplog.text and path.stat().st_mtime_ns == stamp  # read, not recomputed
+    assert "24 pairs from" in caplog.text and path.stat().st_mtime_ns == stamp  # read, not recomputed
 
     path.unlink()
     lost = DPO(beta=0.5, lr=1e-2, reference="precomputed", reference_cache_dir=str(cache))
@@ -102,33 +102,46 @@ def key_of(module, dm):
     return fingerprint(reference_fingerprint(module, dm))
 
 
-def test_fingerprint_changes_with_data_weights_template_and_corruption(tmp_path, data):
-    copy = tmp_path / "data"
-    shutil.copytree(data["root"], copy)
+def test_the_cache_file_changes_with_weights_template_and_tokenisation(tmp_path, data):
     module = DPO(reference="precomputed")
-    base = key_of(module, PreferenceDataModule(str(copy / "train.json"), str(copy / "val.json"), processor=module.processor))
-    assert key_of(module, PreferenceDataModule(str(copy / "train.json"), str(copy / "val.json"), processor=module.processor)) == base
-
-    def changed(edit) -> str:
-        edit()
-        return key_of(module, PreferenceDataModule(str(copy / "train.json"), str(copy / "val.json"), processor=module.processor))
-
-    records = json.loads((copy / "train.json").read_text())
-    records[0]["conversations"][1]["value"] = "No, there is no lesion in this image."
-    keys = {base, changed(lambda: (copy / "train.json").write_text(json.dumps(records)))}
-    image = copy / records[3]["image"]
-    keys.add(changed(lambda: os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))))
-    assert len(keys) == 3  # the text, then an image file
-
-    dm = lambda **kw: PreferenceDataModule(str(copy / "train.json"), str(copy / "val.json"), processor=module.processor, **kw)  # noqa: E731
+    dm = lambda **kw: PreferenceDataModule(str(data["train"]), str(data["val"]), processor=module.processor, **kw)  # noqa: E731
     now = key_of(module, dm())
+    assert key_of(module, dm()) == now
     assert key_of(module, dm(corruption={"type": "crop", "min_area": 0.1})) != now
     assert key_of(module, dm(max_length=64)) != now
     templated = DPO(reference="precomputed", chat_template="vicuna_v1")
     assert key_of(templated, dm()) != now
     other_weights = DPO(reference="precomputed", backbone="tiny://mistral")
-    assert key_of(other_weights, PreferenceDataModule(str(copy / "train.json"), str(copy / "val.json"),
+    assert key_of(other_weights, PreferenceDataModule(str(data["train"]), str(data["val"]),
                                                      processor=other_weights.processor)) != now
+
+
+def test_a_pair_is_keyed_by_its_text_and_image_bytes_not_its_id_or_file_times(tmp_path, data):
+    copy = tmp_path / "data"
+    shutil.copytree(data["root"], copy)
+    module = DPO(reference="precomputed")
+
+    def keys() -> list[str]:
+        dm = PreferenceDataModule(str(copy / "train.json"), str(copy / "val.json"), processor=module.processor)
+        dm.setup("fit")
+        return dm.content_keys()["train"]
+
+    base = keys()
+    assert len(set(base)) == len(base) and keys() == base
+    records = json.loads((copy / "train.json").read_text())
+    image = copy / records[3]["image"]
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    assert keys() == base  # a touched file is the same pair
+    records[0]["conversations"][1]["value"] = "No, there is no lesion in this image."
+    (copy / "train.json").write_text(json.dumps(records))
+    text_changed = keys()
+    assert text_changed[0] != base[0] and text_changed[1:] == base[1:]
+    stat = image.stat()
+    other = copy / records[4]["image"]
+    image.write_bytes(other.read_bytes())  # another image's bytes; its old time kept
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    image_changed = keys()
+    assert [i for i, (a, b) in enumerate(zip(text_changed, image_changed)) if a != b] == [3]
 
 
 def test_refused_where_it_cannot_be_right(tmp_path, data):
@@ -164,6 +177,4 @@ def test_two_processes_compute_their_shards(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     (path,) = cache.glob("*.json")
     table = ReferenceTable.load(path)
-    train = json.loads((tmp_path / "data" / "train.json").read_text())
-    val = json.loads((tmp_path / "data" / "val.json").read_text())
-    assert set(table.values["chosen"]) == {r["id"] for r in train + val}
+    assert len(table) == 16 + 8 and not table.missing(table.values["rejected"])  # every pair, every view

@@ -105,6 +105,7 @@ class PreferenceBatch:
     weights: Tensor | None = None  # [B] per-pair weight (MMedPO's weighted_score)
     image_rejected: Tensor | None = None  # [B] bool: targeted mix, True = image-side pair
     desirable: Tensor | None = None  # [B] bool: unpaired (KTO) examples, `chosen` = their completion
+    keys: list[str] | None = None  # per pair: its content key (what a precomputed reference is looked up by)
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -167,6 +167,7 @@ class EncodedPair:
     image_rejected: bool
     truncated: int = 0  # responses cut at max_length
     desirable: bool | None = None
+    key: str | None = None  # the record's content key (fingerprint.record_key), where the DataModule computed it
 
 
 @dataclass
@@ -195,6 +196,7 @@ class PreferenceCollator:
             weights=None if any(w is None for w in weights) else torch.tensor(weights, dtype=torch.float32),
             image_rejected=torch.tensor([p.image_rejected for p in pairs]),
             desirable=torch.tensor([p.desirable for p in pairs]) if all(unpaired) else None,
+            keys=None if any(p.key is None for p in pairs) else [p.key for p in pairs],
         )
         if bool(has_mprime.any()):
             on_mprime = [p.prompt_mprime or p.prompt for p in pairs]

@@ -11,8 +11,10 @@ Truncated responses are counted and logged.
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
+import time
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -31,7 +33,7 @@ from lightning_meddpo.data.collate import (
     PreferenceCollator,
     PromptTooLongError,
 )
-from lightning_meddpo.data.fingerprint import data_differences, data_files
+from lightning_meddpo.data.fingerprint import data_differences, data_files, record_key
 from lightning_meddpo.data.formats import FORMATS, read_records
 from lightning_meddpo.data.images import (
     DEFAULT_MAX_PIXELS,
@@ -99,6 +101,7 @@ class PreferenceDataset(Dataset):
         self.records, self.encoder, self.corruption, self.seed = records, encoder, corruption, seed
         self.max_pixels, self.needs = max_pixels, needs
         self.epoch = 0  # set by EpochSampler; seeds on-the-fly corruption
+        self.keys: list[str] | None = None  # per record: its content key (PreferenceDataModule.content_keys)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -135,6 +138,7 @@ class PreferenceDataset(Dataset):
             image_rejected=record.pair_type == "image",
             truncated=sum(truncated),
             desirable=record.desirable,
+            key=self.keys[index] if self.keys is not None else None,
         )
 
 
@@ -455,10 +459,11 @@ class PreferenceDataModule(L.LightningDataModule):
             logger.log_metrics(self.read_counts(), step=0)
 
     def _loader(self, split: str, shuffle: bool, cls: type[DataLoader] = DataLoader,
-                resume_point: Callable[[int], ResumePoint | None] | None = None) -> DataLoader:
+                resume_point: Callable[[int], ResumePoint | None] | None = None,
+                dataset: PreferenceDataset | None = None) -> DataLoader:
         if split not in self.datasets:
             raise ValueError(f"no {split} data: set data.{split}_file in the config")
-        dataset = self.datasets[split]
+        dataset = dataset if dataset is not None else self.datasets[split]
         batch_size = self.hparams.batch_size if split == "train" else (self.hparams.eval_batch_size or self.hparams.batch_size)
         return cls(
             dataset,
@@ -531,30 +536,41 @@ class PreferenceDataModule(L.LightningDataModule):
         return point
 
     # -- for a precomputed reference (reference_cache.py) --------------------------------------------
-    def reference_dataloaders(self) -> dict[str, DataLoader]:
-        """Train and val in file order, sharded over data-parallel ranks, epoch 0: what a precomputed
-        reference scores once."""
-        return {split: self._loader(split, shuffle=False) for split in ("train", "val") if split in self.datasets}
+    def content_keys(self) -> dict[str, list[str]]:
+        """Every train and val record's content key (fingerprint.record_key: its text and its images' bytes), kept
+        on the datasets so batches carry them: a precomputed reference is looked up by what a pair is, not by its
+        id. Each image file is read and hashed once (streamed); the time it took is logged."""
+        started = time.perf_counter()
+        digests: dict[str, str] = {}
+        for split in ("train", "val"):
+            dataset = self.datasets.get(split)
+            if dataset is not None and dataset.keys is None:
+                dataset.keys = [record_key(r, digests) for r in dataset.records]
+        log.info("content keys: %d records, %d image files hashed in %.2f s", sum(len(d) for d in self.datasets.values()),
+                 len(digests), time.perf_counter() - started)
+        return {split: list(d.keys) for split, d in self.datasets.items() if d.keys is not None}
 
-    def reference_fingerprint(self) -> dict[str, Any]:
-        """Everything in the data that decides the reference log-probs (see reference_cache.py)."""
-        from lightning_meddpo.reference_cache import (
-            file_digest,
-            image_files,
-            weights_fingerprint,
-        )
+    def reference_dataloaders(self, keys: set[str] | None = None) -> dict[str, DataLoader]:
+        """Train and val in file order, sharded over data-parallel ranks, epoch 0: what a precomputed reference
+        scores once; with `keys`, only the records with those content keys (what the cache does not hold)."""
+        loaders = {}
+        for split in ("train", "val"):
+            dataset = self.datasets.get(split)
+            if dataset is None:
+                continue
+            if keys is not None:
+                kept = [i for i, k in enumerate(dataset.keys) if k in keys]
+                if not kept:
+                    continue
+                dataset = copy.copy(dataset)
+                dataset.records = [dataset.records[i] for i in kept]
+                dataset.keys = [dataset.keys[i] for i in kept]
+            loaders[split] = self._loader(split, shuffle=False, dataset=dataset)
+        return loaders
 
-        h = self.hparams
-        files = [f for f in (h.train_file, h.val_file) if f]
-        records = [r for split in ("train", "val") if split in self.datasets for r in self.datasets[split].records]
-        settings = ("image_root", "rejected_image_root", "val_fraction", "max_length", "image_placeholder", "corruption", "seed", "format",
-                    "skip_invalid", "max_pixels")
-        return {
-            "files": [file_digest(f) if Path(f).is_file() else weights_fingerprint(f) for f in files],
-            "images": image_files(records),
-            "ids": {split: [r.id for r in self.datasets[split].records] for split in ("train", "val") if split in self.datasets},
-            "settings": {k: h.get(k) for k in settings},
-        }
+    def reference_settings(self) -> dict[str, Any]:
+        """The data settings that change how a pair is tokenised or which m' it gets (its content is in its key)."""
+        return {k: self.hparams.get(k) for k in ("max_length", "image_placeholder", "corruption", "seed", "max_pixels")}
 
     def mprime_drawn_each_epoch(self) -> list[str]:
         """Ids of records whose m' is a fresh corruption every epoch (no rejected_image, corruption on)."""

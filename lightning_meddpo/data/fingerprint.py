@@ -1,4 +1,4 @@
-"""What a training run trained on, as a record a checkpoint keeps and a resume compares.
+"""What a training run trained on, as a record a checkpoint keeps and a resume compares; what a pair IS.
 
 A checkpoint is only the continuation of a run if the data is the same: `--ckpt_path last` after pointing the
 config at another training file would otherwise resume at the old run's step on the new data, without a word.
@@ -13,6 +13,8 @@ The record has two parts:
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +73,31 @@ def data_differences(saved_settings: dict[str, Any] | None, saved_files: dict[st
         if saved_settings[key] != settings[key]:
             out.append(f"data.{key}: {saved_settings[key]!r} -> {settings[key]!r}")
     return out
+
+
+def image_digest(image: Any, digests: dict[str, str]) -> str | None:
+    """SHA-256 of an image's bytes: a file's (streamed, each path once through `digests`), or a decoded image's
+    pixels, mode and size (from a `datasets` dataset); None for no image."""
+    if image is None:
+        return None
+    if isinstance(image, (str, Path)):
+        key = str(image)
+        if key not in digests:
+            digests[key] = file_digest(image)
+        return digests[key]
+    return hashlib.sha256(f"{image.mode}{image.size}".encode() + image.tobytes()).hexdigest()
+
+
+def record_key(record: Any, digests: dict[str, str]) -> str:
+    """What a pair's log-probs depend on in the data: its text (every prompt turn, both responses) and the bytes of
+    its images (m and m'), never its id, which two files may share, nor a file's size or time, which a replaced
+    image may keep. The processor, template and truncation settings are in the cache file's own fingerprint."""
+    content = {
+        "prompt": [[t.role, t.text] for t in record.prompt],
+        "chosen": record.chosen,
+        "rejected": record.rejected,
+        "pair_type": record.pair_type,
+        "image": image_digest(record.image, digests),
+        "rejected_image": image_digest(record.rejected_image, digests),
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:32]
