@@ -12,7 +12,10 @@ hyper-parameters over the config (a checkpoint could switch on trust_remote_code
 silently replace a `--model.init_args.beta` given on the command line). Here the checkpoint is read and
 compared instead: one of another module class, backbone, formulation or LoRA setting is refused with an
 error naming the difference, and the saved config.yaml states what actually ran. `--ckpt_path last`
-resumes the newest run of this config only when that run was trained with the same model settings.
+resumes the newest run of this config only when that run was trained with the same model settings and the
+same data (the files' bytes and the training settings, data/fingerprint.py); `--resume_anyway` resumes it all
+the same, with the differences in one warning line. An explicit `--ckpt_path` with other data warns in one line
+(mid-epoch the DataModule refuses it, see PreferenceDataModule.load_state_dict).
 
 A data, config or checkpoint problem ends the run with one message naming what to fix (exit status 2),
 not a traceback; `--debug` (or LIGHTNING_MEDDPO_DEBUG=1) shows the traceback.
