@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from lightning_meddpo.backbones.build import base_model
@@ -76,6 +77,35 @@ def token_logps(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
     safe = targets.masked_fill(~mask, 0)
     picked = torch.gather(logits, -1, safe.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
     return (picked * mask).sum(-1)
+
+
+def _token_logps_chunk(head: nn.Module, states: Tensor, targets: Tensor) -> Tensor:
+    logits = head(states).float()
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+
+
+def chunked_token_logps(head: nn.Module, states: Tensor, targets: Tensor, chunk: int | None = 1024) -> Tensor:
+    """log p(target) of each token ([M, H] hidden states -> [M]), `chunk` tokens at a time.
+
+    Each chunk's logits ([chunk, vocab], float32) live only inside it: with grad, the chunk is checkpointed, so its
+    logits are recomputed in the backward instead of kept, and peak memory does not grow with response tokens x
+    vocabulary (LLaVA-Med's Mistral: 32k; Qwen2: 152k entries per token). `chunk=None`: one call (the same values)."""
+    if chunk is None or states.shape[0] <= chunk:
+        return _token_logps_chunk(head, states, targets)
+    grad = torch.is_grad_enabled() and (states.requires_grad or any(p.requires_grad for p in head.parameters()))
+    parts = []
+    for start in range(0, states.shape[0], chunk):
+        s, t = states[start : start + chunk], targets[start : start + chunk]
+        if grad:
+            parts.append(torch.utils.checkpoint.checkpoint(_token_logps_chunk, head, s, t, use_reentrant=False))
+        else:
+            parts.append(_token_logps_chunk(head, s, t))
+    return torch.cat(parts)
+
+
+def _is_sharded(module: nn.Module) -> bool:
+    """FSDP2 sharded weights (DTensor): every call of the module gathers them."""
+    return any(hasattr(p, "full_tensor") for p in module.parameters(recurse=False))
 
 
 # ---------------------------------------------------------------------------------------------- rows
@@ -264,10 +294,16 @@ class PreferencePolicy(nn.Module):
         dropout: keep the model's dropout (off by default: it makes log-probs noisy).
         mode: "packed" (default), "rows" or "logits"; a mode the model cannot take falls back to the
             next one, with the reason logged once.
+        logp_chunk: response tokens whose vocabulary logits are computed at once ("packed" and "rows";
+            see chunked_token_logps); None: all at once.
     """
 
-    def __init__(self, model: nn.Module, reference: ReferenceStrategy = "copy", dropout: bool = False, mode: Mode = "packed"):
+    def __init__(self, model: nn.Module, reference: ReferenceStrategy = "copy", dropout: bool = False, mode: Mode = "packed",
+                 logp_chunk: int | None = 1024):
         super().__init__()
+        if logp_chunk is not None and logp_chunk < 1:
+            raise ValueError(f"logp_chunk must be >= 1 tokens (or None: one call), got {logp_chunk}")
+        self.logp_chunk = logp_chunk
         if reference not in ("copy", "adapter", "precomputed", "none"):
             raise ValueError(f"unknown reference strategy {reference!r}; use copy, adapter, precomputed or none")
         if mode not in ("packed", "rows", "logits"):
@@ -414,16 +450,23 @@ class PreferencePolicy(nn.Module):
         )
         return out.last_hidden_state
 
-    @staticmethod
-    def _score(model: nn.Module, hidden: Tensor, rows: Rows, views: tuple[str, ...]) -> dict[str, Tensor]:
-        """LM head and log-softmax on the predictor positions of every view's response tokens only."""
-        picked = [hidden[s.rows[:, None], s.predictors] for s in (rows.segments[v] for v in views)]
-        T = max(p.shape[1] for p in picked)
-        stacked = torch.cat([nn.functional.pad(p, (0, 0, 0, T - p.shape[1])) for p in picked])
-        logits = base_model(model).lm_head(stacked)
-        targets = torch.cat([nn.functional.pad(rows.segments[v].targets, (0, T - rows.segments[v].targets.shape[1])) for v in views])
-        mask = torch.cat([nn.functional.pad(rows.segments[v].mask, (0, T - rows.segments[v].mask.shape[1])) for v in views])
-        return dict(zip(views, token_logps(logits, targets, mask).split(len(rows.segments[views[0]].rows))))
+    def _score(self, model: nn.Module, hidden: Tensor, rows: Rows, views: tuple[str, ...]) -> dict[str, Tensor]:
+        """LM head and log-softmax on the predictor positions of every view's response tokens only (no padding),
+        in chunks of `logp_chunk` tokens (see chunked_token_logps); summed per pair and view."""
+        pairs = len(rows.segments[views[0]].rows)
+        states, targets, owners = [], [], []
+        for k, view in enumerate(views):
+            s = rows.segments[view]
+            at = s.rows[:, None].expand_as(s.predictors)[s.mask]
+            states.append(hidden[at, s.predictors[s.mask]])
+            targets.append(s.targets.to(hidden.device)[s.mask])
+            owners.append(k * pairs + torch.arange(pairs, device=hidden.device)[:, None].expand_as(s.mask)[s.mask])
+        head = base_model(model).lm_head
+        chunk = None if _is_sharded(head) else self.logp_chunk  # an FSDP2 unit gathers per call: one call
+        per_token = chunked_token_logps(head, torch.cat(states), torch.cat(targets), chunk)
+        sums = torch.zeros(len(views) * pairs, dtype=per_token.dtype, device=per_token.device).index_add(
+            0, torch.cat(owners), per_token)
+        return dict(zip(views, sums.split(pairs)))
 
     @staticmethod
     def _logits_path(model: nn.Module, batch: PreferenceBatch, rows: Rows, views: tuple[str, ...]) -> dict[str, Tensor]:

@@ -182,3 +182,42 @@ def test_dropout_is_off_by_default():
     policy = PreferencePolicy(model, reference="none")
     assert policy.model.config.text_config.attention_dropout == 0.0
     assert all(m.p == 0.0 for m in policy.model.modules() if isinstance(m, torch.nn.Dropout))
+
+
+@pytest.mark.parametrize("chunk", [1, 7, None])
+def test_chunked_log_probs_equal_the_one_call_path_with_their_gradients(batch, chunk):
+    views = ("chosen", "rejected", "chosen_mprime")
+    results = {}
+    for name, size in (("one call", None), ("chunked", chunk)):
+        policy = PreferencePolicy(load_model("tiny://llama"), reference="none", logp_chunk=size)
+        logps = policy.logps(batch, views)
+        (logps["chosen"].sum() - 0.5 * logps["rejected"].sum() + 0.3 * logps["chosen_mprime"].sum()).backward()
+        results[name] = logps, torch.cat([p.grad.flatten() for p in policy.model.parameters() if p.grad is not None])
+    torch.testing.assert_close(results["chunked"][0], results["one call"][0], atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(results["chunked"][1], results["one call"][1], atol=1e-5, rtol=1e-4)
+
+
+def test_chunked_log_probs_keep_no_tokens_by_vocabulary_tensor_for_the_backward():
+    """What autograd keeps for the backward: with chunks, nothing of the [tokens, vocabulary] logits (they are
+    recomputed per chunk); in one call, the float32 logits themselves."""
+    from lightning_meddpo.policy import chunked_token_logps
+
+    torch.manual_seed(0)
+    tokens, hidden, vocab = 300, 16, 1000
+    head = torch.nn.Linear(hidden, vocab, bias=False)
+    states = torch.randn(tokens, hidden, requires_grad=True)
+    targets = torch.randint(0, vocab, (tokens,))
+
+    def largest_saved(chunk):
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            out = chunked_token_logps(head, states, targets, chunk)
+        out.sum().backward()
+        return max(sizes), out
+
+    one_call, expected = largest_saved(None)
+    chunked, got = largest_saved(32)
+    assert one_call >= tokens * vocab and chunked <= max(tokens * hidden, vocab * hidden)
+    torch.testing.assert_close(got, expected)
+    by_hand = torch.log_softmax(head(states).double(), -1).gather(-1, targets[:, None]).squeeze(-1)
+    torch.testing.assert_close(got.double(), by_hand, atol=1e-5, rtol=1e-6)

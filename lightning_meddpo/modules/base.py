@@ -100,6 +100,9 @@ class PreferenceModule(L.LightningModule):
             once per image with both responses, images encoded once, LM head on responses only),
             `rows` (one row per view, same economies), `logits` (the model's own forward per view,
             TRL's way). All give the same log-probs; a model that cannot take one falls back, logged.
+        logp_chunk: response tokens whose vocabulary logits exist at once (their float32 [tokens, vocab] is
+            recomputed in the backward, not kept: memory does not grow with response length x vocabulary);
+            null: all at once (a little faster where memory allows).
 
     Scale: under Lightning's ModelParallelStrategy (`configs/strategies/fsdp2.yaml`) `configure_model`
     applies FSDP2 `fully_shard` to every decoder layer and vision encoder layer, then to the model
@@ -146,6 +149,7 @@ class PreferenceModule(L.LightningModule):
         nonfinite: Literal["stop", "skip"] = "stop",
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        logp_chunk: int | None = 1024,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -196,7 +200,8 @@ class PreferenceModule(L.LightningModule):
             return
         if self.hparams.lora is not None and self.hparams.reference == "copy":
             log.info("LoRA: the reference is the model with adapters disabled (reference='adapter')")
-        self.policy = PreferencePolicy(self.build_model(), reference=self.reference_strategy, mode=self.hparams.scoring)
+        self.policy = PreferencePolicy(self.build_model(), reference=self.reference_strategy, mode=self.hparams.scoring,
+                                       logp_chunk=self.hparams.get("logp_chunk", 1024))
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel mesh
             mesh = self.device_mesh["data_parallel"] if "data_parallel" in (self.device_mesh.mesh_dim_names or ()) else self.device_mesh
             self.policy.fully_shard(mesh)
