@@ -20,8 +20,10 @@ class ResumableCheckpoint(ModelCheckpoint):
       point and at the end of training.
     - `last_every_n_steps` / `last_every_minutes`: last.ckpt is also written every N optimizer steps and/or
       every T minutes (whichever comes first), so a crash loses at most that much; the monitored best
-      checkpoints are unaffected. A run that stops mid-epoch (max_steps, a stop request) writes it after its last
-      batch, so resuming it with a larger max_steps continues that epoch instead of skipping its rest.
+      checkpoints are unaffected. At the end of an epoch or of the run (max_steps, a stop request) last.ckpt is
+      written after the last batch, not in Lightning's epoch-end hooks, whose state Lightning 2.6 resumes wrongly
+      (see on_train_batch_end): a resumed run, with a larger max_steps too, trains the pairs the uninterrupted
+      run would.
     - Every save is atomic (checkpoints.py): written beside its final name, fsynced, then renamed, also for
       sharded (FSDP2) directories, so a kill during a save leaves the previous checkpoint whole; a save that
       fails (disk full) removes its partial file and stops the run with one line naming the path and cause.
@@ -45,6 +47,8 @@ class ResumableCheckpoint(ModelCheckpoint):
         self.last_every_n_steps = last_every_n_steps
         self.last_every_minutes = last_every_minutes
         self._last_saved_at = time.monotonic()
+        self._last_written_step: int | None = None  # the global step last.ckpt was last written at
+        self._at_epoch_end = False  # inside on_train_epoch_end / on_train_end
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         path = Path(filepath)
@@ -62,9 +66,12 @@ class ResumableCheckpoint(ModelCheckpoint):
         """A run resumed from a checkpoint in this directory continues its last.ckpt, whether or not Lightning
         restored this callback's state (it does not when the callback's settings, e.g. its monitor, changed):
         otherwise the newest state would go to last-v1.ckpt beside a stale last.ckpt."""
+        if self._at_epoch_end and self._last_written_step == trainer.global_step:
+            return  # never over this step's mid-epoch state (see on_train_batch_end)
         if self._resumed_here(trainer):
             self.last_model_path = self.format_checkpoint_name(monitor_candidates, self.CHECKPOINT_NAME_LAST)
         super()._save_last_checkpoint(trainer, monitor_candidates)
+        self._last_written_step = trainer.global_step
 
     def _resumed_here(self, trainer: L.Trainer) -> bool:
         resumed = trainer.ckpt_path
@@ -77,20 +84,35 @@ class ResumableCheckpoint(ModelCheckpoint):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         due = self.last_every_n_steps is not None and trainer.global_step % self.last_every_n_steps == 0
-        # The run ends after this batch (max_steps, a stop request): save now, while the loops say "mid-epoch". Saved
-        # at train end instead, the checkpoint says the epoch ended, and a resume would skip the rest of its pairs.
-        due = due or trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step
         if self.last_every_minutes is not None:
             due = due or trainer.strategy.broadcast(time.monotonic() - self._last_saved_at >= 60 * self.last_every_minutes)
         if due:
             self._save_last_if_behind(trainer)
+        elif self._epoch_or_run_ends(trainer):
+            # Written after the batch, not at the end of the epoch or the run: a checkpoint written there says
+            # "epoch ended" in a way Lightning 2.6 resumes wrongly (one batch of the next epoch, then the one after;
+            # the rest of that epoch's pairs never trained). Not counted as this step's save, so the top-k
+            # checkpoint of a validation that follows is still written (and last.ckpt again, still mid-epoch).
+            counted = self._last_global_step_saved
+            self._save_last_if_behind(trainer)
+            self._last_global_step_saved = counted
+
+    @staticmethod
+    def _epoch_or_run_ends(trainer: L.Trainer) -> bool:
+        """This batch is the epoch's last, or the run stops after it (max_steps reached, a stop request)."""
+        return (trainer.fit_loop.epoch_loop.batch_progress.is_last_batch or trainer.should_stop
+                or 0 <= trainer.max_steps <= trainer.global_step)
 
     # Lightning saves either at train-epoch end or at validation end (never both); follow it, after
     # its own top-k save, so last.ckpt never pre-empts the best checkpoint of the same step.
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
-            self._save_last_if_behind(trainer)
+        self._at_epoch_end = True  # last.ckpt of this step was written after its batch (see on_train_batch_end)
+        try:
+            super().on_train_epoch_end(trainer, pl_module)
+            if self._should_save_on_train_epoch_end(trainer):
+                self._save_last_if_behind(trainer)
+        finally:
+            self._at_epoch_end = False
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
@@ -98,8 +120,12 @@ class ResumableCheckpoint(ModelCheckpoint):
             self._save_last_if_behind(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_end(trainer, pl_module)
-        self._save_last_if_behind(trainer)
+        self._at_epoch_end = True
+        try:
+            super().on_train_end(trainer, pl_module)
+            self._save_last_if_behind(trainer)
+        finally:
+            self._at_epoch_end = False
 
     def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
         if self.monitor is not None and self.monitor not in monitor_candidates and \

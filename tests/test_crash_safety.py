@@ -123,13 +123,14 @@ class StopAt(L.Callback):
             trainer.should_stop = True
 
 
-def run(tmp_path: Path, data: dict, name: str, stop: int | None = None, ckpt: Path | None = None):
+def run(tmp_path: Path, data: dict, name: str, stop: int | None = None, ckpt: Path | None = None,
+        max_steps: int = MAX_STEPS, every: int | None = 1):
     torch.manual_seed(0)
     module = DPO(beta=0.5, lr=1e-3)
     dm = PreferenceDataModule(str(data["train"]), str(data["val"]), batch_size=4, max_length=128, processor=module.processor)
     order = Order()
-    callbacks = [order, ResumableCheckpoint(dirpath=str(tmp_path / name), save_last=True, save_top_k=0, last_every_n_steps=1)]
-    trainer = L.Trainer(max_steps=MAX_STEPS, accelerator="cpu", logger=False, limit_val_batches=0, num_sanity_val_steps=0,
+    callbacks = [order, ResumableCheckpoint(dirpath=str(tmp_path / name), save_last=True, save_top_k=0, last_every_n_steps=every)]
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, limit_val_batches=0, num_sanity_val_steps=0,
                         callbacks=callbacks + ([StopAt(stop)] if stop else []), enable_progress_bar=False,
                         enable_model_summary=False)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
@@ -147,6 +148,17 @@ def test_resume_draws_the_order_the_uninterrupted_run_draws(tmp_path, data, stop
     for a, b in zip(full.policy.model.state_dict().values(), resumed.policy.model.state_dict().values()):
         assert torch.equal(a, b)
     assert not [w for w in recwarn if "not resumable" in str(w.message)]
+
+
+@pytest.mark.parametrize("stop", [4, 6], ids=["epoch-end", "mid-epoch"])
+def test_a_run_ended_by_max_steps_is_continued_where_it_stopped(tmp_path, data, stop):
+    """last.ckpt written only when the run ends (no periodic saves), then resumed with a larger max_steps: the same
+    batches as the uninterrupted run. Written in Lightning's epoch-end hooks, the resume would train one batch of
+    the next epoch and then jump to the one after."""
+    _, seen_full = run(tmp_path, data, "full")
+    run(tmp_path, data, "part", max_steps=stop, every=None)  # (its lr schedule spans `stop` steps: other weights)
+    _, seen_resumed = run(tmp_path, data, "part", ckpt=tmp_path / "part" / "last.ckpt", every=None)
+    assert seen_resumed == seen_full[stop:]
 
 
 def test_a_save_is_atomic_and_a_torn_checkpoint_is_a_clear_error(tmp_path, data):
