@@ -221,3 +221,29 @@ def test_chunked_log_probs_keep_no_tokens_by_vocabulary_tensor_for_the_backward(
     torch.testing.assert_close(got, expected)
     by_hand = torch.log_softmax(head(states).double(), -1).gather(-1, targets[:, None]).squeeze(-1)
     torch.testing.assert_close(got.double(), by_hand, atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backbone", ["tiny://llama", "tiny://qwen2_vl"])
+def test_activation_checkpointing_per_layer_gives_the_same_log_probs_and_gradients(demo_dir, batch, backbone):
+    """gradient_checkpointing: true recomputes each decoder (and vision) layer in the backward: every layer runs
+    twice per step, and log-probs and gradients equal the plain path's, for both backbone families."""
+    from lightning_meddpo.backbones.build import build_policy_model
+
+    if backbone != "tiny://llama":
+        records, _ = read_preference_file(demo_dir / "train.json")
+        batch = encode(records[:3], load_processor(backbone), max_length=512)
+    views = ("chosen", "rejected", "chosen_mprime")
+    results = {}
+    for checkpointed in (False, True):
+        policy = PreferencePolicy(build_policy_model(backbone, gradient_checkpointing=checkpointed), reference="none")
+        layers = [m for m in policy.model.modules() if type(m).__name__.endswith("DecoderLayer")]
+        calls = []
+        for layer in layers:  # inside: transformers checkpoints `forward`, so the layer's own hooks run once
+            layer.mlp.register_forward_pre_hook(lambda *a: calls.append(1))  # (a recompute stops after what it needs)
+        logps = policy.logps(batch, views)
+        (logps["chosen"].sum() - 0.5 * logps["rejected"].sum() + 0.3 * logps["chosen_mprime"].sum()).backward()
+        grads = torch.cat([p.grad.flatten() for p in policy.model.parameters() if p.grad is not None])
+        results[checkpointed] = logps, grads, len(calls) / len(layers)
+    assert results[False][2] == 1 and results[True][2] == 2  # each layer forwarded again in the backward
+    torch.testing.assert_close(results[True][0], results[False][0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(results[True][1], results[False][1], atol=1e-6, rtol=1e-5)

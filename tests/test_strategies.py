@@ -155,5 +155,16 @@ def test_fully_shard_layers_and_reference(tmp_path, monkeypatch):
         sharded_loss, _ = module.compute_loss(batch)
         plain_loss, _ = plain.compute_loss(batch)
         assert torch.allclose(sharded_loss, plain_loss, atol=1e-6)
+
+        checkpointed = DPO(gradient_checkpointing=True)  # activation checkpointing per layer, under FSDP2 too
+        checkpointed._device_mesh = mesh
+        checkpointed.configure_model()
+        loss, _ = checkpointed.compute_loss(batch)
+        assert torch.allclose(loss, plain_loss, atol=1e-6)
+        loss.backward()
+        plain_loss.backward()
+        for (name, p), q in zip(checkpointed.policy.model.named_parameters(), plain.policy.model.parameters()):
+            if q.grad is not None:
+                torch.testing.assert_close(p.grad.full_tensor(), q.grad, atol=1e-6, rtol=1e-5, msg=name)
     finally:
         dist.destroy_process_group()
