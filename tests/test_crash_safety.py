@@ -252,3 +252,52 @@ def test_a_gradient_that_stays_zero_is_warned_about():
     with pytest.warns(UserWarning, match="exactly 0 for 20 steps.*nothing is training"):
         for _ in range(20):
             module.on_before_optimizer_step(None)
+
+
+@pytest.mark.slow
+def test_a_preempted_job_saves_requeues_and_resumes_bit_identically(tmp_path, data):
+    """SIGUSR1 (Slurm's warning before the time limit) to a fit under Slurm: the step in flight finishes, last.ckpt
+    is written, `scontrol requeue <job>` is called, the process exits 0; `--ckpt_path last.ckpt` then ends with the
+    weights of the run that was never interrupted. No periodic saves: the signal alone makes the checkpoint."""
+    def preemptible(root: Path) -> Path:
+        config = json.loads(write_config(root, data, "dpo").read_text())
+        saver = config["trainer"]["callbacks"][0]["init_args"]
+        saver.pop("last_every_n_steps")
+        config["trainer"]["callbacks"] += [{"class_path": "lightning_meddpo.callbacks.Preemption"},
+                                           {"class_path": "tests.batch_log.BatchLog", "init_args": {"path": str(root / "batches.jsonl")}}]
+        path = root / "run.yaml"
+        path.write_text(json.dumps(config))
+        return path
+
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    fit(straight, preemptible(straight), "dpo")
+
+    job = tmp_path / "job"
+    job.mkdir()
+    bin_dir = tmp_path / "bin"  # a fake scontrol that records how it was called
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    config = preemptible(job)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242"}
+    cmd = [sys.executable, "-m", "lightning_meddpo", "fit", "--config", str(REPO / "configs/methods/dpo.yaml"),
+           "--config", str(REPO / "configs/backbones/demo.yaml"), "--config", str(config)]
+    proc = subprocess.Popen(cmd, cwd=job, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    batches = job / "batches.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and \
+            (not batches.exists() or len(batches.read_text().splitlines()) < 6):  # into step 6, mid-epoch 1
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "SIGUSR1 received: stopping after step" in err
+    last = job / "ckpt" / "last.ckpt"
+    stopped_at = read_checkpoint_meta(last)["global_step"]
+    assert 5 <= stopped_at < MAX_STEPS and (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+
+    fit(job, config, "dpo", f"--ckpt_path={last}")  # the requeued job
+    a, b = final_weights(straight), final_weights(job)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
