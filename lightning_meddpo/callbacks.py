@@ -72,7 +72,8 @@ class ResumableCheckpoint(ModelCheckpoint):
     def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
         """A run resumed from a checkpoint in this directory continues its last.ckpt, whether or not Lightning
         restored this callback's state (it does not when the callback's settings, e.g. its monitor, changed):
-        otherwise the newest state would go to last-v1.ckpt beside a stale last.ckpt."""
+        otherwise the newest state would go to last-v1.ckpt beside a stale last.ckpt. At the end of an epoch or
+        run, the state written after the last batch is kept (see on_train_batch_end)."""
         if self._at_epoch_end and self._last_written_step == trainer.global_step:
             return  # never over this step's mid-epoch state (see on_train_batch_end)
         if self._resumed_here(trainer):
@@ -196,7 +197,11 @@ class Preemption(L.Callback):
         self._previous.clear()
         job = self._slurm_job()
         if self.stopped and self.requeue and job and trainer.is_global_zero:
-            result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+            try:
+                result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+            except OSError as e:
+                log.warning("cannot requeue job %s (%s): resume it with --ckpt_path last", job, e)
+                return
             if result.returncode != 0:
                 log.warning("scontrol requeue %s failed (%d): %s", job, result.returncode, result.stderr.strip())
 
