@@ -8,9 +8,14 @@ Every measurement runs in a fresh process (`--worker`); ours and TRL's alternate
 a machine that slows down slows both. Each process trains `--steps` optimizer steps on the same pairs in
 file order (ours: data `shuffle: false`; TRL: `train_sampling_strategy="sequential"`), same batch size,
 fp32 (or `--precision bf16`), no gradient checkpointing (TRL turns it on by default; off on both sides
-here), no evaluation, no checkpoints. Both sides get the same strings: the prompt as our chat template
-renders it and each response with its end-of-turn, so both tokenise the same sequences; the first
-step's loss is printed for each side as a check.
+here), no evaluation, no checkpoints, the same frozen parts (the CLIP layers after LLaVA's feature layer,
+which get no gradient, on both sides) and for LoRA the same adapters: each side's trainable parameters are
+counted and a variant whose counts differ is reported as not comparable, with no ratio. Both sides get the
+same strings: the prompt as our chat template renders it and each response with its end-of-turn, so both
+tokenise the same sequences; the first step's loss is printed for each side as a check. TRL's side runs its
+fastest settings that work for image data in TRL 1.16: `padding_free` is disabled there ("temporarily
+unavailable after a refactor"), `precompute_ref_log_probs` is refused for vision datasets, and its DPOConfig has
+no logits-to-keep or Liger option for DPO, so it runs padded batches with the online reference.
 
 Reported per side, as medians over repeats: the step time after `--warmup` steps (pairs/s and tokens/s
 from it, tokens = prompt + response of chosen and rejected, as TRL counts them), the end-to-end rate over
@@ -20,7 +25,8 @@ GPU, else max RSS). The warmup steps are left out of both: the first step pays o
 creates its logged metrics there, ~0.25 s) that do not recur. Variants:
 
   dpo             full fine-tuning, reference = frozen copy          vs TRL DPOTrainer (ref_model copy)
-  dpo_lora        LoRA r=8, reference = adapters disabled            vs TRL DPOTrainer + peft LoRA
+  dpo_lora        LoRA r=8 on every linear projection of the language  vs TRL DPOTrainer + peft LoRA, the same
+                  model, reference = adapters disabled                 peft.LoraConfig (LORA below)
   dpo_precomputed full fine-tuning, reference computed before step 1 vs TRL online (TRL refuses a
                   (its one-off cost is reported apart)                precomputed reference for images)
   mdpo            DPO + CoPO + anchor (3 views, m' from the record)  vs the same loss scored TRL's way
@@ -52,6 +58,9 @@ SHAPES = {
     "llava_med": {"image_size": 336, "patch_size": 14, "text_model": "mistral"},
 }
 VARIANTS = ("dpo", "dpo_lora", "dpo_precomputed", "mdpo")
+# LoRA on both sides: every linear projection of the language model (LLaVA's recipe, find_all_linear_names), the
+# vision tower and projector excluded (LLaVA's too), through the same LoraSettings -> peft.LoraConfig.
+LORA = {"r": 8, "alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -119,7 +128,7 @@ def run_ours(args) -> dict:
         f"--trainer.accelerator={'gpu' if _cuda() else 'cpu'}", "--trainer.devices=1",
     ]
     if args.variant == "dpo_lora":
-        cli_args += ["--model.init_args.lora={r: 8, alpha: 16}"]
+        cli_args += [f"--model.init_args.lora={json.dumps(LORA)}"]
     if args.variant == "dpo_precomputed":
         cli_args += ["--model.init_args.reference=precomputed", f"--model.init_args.reference_cache_dir={out / 'cache'}"]
     if args.scoring:
@@ -132,7 +141,8 @@ def run_ours(args) -> dict:
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     result = _summary(timer.steps, args.warmup)
-    result.update(first_loss=timer.losses[0], setup_seconds=timer.begin - start, peak_memory_mib=peak_memory_mib())
+    result.update(first_loss=timer.losses[0], setup_seconds=timer.begin - start, peak_memory_mib=peak_memory_mib(),
+                  trainable_parameters=_trainable(cli.model.policy.model))
     del torch
     return result
 
@@ -172,12 +182,11 @@ def run_trl(args) -> dict:
             _sync()
             self.steps.append((self.start, time.perf_counter()))
 
-    model = AutoModelForImageTextToText.from_pretrained(args.model_dir, dtype=torch.float32)
-    peft_config = None
-    if args.variant == "dpo_lora":
-        from peft import LoraConfig
+    from lightning_meddpo.backbones.build import LoraSettings, freeze_unused_vision_layers
 
-        peft_config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    model = AutoModelForImageTextToText.from_pretrained(args.model_dir, dtype=torch.float32)
+    freeze_unused_vision_layers(model)  # as ours: the CLIP layers after vision_feature_layer never get a gradient
+    peft_config = LoraSettings(**LORA).peft_config() if args.variant == "dpo_lora" else None
     out = tempfile.mkdtemp(prefix="vs_trl-trl-")
     config = DPOConfig(
         output_dir=out, per_device_train_batch_size=args.batch_size, max_steps=args.steps, learning_rate=1e-5,
@@ -200,8 +209,13 @@ def run_trl(args) -> dict:
     steps = [(a, b, args.batch_size, t) for (a, b), t in zip(timer.steps, tokens)]
     result = _summary(steps, args.warmup)
     first = next((float(log["loss"]) for log in losses if log and "loss" in log), None)
-    result.update(first_loss=first, setup_seconds=None, peak_memory_mib=peak_memory_mib())
+    result.update(first_loss=first, setup_seconds=None, peak_memory_mib=peak_memory_mib(),
+                  trainable_parameters=_trainable(trainer.model))
     return result
+
+
+def _trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def _summary(steps: list[tuple[float, float, int, int]], warmup: int) -> dict:
@@ -290,6 +304,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 runs["ours"].append(run_worker(worker_command("ours", variant, model_dir, data_dir, a)))
                 runs["base"].append(run_worker(worker_command(base[0], variant, model_dir, data_dir, a, base[1])))
             ours, theirs = median_of(runs["ours"]), median_of(runs["base"])
+            if ours["trainable_parameters"] != theirs["trainable_parameters"]:
+                print(f"{shape} {variant}: not comparable, no ratio reported: {ours['trainable_parameters']} trainable "
+                      f"parameters here, {theirs['trainable_parameters']} in the baseline", flush=True)
+                continue
             row = {
                 "shape": shape, "variant": variant, "baseline": "TRL DPOTrainer" if base[0] == "trl" else "ours, scoring: logits",
                 "ours": ours, "baseline_result": theirs,
@@ -301,11 +319,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows.append(row)
             print(json.dumps(row), flush=True)
     print()
-    print("| shape | variant | baseline | step s (ours / base) | step speed-up | end-to-end speed-up | peak MiB (ours / base) | first loss (ours / base) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| shape | variant | baseline | trainable params (both) | step s (ours / base) | step speed-up | end-to-end speed-up "
+          "| peak MiB (ours / base) | first loss (ours / base) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         o, b = r["ours"], r["baseline_result"]
-        print(f"| {r['shape']} | {r['variant']} | {r['baseline']} | {o['step_seconds_median']:.3f} / {b['step_seconds_median']:.3f} "
+        print(f"| {r['shape']} | {r['variant']} | {r['baseline']} | {o['trainable_parameters']:,} "
+              f"| {o['step_seconds_median']:.3f} / {b['step_seconds_median']:.3f} "
               f"| {r['step_speedup']:.2f}x | {r['end_to_end_speedup']:.2f}x | {o['peak_memory_mib']:.0f} / {b['peak_memory_mib']:.0f} "
               f"| {r['first_loss'][0]:.4f} / {r['first_loss'][1]:.4f} |")
     if a.out:
