@@ -150,8 +150,8 @@ class ResumableCheckpoint(ModelCheckpoint):
 
 
 class Preemption(L.Callback):
-    """A job told to stop (SIGUSR1: Slurm's `--signal=B:USR1@120`, sent that many seconds before the time limit;
-    SIGTERM: preemption, scancel) finishes the step in flight, writes last.ckpt atomically (ResumableCheckpoint
+    """A job told to stop (SIGUSR1: `#SBATCH --signal=USR1@120` has Slurm send it to the job's tasks 120 s before
+    the time limit; SIGTERM: preemption, scancel) finishes the step in flight, writes last.ckpt atomically (ResumableCheckpoint
     saves when a run stops), asks Slurm to requeue it (`scontrol requeue $SLURM_JOB_ID`, under Slurm) and exits 0;
     the requeued job's `fit ... --ckpt_path last` then resumes bit-identically.
 
