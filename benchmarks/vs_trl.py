@@ -84,6 +84,19 @@ def peak_memory_mib() -> float:
 
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
+    return process_peak_rss_mib()
+
+
+def process_peak_rss_mib() -> float:
+    """This process's peak resident memory: VmHWM, the high-water mark of its own address space. Not ru_maxrss,
+    which on Linux carries over the peak of the process image an exec replaced, i.e. the driver's that forked
+    the worker (which made both sides of a comparison read the same number)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

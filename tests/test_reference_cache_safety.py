@@ -11,6 +11,7 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,41 @@ def test_a_cache_write_that_fails_leaves_no_half_file(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, handler)
     assert path.read_bytes() == before and [p.name for p in path.parent.iterdir()] == ["table.json"]
+
+
+def test_duplicate_ids_in_one_file_are_refused_before_anything_is_computed(tmp_path, data):
+    records = json.loads(data["train"].read_text())
+    records[5]["id"] = records[2]["id"]
+    data["train"].write_text(json.dumps(records))
+    cmd = [sys.executable, "-m", "lightning_meddpo", "fit", "--config", str(REPO / "configs/methods/dpo.yaml"),
+           "--config", str(REPO / "configs/backbones/demo.yaml"), "--data.init_args.demo=false",
+           f"--data.init_args.train_file={data['train']}", f"--data.init_args.val_file={data['val']}",
+           "--trainer.max_steps=1", "--trainer.logger=false", "--model.init_args.reference=precomputed",
+           f"--model.init_args.reference_cache_dir={tmp_path / 'cache'}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (line,) = [line for line in proc.stderr.splitlines() if ": error: " in line]
+    assert f"id={records[2]['id']!r}" in line and "duplicate of the record at" in line
+    assert not (tmp_path / "cache").exists()  # nothing computed
+
+
+def test_a_kill_during_a_cache_write_leaves_the_previous_file_or_none(tmp_path):
+    """kill -9 while a large table is being written: the cache file is the previous one, whole (only a hidden
+    temporary file can be left, which is never read)."""
+    path = tmp_path / "table.json"
+    ReferenceTable(("chosen",), {"chosen": {"old": -1.0}}).save(path, {})
+    writer = ("import sys; from pathlib import Path; from lightning_meddpo.reference_cache import ReferenceTable\n"
+              "t = ReferenceTable(('chosen',), {'chosen': {f'k{i:07d}': -float(i) for i in range(1_000_000)}})\n"
+              "print('writing', flush=True)\nwhile True:\n    t.save(Path(sys.argv[1]), {})\n")
+    proc = subprocess.Popen([sys.executable, "-c", writer, str(path)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.stdout.readline().strip() == "writing"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not list(tmp_path.glob(".table.json.*.tmp")):
+        time.sleep(0.005)  # until a write is under way
+    proc.kill()
+    proc.wait()
+    table = ReferenceTable.load(path)  # parses: the old table, or a whole new one
+    assert len(table) in (1, 1_000_000)
+    assert all(p.name.startswith(".") for p in tmp_path.iterdir() if p != path)
