@@ -158,7 +158,7 @@ def training_data_differences(config: Any, checkpoint: dict[str, Any]) -> list[s
 
 def _warn(message: str) -> None:
     """One line on stderr, once per job (rank 0)."""
-    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+    if all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID")):
         print(f"lightning_meddpo: warning: {message}", file=sys.stderr, flush=True)
 
 
