@@ -220,7 +220,7 @@ class MedDPOCLI(LightningCLI):
             return
         resolved_last = ckpt_path == "last"
         if resolved_last:
-            resolved = self._last_of_this_config(config)
+            resolved = self._last_of_this_config(config, compare_data=subcommand == "fit")
             if resolved is None:
                 return  # nothing to resume: Lightning starts anew (and says so)
             config.ckpt_path = ckpt_path = str(resolved)
@@ -236,10 +236,11 @@ class MedDPOCLI(LightningCLI):
             if differences:
                 _warn(f"resuming {ckpt_path}, which was trained on other data: " + "; ".join(differences))
 
-    def _last_of_this_config(self, config) -> Path | None:
+    def _last_of_this_config(self, config, compare_data: bool) -> Path | None:
         """The newest last.ckpt among this config's runs, if it was trained with this config's model settings
-        and data (data/fingerprint.py); a run with other settings or data is not resumed by `last`: an error names
-        the differences and says how to resume it anyway (`--resume_anyway`, or its path) or start anew."""
+        and (for `fit`, which continues it) data (data/fingerprint.py); a run with other settings or data is not
+        resumed by `last`: an error names the differences and says how to resume it anyway (`--resume_anyway`, or
+        its path) or start anew. validate / test may evaluate it on any data."""
         logger = config.trainer.get("logger")
         init_args = getattr(logger, "init_args", None) if logger is not None else None
         if init_args is None or not getattr(init_args, "save_dir", None):
@@ -250,7 +251,9 @@ class MedDPOCLI(LightningCLI):
             return None
         newest = found[-1]
         checkpoint = read_checkpoint_meta(newest)
-        differences = config_differences(config.model, checkpoint) + training_data_differences(config, checkpoint)
+        differences = config_differences(config.model, checkpoint)
+        if compare_data:
+            differences += training_data_differences(config, checkpoint)
         if differences and config.get("resume_anyway"):
             _warn(f"--resume_anyway: resuming {newest}, which was trained with other settings or data: "
                   + "; ".join(differences))

@@ -115,6 +115,9 @@ def test_ckpt_path_last_resumes_only_this_configs_run(tmp_path, checkpoint, demo
         parsed(*args)
     with pytest.raises(CheckpointError, match=r"would resume .*version_1.*data.batch_size: 4 -> 8"):
         parsed(*args[:-2], args[-1])  # the demo config's batch size (8), not the checkpoint's (4)
+    newer.unlink()
+    evaluated = parsed("validate", *args[1:-2], args[-1])  # validate evaluates the newest run on any data
+    assert evaluated.config["validate"].ckpt_path == str(older)
 
 
 def test_errors_are_one_message_and_debug_shows_the_traceback(tmp_path, checkpoint):
