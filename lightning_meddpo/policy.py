@@ -454,16 +454,17 @@ class PreferencePolicy(nn.Module):
         """LM head and log-softmax on the predictor positions of every view's response tokens only (no padding),
         in chunks of `logp_chunk` tokens (see chunked_token_logps); summed per pair and view."""
         pairs = len(rows.segments[views[0]].rows)
-        states, targets, owners = [], [], []
+        at, positions, targets, owners = [], [], [], []
         for k, view in enumerate(views):
             s = rows.segments[view]
-            at = s.rows[:, None].expand_as(s.predictors)[s.mask]
-            states.append(hidden[at, s.predictors[s.mask]])
+            at.append(s.rows[:, None].expand_as(s.predictors)[s.mask])
+            positions.append(s.predictors[s.mask])
             targets.append(s.targets.to(hidden.device)[s.mask])
             owners.append(k * pairs + torch.arange(pairs, device=hidden.device)[:, None].expand_as(s.mask)[s.mask])
+        states = hidden[torch.cat(at), torch.cat(positions)]  # one gather (one scatter in the backward) for all views
         head = base_model(model).lm_head
         chunk = None if _is_sharded(head) else self.logp_chunk  # an FSDP2 unit gathers per call: one call
-        per_token = chunked_token_logps(head, torch.cat(states), torch.cat(targets), chunk)
+        per_token = chunked_token_logps(head, states, torch.cat(targets), chunk)
         sums = torch.zeros(len(views) * pairs, dtype=per_token.dtype, device=per_token.device).index_add(
             0, torch.cat(owners), per_token)
         return dict(zip(views, sums.split(pairs)))
