@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
+
+from vs_trl import (
+    process_peak_rss_mib,  # benchmarks/ is on the path when run as a script
+)
 
 
 def measure(args: argparse.Namespace, chunk: int | None) -> dict:
@@ -35,10 +38,7 @@ def measure(args: argparse.Namespace, chunk: int | None) -> dict:
     def peak() -> float:
         if device.type == "cuda":
             return torch.cuda.max_memory_allocated() / 2**20
-        for line in open("/proc/self/status").read().splitlines():  # VmHWM: not the peak of the forking driver
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return process_peak_rss_mib()  # VmHWM: not the peak of the forking driver
 
     chunked_token_logps(head, states[:8], targets[:8], chunk).sum().backward()  # warm up the allocator and kernels
     if device.type == "cuda":

@@ -70,12 +70,9 @@ def writing(path: str | Path, what: str, partial: Path | None = None) -> Iterato
 
 def write_text_atomic(path: str | Path, text: str, what: str) -> None:
     """`text` to `path` through a partial sibling and a rename; a failure is a WriteError and leaves no partial."""
-    path = Path(path)
-    tmp = temporary_sibling(path)
-    with writing(path, what, partial=tmp):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text, encoding="utf-8")
-        commit(tmp, path)
+    with writing(path, what):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), what)
 
 
 def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
