@@ -201,7 +201,7 @@ class PreferenceModule(L.LightningModule):
         if self.hparams.lora is not None and self.hparams.reference == "copy":
             log.info("LoRA: the reference is the model with adapters disabled (reference='adapter')")
         self.policy = PreferencePolicy(self.build_model(), reference=self.reference_strategy, mode=self.hparams.scoring,
-                                       logp_chunk=self.hparams.get("logp_chunk", 1024))
+                                       logp_chunk=self.hparams.logp_chunk)
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel mesh
             mesh = self.device_mesh["data_parallel"] if "data_parallel" in (self.device_mesh.mesh_dim_names or ()) else self.device_mesh
             self.policy.fully_shard(mesh)
