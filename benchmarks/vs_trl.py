@@ -48,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,6 +101,28 @@ def process_peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def random_init(module, device: str, dtype) -> None:
+    """Make `module` build its policy from its backbone's config with seeded random weights on `device` (a shape
+    too large to save, e.g. gpu_check.py's 7B): the same weights as `random_model` gives TRL's side."""
+    from lightning_meddpo.backbones.build import prepare_policy_model
+
+    def build_model(self):
+        h = self.hparams
+        return prepare_policy_model(random_model(h.backbone, device, dtype), h.lora, self.frozen_parts,
+                                    h.gradient_checkpointing)
+
+    module.build_model = types.MethodType(build_model, module)
+
+
+def random_model(model_dir, device: str, dtype):
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        return AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model_dir), dtype=dtype)
+
+
 # ---------------------------------------------------------------------------------------------- workers
 
 
@@ -149,6 +172,8 @@ def run_ours(args) -> dict:
     cli = MedDPOCLI(PreferenceModule, None, subclass_mode_model=True, subclass_mode_data=True,
                     trainer_defaults=TRAINER_DEFAULTS, args=cli_args, run=False, auto_configure_optimizers=False,
                     save_config_callback=None)
+    if args.random_init:
+        random_init(cli.model, "cuda" if _cuda() else "cpu", torch.float32)
     timer = Timer()
     cli.trainer.callbacks.append(timer)
     start = time.perf_counter()
@@ -197,7 +222,10 @@ def run_trl(args) -> dict:
 
     from lightning_meddpo.backbones.build import LoraSettings, freeze_unused_vision_layers
 
-    model = AutoModelForImageTextToText.from_pretrained(args.model_dir, dtype=torch.float32)
+    if args.random_init:
+        model = random_model(args.model_dir, "cuda" if _cuda() else "cpu", torch.float32)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(args.model_dir, dtype=torch.float32)
     freeze_unused_vision_layers(model)  # as ours: the CLIP layers after vision_feature_layer never get a gradient
     peft_config = LoraSettings(**LORA).peft_config() if args.variant == "dpo_lora" else None
     out = tempfile.mkdtemp(prefix="vs_trl-trl-")
@@ -289,6 +317,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--scoring", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--random-init", action="store_true", help=argparse.SUPPRESS)  # model from config.json, seeded
     p.add_argument("--shapes", default="tiny,llava_med", help="model shapes: tiny, llava_med")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated: {', '.join(VARIANTS)}")
     p.add_argument("--steps", type=int, default=12, help="optimizer steps per run")

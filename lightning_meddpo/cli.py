@@ -3,7 +3,7 @@
 LightningCLI's fit / validate / test / predict train and evaluate a module chosen by class_path (SFT, DPO,
 ...) on a DataModule chosen by class_path; the model's processor is linked into the DataModule at
 instantiation, so data and model always agree on the tokenizer and image preprocessing. The programs in
-PROGRAMS (build-pairs, convert, export, benchmark) are subcommands of the same parser: `--help` lists them
+PROGRAMS (build-pairs, convert, export, benchmark, plan) are subcommands of the same parser: `--help` lists them
 all, and each parses its own options (with `--config` / `--print_config` where it takes a file). One parser
 costs every subcommand Lightning's import (about 5 s on 2 CPU cores, 0.1 s before for build-pairs alone).
 
@@ -34,14 +34,14 @@ from jsonargparse import ActionYesNo
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_meddpo.checkpoints import CheckpointError, read_checkpoint_meta
-from lightning_meddpo.commands import benchmark, build_pairs, convert, export
+from lightning_meddpo.commands import benchmark, build_pairs, convert, export, plan
 from lightning_meddpo.data.datamodule import PreferenceDataModule
 from lightning_meddpo.data.fingerprint import data_differences
 from lightning_meddpo.llm import LLMError
 from lightning_meddpo.modules.base import PreferenceModule
 
 # Subcommands beside LightningCLI's: each module has build_parser() (its options) and run(namespace).
-PROGRAMS = {"build-pairs": build_pairs, "convert": convert, "export": export, "benchmark": benchmark}
+PROGRAMS = {"build-pairs": build_pairs, "convert": convert, "export": export, "benchmark": benchmark, "plan": plan}
 DEBUG_ENV = "LIGHTNING_MEDDPO_DEBUG"
 # What a user's input or machine can raise: printed as one message (an OSError: a missing or unwritable path, a
 # full disk; our writers name the path, see checkpoints.WriteError; a judge or rewriter server that failed for good,

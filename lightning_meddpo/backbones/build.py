@@ -134,6 +134,17 @@ def build_policy_model(
     model = load_model(source, trust_remote_code=trust_remote_code)
     if init_from and not Path(init_from).is_dir():
         load_policy_weights(model, init_from)
+    return prepare_policy_model(model, lora, freeze, gradient_checkpointing)
+
+
+def prepare_policy_model(
+    model: torch.nn.Module,
+    lora: LoraSettings | dict | None = None,
+    freeze: list[str] | None = None,
+    gradient_checkpointing: bool = False,
+) -> torch.nn.Module:
+    """LoRA, frozen parts and activation checkpointing on a loaded model (or one built on the meta device:
+    `plan` counts what trains on exactly the model training would build)."""
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

@@ -1,0 +1,132 @@
+"""`plan`'s prediction against the measured peak of real training steps, on the CPU or a GPU.
+
+    python benchmarks/plan_accuracy.py --config configs/methods/dpo.yaml --config configs/backbones/demo.yaml
+    python benchmarks/plan_accuracy.py --config configs/methods/dpo.yaml --config configs/backbones/demo.yaml \\
+        -- --model.init_args.backbone=/tmp/model-100m --data.init_args.batch_size=4
+
+Runs `fit` in-process through the project's CLI for `--steps` steps. During the last step a dispatch mode
+(LiveTensorBytes: every tensor storage an op creates, until it is freed, the way CUDA's allocator counts them, on
+any device) measures the peak of live tensor memory; the same step's batch becomes the plan's Workload and the run's
+settings its Settings (lightning_meddpo.plan.settings_of). Prints one JSON line: both figures and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import weakref
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lightning_meddpo.cli import TRAINER_DEFAULTS, MedDPOCLI  # noqa: E402
+from lightning_meddpo.modules.base import PreferenceModule  # noqa: E402
+from lightning_meddpo.plan import GIB, Planner, settings_of, workload_of  # noqa: E402
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """The peak of live tensor memory while active, counted as CUDA's allocator counts it: every storage an op
+    creates is added when it appears and taken off when it is freed; `resident`: the storages already alive
+(data pointer -> bytes)."""
+
+    def __init__(self, resident: dict[int, int]) -> None:
+        super().__init__()
+        self.live = self.peak = sum(resident.values())
+        self.tracked: set[int] = set(resident)  # views of these (a weight's transpose) are not new memory
+
+    def _freed(self, key: int, nbytes: int) -> None:
+        self.tracked.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self.tracked:
+                    self.tracked.add(key)
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._freed, key, storage.nbytes())
+        return out
+
+
+def resident_storages(module: torch.nn.Module, optimizers) -> dict[int, int]:
+    """The module's weights and buffers, their gradients and the optimizers' states: data pointer -> bytes."""
+    storages = {}
+    tensors = [*module.parameters(), *module.buffers(), *(p.grad for p in module.parameters() if p.grad is not None)]
+    for optimizer in optimizers:
+        tensors += [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    for t in tensors:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return storages
+
+
+class MeasureStep(L.Callback):
+    """The peak tensor memory of step `step` (forward, backward and optimizer step), its gradients zeroed first
+    (as the step itself does) so that the previous step's do not count."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.tracker, self.peak, self.batch = step, None, None, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            for optimizer in trainer.optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            self.batch = batch
+            self.tracker = LiveTensorBytes(resident_storages(pl_module, trainer.optimizers))
+            self.tracker.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.tracker is not None and self.peak is None:
+            self.tracker.__exit__(None, None, None)
+            self.peak = self.tracker.peak
+
+
+def measure(configs: list[str], cli_extra: list[str], steps: int = 2) -> dict:
+    out = Path(tempfile.mkdtemp(prefix="plan_accuracy-"))
+    cli_args = [a for c in configs for a in ("--config", c)] + [
+        f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
+        f"--trainer.default_root_dir={out}", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
+        "--trainer.callbacks=[]", "--trainer.enable_progress_bar=false", *cli_extra,
+    ]
+    cli = MedDPOCLI(PreferenceModule, None, subclass_mode_model=True, subclass_mode_data=True,
+                    trainer_defaults=TRAINER_DEFAULTS, args=cli_args, run=False, auto_configure_optimizers=False,
+                    save_config_callback=None)
+    probe = MeasureStep(steps - 1)
+    cli.trainer.callbacks.append(probe)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    module = cli.model
+    views = module.views_for(probe.batch) if hasattr(module, "views_for") else module.views
+    workload = workload_of(probe.batch, views, packed=module.policy.mode_for(module.policy.model) == "packed")
+    planner = Planner(module.policy.model.config, settings_of(module, cli.trainer))
+    plan = planner.plan(workload)
+    return {"measured_peak_mib": round(probe.peak / 2**20, 2), "planned_peak_mib": round(plan.peak / 2**20, 2),
+            "ratio": round(plan.peak / probe.peak, 3), "workload": vars(workload),
+            "plan_gib": {k: round(v / GIB, 4) for k, v in plan.as_dict().items() if isinstance(v, int)},
+            "settings": {k: str(v) for k, v in vars(planner.settings).items()}}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    cli_extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    own = argv[: argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", action="append", required=True, help="fit config (repeatable, like the CLI)")
+    p.add_argument("--steps", type=int, default=2, help="steps to run; the last one is measured")
+    args = p.parse_args(own)
+    result = measure(args.config, cli_extra, args.steps)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
