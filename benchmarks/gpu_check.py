@@ -18,6 +18,8 @@ packed scoring, the copy or adapter reference, the strategy. Each case runs in a
                                 checkpointing off / on
   full_fsdp_ckpt                the same under Lightning's FSDPStrategy (FSDP1, configs/strategies/fsdp.yaml's
                                 wrap policy), checkpointing on (GPU only: FSDPStrategy refuses the CPU)
+  lora_single / full_single     (only when named in --cases) lora_fsdp2 / full_fsdp2 without FSDP: what sharding
+                                on one device costs
 
 For each: the median step time after `--warmup` steps, pairs/s and tokens/s (prompt and both responses,
 padding excluded), the peak memory (CUDA max allocated; on the CPU the process's peak RSS) and `plan`'s
@@ -48,8 +50,11 @@ CASES = {
     "full_fsdp2": {"lora": False, "precision": "bf16-true", "strategy": "fsdp2", "checkpointing": False},
     "full_fsdp2_ckpt": {"lora": False, "precision": "bf16-true", "strategy": "fsdp2", "checkpointing": True},
     "full_fsdp_ckpt": {"lora": False, "precision": "bf16-true", "strategy": "fsdp", "checkpointing": True},
+    "lora_single": {"lora": True, "precision": "bf16-mixed", "strategy": "single", "checkpointing": False},
+    "full_single": {"lora": False, "precision": "bf16-true", "strategy": "single", "checkpointing": False},
 }
-STRATEGY_CONFIGS = {"fsdp2": "configs/strategies/fsdp2.yaml", "fsdp": "configs/strategies/fsdp.yaml"}
+DEFAULT_CASES = ("lora_fsdp2", "lora_fsdp2_ckpt", "full_fsdp2", "full_fsdp2_ckpt", "full_fsdp_ckpt")
+STRATEGY_CONFIGS = {"fsdp2": ["configs/strategies/fsdp2.yaml"], "fsdp": ["configs/strategies/fsdp.yaml"], "single": []}
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -96,7 +101,7 @@ def run_case(args) -> dict:
     case = CASES[args.case]
     cuda = torch.cuda.is_available()
     out = Path(tempfile.mkdtemp(prefix=f"gpu_check-{args.case}-"))
-    configs = ["configs/methods/dpo.yaml", "configs/backbones/demo.yaml", STRATEGY_CONFIGS[case["strategy"]]]
+    configs = ["configs/methods/dpo.yaml", "configs/backbones/demo.yaml", *STRATEGY_CONFIGS[case["strategy"]]]
     cli_args = [a for c in configs for a in ("--config", str(REPO / c))] + [
         f"--model.init_args.backbone={args.model_dir}", "--model.init_args.lr=1e-5",
         f"--model.init_args.gradient_checkpointing={str(case['checkpointing']).lower()}",
@@ -120,15 +125,39 @@ def run_case(args) -> dict:
         def __init__(self):
             self.times, self.batches, self.losses, self.start = [], [], [], 0.0
 
+        def on_train_start(self, trainer, pl_module):
+            self.setup_peak = torch.cuda.max_memory_allocated() if cuda else 0  # model, reference, sharding
+            self.step_peaks, self.marks = [], []
+
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             _sync()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+                self.marks.append({"step_start": torch.cuda.memory_allocated(),
+                                   "weights_grads_states": _resident_bytes(pl_module, trainer.optimizers)})
             self.start = time.perf_counter()
+
+        def _mark(self, name):
+            if cuda:
+                self.marks[-1][name] = torch.cuda.memory_allocated()
+                self.marks[-1][name + "_peak"] = torch.cuda.max_memory_allocated()
+
+        def on_before_backward(self, trainer, pl_module, loss):
+            self._mark("before_backward")
+
+        def on_after_backward(self, trainer, pl_module):
+            self._mark("after_backward")
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self._mark("before_optimizer_step")
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             _sync()
             self.times.append(time.perf_counter() - self.start)
             self.batches.append(batch)
             self.losses.append(float(outputs["loss"]))
+            self.step_peaks.append(torch.cuda.max_memory_allocated() if cuda else 0)
+            self._mark("step_end")
 
     steps = Steps()
     cli.trainer.callbacks.append(steps)
@@ -139,16 +168,34 @@ def run_case(args) -> dict:
     largest = max(steps.batches, key=lambda b: workload_of(b, module.views).rows * workload_of(b, module.views).row_tokens)
     settings = settings_of(module, cli.trainer)
     plan = Planner(module.policy.model.config, settings).plan(workload_of(largest, module.views))
-    measured = torch.cuda.max_memory_allocated() if cuda else _peak_rss()
+    measured = max(steps.step_peaks) if cuda else _peak_rss()
     return {
         "case": args.case, **case, "device": torch.cuda.get_device_name() if cuda else f"cpu x{os.cpu_count()}",
         "steps_timed": len(timed), "step_seconds_median": statistics.median(t for t, _ in timed),
         "pairs_per_second": sum(len(b) for _, b in timed) / seconds,
         "tokens_per_second": sum(b.sequence_tokens() for _, b in timed) / seconds,
-        "peak_memory_gib": measured / 2**30, "peak_memory_kind": "cuda_max_allocated" if cuda else "process_peak_rss",
+        "peak_memory_gib": measured / 2**30, "peak_memory_kind": "cuda_max_allocated_in_a_step" if cuda else "process_peak_rss",
+        "setup_peak_gib": steps.setup_peak / 2**30,
+        "memory_marks_gib": [{k: round(v / 2**30, 2) for k, v in m.items()} for m in steps.marks[-2:]],
         "planned_peak_gib": plan.peak / 2**30, "trainable_parameters": plan.trainable_parameters,
         "parameters": plan.parameters, "first_loss": steps.losses[0], "last_loss": steps.losses[-1],
     }
+
+
+def _resident_bytes(module, optimizers) -> int:
+    """Bytes of the module's weights, their gradients and the optimizers' states (local shards; each storage once)."""
+    import torch
+
+    def local(t):
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    tensors = [*module.parameters(), *(p.grad for p in module.parameters() if p.grad is not None)]
+    tensors += [v for o in optimizers for state in o.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    storages = {}
+    for t in tensors:
+        st = local(t).untyped_storage()
+        storages[st.data_ptr()] = st.nbytes()
+    return sum(storages.values())
 
 
 def _peak_rss() -> float:
@@ -225,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     cuda = torch.cuda.is_available()
     model_dir, data_dir = prepare(args.work_dir, args.tiny, max(16, args.steps * args.batch_size))
-    names = args.cases.split(",") if args.cases else [n for n in CASES if cuda or CASES[n]["strategy"] != "fsdp"]
+    names = args.cases.split(",") if args.cases else [n for n in DEFAULT_CASES if cuda or CASES[n]["strategy"] != "fsdp"]
     results = {"device": torch.cuda.get_device_name() if cuda else f"cpu x{os.cpu_count()}",
                "shape": "tiny" if args.tiny else "llava_med_7b", "torch": torch.__version__, "cases": []}
     for name in names:

@@ -34,12 +34,14 @@ from lightning_meddpo.plan import GIB, Planner, settings_of, workload_of  # noqa
 class LiveTensorBytes(TorchDispatchMode):
     """The peak of live tensor memory while active, counted as CUDA's allocator counts it: every storage an op
     creates is added when it appears and taken off when it is freed; `resident`: the storages already alive
-(data pointer -> bytes)."""
+(data pointer -> storage)."""
 
-    def __init__(self, resident: dict[int, int]) -> None:
+    def __init__(self, resident: dict[int, torch.UntypedStorage]) -> None:
         super().__init__()
-        self.live = self.peak = sum(resident.values())
+        self.live = self.peak = sum(s.nbytes() for s in resident.values())
         self.tracked: set[int] = set(resident)  # views of these (a weight's transpose) are not new memory
+        for key, storage in resident.items():  # freed in the step: last step's gradients (zero_grad)
+            weakref.finalize(storage, self._freed, key, storage.nbytes())
 
     def _freed(self, key: int, nbytes: int) -> None:
         self.tracked.discard(key)
@@ -59,28 +61,26 @@ class LiveTensorBytes(TorchDispatchMode):
         return out
 
 
-def resident_storages(module: torch.nn.Module, optimizers) -> dict[int, int]:
-    """The module's weights and buffers, their gradients and the optimizers' states: data pointer -> bytes."""
+def resident_storages(module: torch.nn.Module, optimizers) -> dict[int, torch.UntypedStorage]:
+    """The module's weights and buffers, their gradients and the optimizers' states, by data pointer."""
     storages = {}
     tensors = [*module.parameters(), *module.buffers(), *(p.grad for p in module.parameters() if p.grad is not None)]
     for optimizer in optimizers:
         tensors += [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
     for t in tensors:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage()
     return storages
 
 
 class MeasureStep(L.Callback):
-    """The peak tensor memory of step `step` (forward, backward and optimizer step), its gradients zeroed first
-    (as the step itself does) so that the previous step's do not count."""
+    """The peak tensor memory of step `step` (forward, backward and optimizer step). The previous step's gradients
+    live through the forward: Lightning zeroes them between the forward and the backward."""
 
     def __init__(self, step: int) -> None:
         self.step, self.tracker, self.peak, self.batch = step, None, None, None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
-            for optimizer in trainer.optimizers:
-                optimizer.zero_grad(set_to_none=True)
             self.batch = batch
             self.tracker = LiveTensorBytes(resident_storages(pl_module, trainer.optimizers))
             self.tracker.__enter__()

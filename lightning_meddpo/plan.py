@@ -19,8 +19,10 @@ step needs on top of the weights is worked out part by part (`Plan`):
 - sharding: FSDP / FSDP2 over N devices divide weights, gradients, optimizer states and the reference by N, and
   add one layer unsharded (two, with prefetch) while it computes.
 
-Peak = weights + reference + optimizer + max(backward: max(activations, gradients) + one layer's activations
-+ logits, step: gradients + optimizer scratch), plus FSDP's unsharded layers. The CUDA context and the
+Peak = weights + reference + optimizer + the largest of: the forward's end (the last step's gradients, which
+Lightning zeroes between the forward and the backward, + activations + logits), the backward (max(activations,
+gradients) + one layer's activations + logits) and the optimizer step (gradients + its scratch); plus FSDP's
+unsharded layers. The CUDA context and the
 allocator's fragmentation are not in it: `fits` keeps 10% of the device free for them.
 """
 
@@ -77,9 +79,10 @@ class Plan:
 
     @property
     def peak(self) -> int:
+        forward = self.gradients + self.activations + self.logits  # Lightning zeroes last step's after the forward
         backward = max(self.activations, self.gradients) + self.layer_activations + self.logits
         step = self.gradients + self.optimizer_scratch
-        return self.weights + self.reference + self.optimizer + max(backward, step) + self.unsharded_layers
+        return self.weights + self.reference + self.optimizer + max(forward, backward, step) + self.unsharded_layers
 
     def fits(self, gpu_gib: float) -> bool:
         return self.peak <= HEADROOM * gpu_gib * GIB
@@ -140,26 +143,6 @@ def saved_bytes(model: nn.Module, run) -> int:
     return sum(n for ptr, n in storages.items() if ptr not in getattr(run, "exclude", ()))
 
 
-def _text_model(text_config, layers: int, lora, trainable: bool, dtype: torch.dtype) -> nn.Module:
-    from transformers import AutoModel
-
-    config = copy.deepcopy(text_config)
-    config.num_hidden_layers = layers
-    for key in ("layer_types", "mlp_layer_types"):  # per-layer lists (sliding windows) follow the count
-        if isinstance(getattr(config, key, None), list):
-            setattr(config, key, getattr(config, key)[:layers])
-    from transformers.initialization import no_init_weights
-
-    with no_init_weights():  # the values do not matter, only what the layers save (buffers are still made)
-        model = AutoModel.from_config(config, dtype=dtype)
-    model.requires_grad_(trainable)
-    if lora is not None:
-        from peft import get_peft_model
-
-        model = get_peft_model(model, lora.peft_config())
-    return model.train()
-
-
 @dataclass
 class LayerBytes:
     """What one layer saves for the backward in one forward of R rows of L tokens:
@@ -205,12 +188,11 @@ def _sized(config, layers: int, key: str = "num_hidden_layers"):
     return config
 
 
-def _cpu_model(config, lora, trainable: bool, dtype: torch.dtype) -> nn.Module:
+def _probe_model(config, lora, trainable: bool, dtype: torch.dtype, device: str = "cpu") -> nn.Module:
     from transformers import AutoModel
-
     from transformers.initialization import no_init_weights
 
-    with no_init_weights():  # the values do not matter, only what the layers save (buffers are still made)
+    with no_init_weights(), torch.device(device):  # values do not matter, only what is saved (buffers are made)
         model = AutoModel.from_config(config, dtype=dtype)
     model.requires_grad_(trainable)
     if lora is not None:
@@ -220,7 +202,7 @@ def _cpu_model(config, lora, trainable: bool, dtype: torch.dtype) -> nn.Module:
     return model.train()
 
 
-def text_layer_bytes(text_config, lora, trainable: bool, precision: str) -> LayerBytes:
+def text_layer_bytes(text_config, lora, trainable: bool, precision: str, device: str = "cpu") -> LayerBytes:
     """What a decoder layer of `text_config` saves, measured on the CPU with a one- and a two-layer model fed
     one packed row with its additive block mask (as policy.Rows.block_mask gives it), under autocast for the
     mixed precisions. The mask itself is left out (counted once, apart: every layer shares it)."""
@@ -229,18 +211,22 @@ def text_layer_bytes(text_config, lora, trainable: bool, precision: str) -> Laye
     mask_dtype = torch.bfloat16 if autocast else dtype
 
     def measure(layers: int, sizes) -> list[int]:
-        model = _cpu_model(_sized(text_config, layers), lora, trainable, dtype)
+        config = _sized(text_config, layers)
+        config.vocab_size = 16  # fed embeddings: the token embedding table is never read
+        model = _probe_model(config, lora, trainable, dtype, device)
         return [saved_bytes(model, forward(model, tokens)) for tokens in sizes]
 
     def forward(model, tokens):
-        embeds = torch.randn(1, tokens, text_config.hidden_size, dtype=dtype, requires_grad=True)
-        causal = torch.ones(tokens, tokens, dtype=torch.bool).tril()
-        mask = torch.zeros(1, 1, tokens, tokens, dtype=mask_dtype).masked_fill(~causal, torch.finfo(mask_dtype).min)
+        embeds = torch.randn(1, tokens, text_config.hidden_size, dtype=dtype, device=device, requires_grad=True)
+        causal = torch.ones(tokens, tokens, dtype=torch.bool, device=device).tril()
+        mask = torch.zeros(1, 1, tokens, tokens, dtype=mask_dtype, device=device).masked_fill(
+            ~causal, torch.finfo(mask_dtype).min)
         keep = {mask.untyped_storage().data_ptr()}  # the mask: counted apart
 
         def run():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                model(inputs_embeds=embeds, attention_mask=mask, position_ids=torch.arange(tokens)[None], use_cache=False)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+                model(inputs_embeds=embeds, attention_mask=mask, position_ids=torch.arange(tokens, device=device)[None],
+                      use_cache=False)
 
         run.exclude = keep
         return run
@@ -257,7 +243,7 @@ def vision_layer_bytes(vision_config, lora, precision: str) -> LayerBytes:
     size = vision_config.image_size
 
     def measure(layers: int, counts) -> list[int]:
-        model = _cpu_model(_sized(vision_config, layers), lora if lora is not None and lora.vision else None, True, dtype)
+        model = _probe_model(_sized(vision_config, layers), lora if lora is not None and lora.vision else None, True, dtype)
 
         def forward(images: int):
             pixels = torch.randn(images, vision_config.num_channels, size, size, dtype=dtype)

@@ -1,0 +1,107 @@
+"""`plan`: its prediction against measured peaks, its arithmetic, the command; benchmarks/gpu_check.py --tiny."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoConfig
+
+from lightning_meddpo.backbones.build import LoraSettings
+from lightning_meddpo.backbones.loader import resolve_backbone
+from lightning_meddpo.plan import Planner, Settings, Workload
+from tests.conftest import REPO, run_cli
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+
+def data_args(demo_dir) -> list[str]:
+    return [f"--data.init_args.train_file={demo_dir / 'train.json'}", f"--data.init_args.val_file={demo_dir / 'val.json'}",
+            f"--data.init_args.test_file={demo_dir / 'test.json'}", "--data.init_args.demo=false"]
+
+
+@pytest.mark.parametrize("extra", [
+    [],  # full fine-tuning, float32, copy reference
+    ['--model.init_args.lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj"]}',
+     "--model.init_args.gradient_checkpointing=true", "--trainer.precision=bf16-mixed"],
+], ids=["full_fp32", "lora_checkpointed_bf16"])
+def test_the_plan_is_within_20_percent_of_a_measured_training_step(demo_dir, extra):
+    from plan_accuracy import measure
+
+    result = measure(["configs/methods/dpo.yaml", "configs/backbones/demo.yaml"],
+                     [*data_args(demo_dir), "--data.init_args.batch_size=4", *extra])
+    assert result["measured_peak_mib"] > 0
+    assert 0.8 <= result["ratio"] <= 1.2, result
+
+
+@pytest.fixture(scope="module")
+def tiny_config():
+    return AutoConfig.from_pretrained(resolve_backbone("tiny://llama"))
+
+
+def test_sharding_divides_what_each_device_holds_and_the_reference_follows_the_strategy(tiny_config):
+    work = Workload(rows=4, row_tokens=64, images=4, response_tokens=64)
+    single = Planner(tiny_config, Settings(precision="32-true", strategy="ddp", devices=4)).plan(work)
+    sharded = Planner(tiny_config, Settings(precision="32-true", strategy="fsdp2", devices=4)).plan(work)
+    assert single.weights == single.parameters * 4 and single.reference == single.weights
+    assert single.gradients == single.trainable_parameters * 4 and single.optimizer == 2 * single.gradients
+    assert sharded.weights == single.weights // 4 and sharded.optimizer == single.optimizer // 4
+    assert sharded.activations == single.activations and sharded.unsharded_layers > 0
+    lora = Planner(tiny_config, Settings(precision="bf16-true", lora=LoraSettings(r=4))).plan(work)
+    assert lora.reference == 0 and lora.trainable_parameters < single.trainable_parameters / 10
+    assert lora.weights == lora.parameters * 2  # bf16-true: two bytes a weight
+    precomputed = Planner(tiny_config, Settings(reference="precomputed")).plan(work)
+    assert precomputed.reference == 0 and any("cached on disk" in n for n in precomputed.notes)
+
+
+def test_activations_grow_with_the_rows_and_checkpointing_keeps_less(tiny_config):
+    planner = Planner(tiny_config, Settings(precision="32-true"))
+    small = planner.plan(Workload(rows=2, row_tokens=64, images=2, response_tokens=32))
+    large = planner.plan(Workload(rows=8, row_tokens=64, images=8, response_tokens=128))
+    assert large.activations > 3 * small.activations
+    assert large.peak > small.peak
+    planner.settings.gradient_checkpointing = True
+    assert planner.plan(Workload(rows=8, row_tokens=64, images=8, response_tokens=128)).activations < large.activations
+    # a smaller device fits a smaller batch
+    of = lambda b: Workload(rows=b, row_tokens=64, images=b, response_tokens=32 * b)  # noqa: E731
+    assert planner.largest_batch(of, 0.01) < planner.largest_batch(of, 0.1)
+
+
+def test_plan_command_reads_the_fit_configs_and_plans_a_published_7b_shape():
+    proc = run_cli("plan", "--config", "configs/methods/mdpo.yaml", "--config", "configs/backbones/llava_med.yaml",
+                   "--shape", "llava_med_7b", "--strategy", "fsdp2", "--devices", "8", "--gpu_gib", "80", "--json", "true")
+    r = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert r["module"] == "Multimodal" and r["views"] == ["chosen", "rejected", "chosen_mprime"]
+    assert r["settings"]["precision"] == "bf16-mixed" and r["settings"]["devices"] == 8  # the config's precision
+    assert r["workload"]["rows"] == 2 * r["batch_size"]  # mDPO: a row on m and a row on m' per pair
+    plain, ckpt = r["plain"], r["checkpointing"]
+    assert math.isclose(plain["parameters"] / 1e9, 7.57, abs_tol=0.01)  # LLaVA-Med v1.5: Mistral-7B + CLIP-L/336
+    assert plain["weights"] == plain["parameters"] * 4 // 8  # float32 weights over 8 devices
+    assert ckpt["activations"] < plain["activations"] and ckpt["largest_batch"] >= plain["largest_batch"]
+
+
+def test_plan_command_refuses_a_backbone_it_cannot_find():
+    proc = subprocess.run([sys.executable, "-m", "lightning_meddpo", "plan", "--config", "configs/methods/dpo.yaml",
+                           "--config", "configs/backbones/llava_med.yaml"], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert proc.returncode == 2
+    assert "/path/to/llava-med-v1.5-mistral-7b-hf: no such directory" in proc.stderr
+
+
+def test_gpu_check_runs_on_the_cpu_with_tiny(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--tiny", "--cases",
+                           "lora_fsdp2_ckpt", "--steps", "3", "--warmup", "1", "--work-dir", str(tmp_path), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    (case,) = result["cases"]
+    assert "error" not in case, case
+    assert case["strategy"] == "fsdp2" and case["checkpointing"] and case["lora"]
+    assert case["steps_timed"] == 2 and case["pairs_per_second"] > 0 and case["planned_peak_gib"] > 0
+    assert math.isclose(case["first_loss"], math.log(2), abs_tol=1e-4)  # policy == reference at step 1
+    assert "lora_fsdp2_ckpt" in proc.stdout  # the table
