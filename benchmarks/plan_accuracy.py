@@ -33,43 +33,64 @@ from lightning_meddpo.plan import GIB, Planner, settings_of, workload_of  # noqa
 
 class LiveTensorBytes(TorchDispatchMode):
     """The peak of live tensor memory while active, counted as CUDA's allocator counts it: every storage an op
-    creates is added when it appears and taken off when it is freed; `resident`: the storages already alive
-(data pointer -> storage)."""
+    creates is added when it appears and taken off when it is freed, and a storage resized in place (FSDP2 frees
+    and refills its unsharded parameters that way) counts its new size. `resident`: the storages already alive."""
 
-    def __init__(self, resident: dict[int, torch.UntypedStorage]) -> None:
+    def __init__(self, resident: list[torch.UntypedStorage]) -> None:
         super().__init__()
-        self.live = self.peak = sum(s.nbytes() for s in resident.values())
-        self.tracked: set[int] = set(resident)  # views of these (a weight's transpose) are not new memory
-        for key, storage in resident.items():  # freed in the step: last step's gradients (zero_grad)
-            weakref.finalize(storage, self._freed, key, storage.nbytes())
+        self.sizes: dict[int, int] = {}  # id(storage) -> bytes; a storage's Python object lives as long as it does
+        for storage in resident:
+            self._track(storage)
+        self.peak = self.live
 
-    def _freed(self, key: int, nbytes: int) -> None:
-        self.tracked.discard(key)
-        self.live -= nbytes
+    @property
+    def live(self) -> int:
+        return sum(self.sizes.values())
+
+    def _track(self, storage: torch.UntypedStorage) -> None:
+        key = id(storage)
+        if key not in self.sizes:
+            self.sizes[key] = storage.nbytes()
+            weakref.finalize(storage, self.sizes.pop, key, None)
+
+    def _resized(self, storage: torch.UntypedStorage) -> None:
+        if id(storage) in self.sizes:
+            self.sizes[id(storage)] = storage.nbytes()
+        else:
+            self._track(storage)
+        self.peak = max(self.peak, self.live)
+
+    def __enter__(self):
+        original = self._original_resize = torch.UntypedStorage.resize_
+        tracker = self
+
+        def resize_(storage, size):
+            result = original(storage, size)
+            tracker._resized(storage)
+            return result
+
+        torch.UntypedStorage.resize_ = resize_
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.UntypedStorage.resize_ = self._original_resize
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                storage = t.untyped_storage()
-                key = storage.data_ptr()
-                if key and key not in self.tracked:
-                    self.tracked.add(key)
-                    self.live += storage.nbytes()
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(storage, self._freed, key, storage.nbytes())
+            if isinstance(t, torch.Tensor) and t.device.type != "meta" and id(t.untyped_storage()) not in self.sizes:
+                self._track(t.untyped_storage())
+                self.peak = max(self.peak, self.live)
         return out
 
 
-def resident_storages(module: torch.nn.Module, optimizers) -> dict[int, torch.UntypedStorage]:
-    """The module's weights and buffers, their gradients and the optimizers' states, by data pointer."""
-    storages = {}
+def resident_storages(module: torch.nn.Module, optimizers) -> list[torch.UntypedStorage]:
+    """The module's weights and buffers, their gradients and the optimizers' states (FSDP2: this rank's shards)."""
     tensors = [*module.parameters(), *module.buffers(), *(p.grad for p in module.parameters() if p.grad is not None)]
     for optimizer in optimizers:
         tensors += [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
-    for t in tensors:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage()
-    return storages
+    return [(t.to_local() if hasattr(t, "to_local") else t).untyped_storage() for t in tensors]
 
 
 class MeasureStep(L.Callback):

@@ -155,6 +155,10 @@ def test_fully_shard_layers_and_reference(tmp_path, monkeypatch):
         sharded_loss, _ = module.compute_loss(batch)
         plain_loss, _ = plain.compute_loss(batch)
         assert torch.allclose(sharded_loss, plain_loss, atol=1e-6)
+        # after the forward every layer holds its shard again: no rank keeps the gathered model until the backward
+        for model in (module.policy.model, module.policy.reference):
+            gathered = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
+            assert not gathered, f"still gathered after the forward: {gathered[:4]}"
 
         checkpointed = DPO(gradient_checkpointing=True)  # activation checkpointing per layer, under FSDP2 too
         checkpointed._device_mesh = mesh

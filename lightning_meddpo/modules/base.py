@@ -348,7 +348,7 @@ class PreferenceModule(L.LightningModule):
 
         if not isinstance(batch, EvalBatch):
             raise TypeError(f"expected a PreferenceBatch or an EvalBatch, got {type(batch).__name__}")
-        predictions = generate(self.policy.model, self.processor, batch)
+        predictions = self.policy.through_root(self.policy.model, generate, self.policy.model, self.processor, batch)
         if update_metrics:
             self.eval_metrics.update(batch, predictions)
         return batch.rows(predictions)
