@@ -251,8 +251,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tiny", action="store_true", help="the tiny shape on the CPU (what CI runs)")
     p.add_argument("--cases", default=None, help=f"comma-separated, of: {', '.join(CASES)} (default: all that the "
                    "device can run)")
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--case-timeout", type=float, default=240, help="seconds before a case is stopped")
     p.add_argument("--trl", action=argparse.BooleanOptionalAction, default=True, help="run the TRL comparison")

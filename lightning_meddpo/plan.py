@@ -202,12 +202,21 @@ def _probe_model(config, lora, trainable: bool, dtype: torch.dtype, device: str 
     return model.train()
 
 
-def text_layer_bytes(text_config, lora, trainable: bool, precision: str, device: str = "cpu") -> LayerBytes:
+def compute_dtype(precision: str, strategy: str) -> torch.dtype:
+    """The dtype the layers' weights have when they compute: bf16-true's bfloat16, and under FSDPStrategy (FSDP1)
+    with a mixed precision Lightning's param_dtype bfloat16 too (so autocast copies nothing); else float32."""
+    if precision == "bf16-true" or (strategy == "fsdp" and precision in ("bf16-mixed", "16-mixed")):
+        return torch.bfloat16
+    return torch.float32
+
+
+def text_layer_bytes(text_config, lora, trainable: bool, precision: str, device: str = "cpu",
+                     dtype: torch.dtype | None = None) -> LayerBytes:
     """What a decoder layer of `text_config` saves, measured on the CPU with a one- and a two-layer model fed
     one packed row with its additive block mask (as policy.Rows.block_mask gives it), under autocast for the
     mixed precisions. The mask itself is left out (counted once, apart: every layer shares it)."""
     autocast = precision in ("bf16-mixed", "16-mixed")
-    dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
+    dtype = dtype or compute_dtype(precision, "single")
     mask_dtype = torch.bfloat16 if autocast else dtype
 
     def measure(layers: int, sizes) -> list[int]:
@@ -234,12 +243,12 @@ def text_layer_bytes(text_config, lora, trainable: bool, precision: str, device:
     return probe_layers(measure)
 
 
-def vision_layer_bytes(vision_config, lora, precision: str) -> LayerBytes:
+def vision_layer_bytes(vision_config, lora, precision: str, dtype: torch.dtype | None = None) -> LayerBytes:
     """What a vision encoder layer saves, measured like text_layer_bytes on a one- and a two-layer tower fed
     1, 2 and 3 images (CLIP-style towers: `AutoModel` of the vision config taking `pixel_values`): read it with
     rows=1, tokens=images."""
     autocast = precision in ("bf16-mixed", "16-mixed")
-    dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
+    dtype = dtype or compute_dtype(precision, "single")
     size = vision_config.image_size
 
     def measure(layers: int, counts) -> list[int]:
@@ -309,12 +318,13 @@ class Planner:
         self.lm_trains = any(p.requires_grad for p in decoder_layers(model).parameters())
         self.vision_trains = vision_trains(model)
         self.reference = "adapter" if settings.lora is not None and settings.reference == "copy" else settings.reference
-        self.text = text_layer_bytes(config.text_config, settings.lora, self.lm_trains, settings.precision)
+        dtype = compute_dtype(settings.precision, settings.strategy)
+        self.text = text_layer_bytes(config.text_config, settings.lora, self.lm_trains, settings.precision, dtype=dtype)
         self.vision: LayerBytes | None = None  # a frozen tower's forward keeps nothing for the backward
         self.vision_modelled = True
         if self.vision_trains:
             if hasattr(config.vision_config, "image_size") and hasattr(config, "vision_feature_layer"):
-                self.vision = vision_layer_bytes(config.vision_config, settings.lora, settings.precision)
+                self.vision = vision_layer_bytes(config.vision_config, settings.lora, settings.precision, dtype)
             else:
                 self.vision_modelled = False
 

@@ -8,8 +8,9 @@ lower one, never up, never sideways into another package of the same layer.
     3 backbones   backbones.loader (real checkpoints and tiny://), backbones.build (LoRA, freezing, weights)
     4 policy      policy (scoring pairs with a model)  |  eval (generation, metrics, judge, error analysis,
                                                        |  the eval DataModule): beside policy, never up
-    5 modules     modules.*, callbacks (the LightningModules and what trains them)
-    6 commands    commands.* (build-pairs, convert, export, benchmark, report): the programs
+    5 modules     modules.*, callbacks (the LightningModules and what trains them)  |  plan (the memory a
+                  configuration needs, from the policy's rows): beside modules
+    6 commands    commands.* (build-pairs, convert, export, benchmark, report, plan): the programs
     7 cli         cli (LightningCLI and the programs, one jsonargparse parser), __main__
 
 So data never reads eval or a model, eval never reads modules or policy, losses read nothing of ours, and
@@ -28,7 +29,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lightning_meddpo"
 ENTRY = {"cli", "__main__"}
 LEAVES = {"text", "cache", "llm", "checkpoints", "reference_cache", "strategies", "losses", "__init__",
           "backbones.templates", "backbones.qwen"}
-RANKS = {"demo": 1, "data": 2, "backbones": 3, "policy": 4, "eval": 4, "modules": 5, "callbacks": 5, "commands": 6}
+RANKS = {"demo": 1, "data": 2, "backbones": 3, "policy": 4, "eval": 4, "modules": 5, "callbacks": 5, "plan": 5,
+         "commands": 6}
 
 
 def module_name(path: Path, package: Path = PACKAGE) -> str:
