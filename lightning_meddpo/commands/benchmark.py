@@ -107,6 +107,13 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--force", type=bool, default=False, help="refit finished runs too")
     p.add_argument("--plots", type=bool, default=True)
     p.add_argument("--python", type=str, default=sys.executable)
+    p.add_argument("--launcher", type=Literal["local", "slurm"], default="local",
+                   help="local: every run here, one after another; slurm: one Slurm job per run through submitit "
+                        "(pip install -e '.[cluster]'), see commands/slurm.py")
+    p.add_argument("--slurm", type=dict[str, Any], default={},
+                   help="Slurm resources: partition, nodes, gpus_per_node, time_min, account, cpus_per_task, mem_gb, "
+                        "sbatch (other #SBATCH options: name -> value), setup (shell lines), eval (the finishing "
+                        "job's own: gpus_per_node, time_min, ...)")
     return p
 
 
@@ -281,17 +288,18 @@ class Runner:
             return best[-1]
         raise FileNotFoundError(f"{name} (seed {seed}): no checkpoint in {ckpt_dir}; the fit config must save one")
 
-    def call(self, cmd: list[str], log_file: Path) -> tuple[float, float]:
-        """Run `python -m lightning_meddpo CMD`; (wall seconds, CPU seconds of the subprocess)."""
+    def call(self, cmd: list[str], log_file: Path, launch: list[str] = ()) -> tuple[float, float]:
+        """Run `python -m lightning_meddpo CMD` (after `launch`: srun in a Slurm job); (wall seconds, CPU seconds of
+        the subprocess)."""
         start, cpu_start = time.perf_counter(), _children_cpu()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         log_file.parent.mkdir(parents=True, exist_ok=True)
         with log_file.open("w", encoding="utf-8") as f:
-            f.write(" ".join([self.args.python, "-m", "lightning_meddpo", *cmd]) + "\n\n")
+            f.write(" ".join([*launch, self.args.python, "-m", "lightning_meddpo", *cmd]) + "\n\n")
             f.flush()
-            proc = subprocess.run([self.args.python, "-m", "lightning_meddpo", *cmd], stdout=f, stderr=subprocess.STDOUT,
-                                  env=env, cwd=os.getcwd())
+            proc = subprocess.run([*launch, self.args.python, "-m", "lightning_meddpo", *cmd], stdout=f,
+                                  stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
         if proc.returncode != 0:
             tail = log_file.read_text(encoding="utf-8", errors="replace")[-4000:]
             raise RuntimeError(f"`{cmd[0]}` failed ({proc.returncode}); full log: {log_file}\n{tail}")
@@ -319,8 +327,15 @@ class Runner:
             shutil.rmtree(run_dir)  # an unfinished or outdated run: start clean
         print(f"[{name} seed {seed}] fit {' + '.join(str(c) for c in configs)}", flush=True)
         fit_seconds, fit_cpu = self.call(commands["fit"], run_dir / "fit.log")
+        return self.finish(name, seed, configs, commands, fit_seconds, fit_cpu)
+
+    def finish(self, name: str, seed: int, configs: list[Path], commands: dict[str, Any], fit_seconds: float | None,
+               fit_cpu: float | None) -> dict[str, Any]:
+        """Test the fitted run's checkpoint on every evaluation and write its result.json (last: it marks the run
+        finished). The second half of `run`, and the whole of a Slurm run's finishing job."""
+        run_dir = self.run_dir(name, seed)
         checkpoint = self.checkpoint(name, seed)
-        print(f"[{name} seed {seed}] test {checkpoint.name} ({fit_seconds:.0f} s fit)", flush=True)
+        print(f"[{name} seed {seed}] test {checkpoint.name}", flush=True)
         test_seconds = test_cpu = 0.0
         for eval_name, cmd in self.test_commands(name, configs, seed, checkpoint).items():
             seconds, cpu = self.call(cmd, run_dir / f"{eval_dir_name(eval_name)}.log")
@@ -334,7 +349,7 @@ class Runner:
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         write_text_atomic(run_dir / RESULT_NAME, json.dumps(result, indent=1) + "\n", "the run's result")  # marks it finished
-        print(f"[{name} seed {seed}] done in {fit_seconds + test_seconds:.0f} s: "
+        print(f"[{name} seed {seed}] done in {(fit_seconds or 0) + test_seconds:.0f} s: "
               + ", ".join(f"{k}={v:.3f}" for k, v in result["metrics"].items()), flush=True)
         return result
 
@@ -407,6 +422,10 @@ def run(args) -> list[dict[str, Any]]:
                              "include it in --only")
     runner.out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(runner.out_dir / "formulations.json", json.dumps(names) + "\n", "the benchmark's formulations")
+    if args.launcher == "slurm":
+        from lightning_meddpo.commands.slurm import run_on_slurm
+
+        return run_on_slurm(runner, names, seeds)
     start = time.perf_counter()
     results = [runner.run(name, seed) for seed in seeds for name in names]
     baseline = args.baseline if args.baseline in names else None
