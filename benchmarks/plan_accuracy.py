@@ -12,7 +12,6 @@ settings its Settings (lightning_meddpo.plan.settings_of). Prints one JSON line:
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -137,11 +136,9 @@ def measure(configs: list[str], cli_extra: list[str], steps: int = 2) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
-    cli_extra = argv[argv.index("--") + 1 :] if "--" in argv else []
-    own = argv[: argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", action="append", required=True, help="fit config (repeatable, like the CLI)")
+    from step_time import fit_script_parser
+
+    p, own, cli_extra = fit_script_parser(__doc__.split("\n\n")[0], argv)
     p.add_argument("--steps", type=int, default=2, help="steps to run; the last one is measured")
     args = p.parse_args(own)
     result = measure(args.config, cli_extra, args.steps)

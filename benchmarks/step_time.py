@@ -60,12 +60,18 @@ def peak_memory_mib() -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_max_rss"  # KiB on Linux
 
 
-def main(argv: list[str] | None = None) -> dict:
+def fit_script_parser(description: str, argv: list[str] | None) -> tuple[argparse.ArgumentParser, list[str], list[str]]:
+    """A fit script's parser with its repeatable --config, its own arguments and the CLI's (those after `--`)."""
     argv = sys.argv[1:] if argv is None else argv
     cli_extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     own = argv[: argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--config", action="append", required=True, help="fit config (repeatable, like the CLI)")
+    return p, own, cli_extra
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p, own, cli_extra = fit_script_parser(__doc__.split("\n\n")[0], argv)
     p.add_argument("--steps", type=int, default=40, help="optimizer steps to run")
     p.add_argument("--warmup", type=int, default=5, help="first steps left out of the timing")
     args = p.parse_args(own)
