@@ -5,14 +5,11 @@ its fit, a failed run resubmitted by a rerun while the finished one is skipped, 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_program
 from tests.fake_slurm import install, wait_for_jobs
 
 pytest.importorskip("submitit")
@@ -21,7 +18,8 @@ SLURM = {"partition": "gpu", "time_min": 30, "account": "lab", "sbatch": {"comme
          "eval": {"time_min": 10}}
 
 
-def benchmark(out_dir: Path, env: dict[str, str]) -> str:
+def benchmark(out_dir: Path, capsys) -> str:
+    """The runner, in this process (through the CLI's parser and dispatch): what it printed."""
     args = [
         f"--out_dir={out_dir}", "--backbone=configs/backbones/demo.yaml",
         '--formulations={"dpo": "configs/methods/dpo.yaml", "ipo": "configs/methods/ipo.yaml"}', "--baseline=dpo",
@@ -29,18 +27,22 @@ def benchmark(out_dir: Path, env: dict[str, str]) -> str:
         '--demo_sizes={"n_train": 16, "n_val": 4, "n_test": 4}', "--eval.args=[--data.init_args.generation.max_new_tokens=2]",
         "--launcher=slurm", f"--slurm={json.dumps(SLURM)}",
     ]
-    proc = subprocess.run([sys.executable, "-m", "lightning_meddpo", "benchmark", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO), **env})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc.stdout
+    capsys.readouterr()
+    run_program("benchmark", args)
+    return capsys.readouterr().out
 
 
-def test_the_grid_runs_as_slurm_jobs_and_a_rerun_resubmits_only_what_failed(tmp_path):
+def test_the_grid_runs_as_slurm_jobs_and_a_rerun_resubmits_only_what_failed(tmp_path, monkeypatch, capsys):
     state = tmp_path / "slurm-state"
-    env = install(tmp_path / "bin", state)
+    for key, value in install(tmp_path / "bin", state).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # the jobs run the package from this checkout
+    monkeypatch.chdir(REPO)
     out_dir = tmp_path / "grid"
 
-    first = benchmark(out_dir, {**env, "FAKE_SLURM_FAIL": "ipo-s0-fit"})  # ipo's fit fails (a lost node, say)
+    monkeypatch.setenv("FAKE_SLURM_FAIL", "ipo-s0-fit")  # ipo's fit fails (a lost node, say)
+    first = benchmark(out_dir, capsys)
+    monkeypatch.delenv("FAKE_SLURM_FAIL")
     assert "2 submitted now" in first and "missing from the summary" in first
     states = wait_for_jobs(state)
     scripts = {int(p.stem): p.read_text() for p in state.glob("*.sbatch")}
@@ -57,14 +59,14 @@ def test_the_grid_runs_as_slurm_jobs_and_a_rerun_resubmits_only_what_failed(tmp_
     assert (out_dir / "dpo" / "seed_0" / "result.json").is_file()
     assert not (out_dir / "ipo" / "seed_0" / "result.json").exists()
 
-    second = benchmark(out_dir, env)  # the runner again: dpo finished, ipo's jobs ended without a result
+    second = benchmark(out_dir, capsys)  # the runner again: dpo finished, ipo's jobs ended without a result
     assert "ipo seed 0] jobs ended without a result (fit FAILED, finish CANCELLED): resubmitting" in second
     assert "1 finished, 0 in flight, 1 submitted now" in second
     states = wait_for_jobs(state)
     assert len(states) == 6 and states["5"] == states["6"] == "COMPLETED"
     assert "#SBATCH --job-name=ipo-s0-fit" in (state / "5.sbatch").read_text()
 
-    third = benchmark(out_dir, env)
+    third = benchmark(out_dir, capsys)
     assert "2 finished, 0 in flight, 0 submitted now, 0 waiting" in third and "missing" not in third
     assert len(list(state.glob("*.sbatch"))) == 6  # nothing resubmitted
     summary = (out_dir / "summary.md").read_text()
