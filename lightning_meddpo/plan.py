@@ -22,8 +22,8 @@ step needs on top of the weights is worked out part by part (`Plan`):
 Peak = weights + reference + optimizer + the largest of: the forward's end (the last step's gradients, which
 Lightning zeroes between the forward and the backward, + activations + logits), the backward (max(activations,
 gradients) + one layer's activations + logits) and the optimizer step (gradients + its scratch); plus FSDP's
-unsharded layers. The CUDA context and the
-allocator's fragmentation are not in it: `fits` keeps 10% of the device free for them.
+unsharded layers. The CUDA context and the allocator's fragmentation are not in it: `fits` keeps 10% of the device
+free for them. Checked against measured peaks of whole training steps: benchmarks/plan_accuracy.py, tests/test_plan.py.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def meta_model(config, lora=None, freeze: list[str] | None = None, gradient_chec
     return prepare_policy_model(model, lora, freeze, gradient_checkpointing)
 
 
-def parameter_bytes(model: nn.Module) -> tuple[int, int]:
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
     """(all parameters, trainable ones) counted once each (tied weights are one tensor)."""
     seen = {id(p): p for p in model.parameters()}
     total = sum(p.numel() for p in seen.values())
@@ -126,9 +126,9 @@ def largest_layer_parameters(model: nn.Module) -> int:
 # ------------------------------------------------------------------------------------------- activations
 
 
-def saved_bytes(model: nn.Module, run) -> int:
+def saved_bytes(model: nn.Module, run, exclude: tuple[torch.Tensor, ...] = ()) -> int:
     """Bytes of the distinct tensors autograd saves for the backward while `run()` executes, the weights of
-    `model` (and views of them) left out: they are counted as weights."""
+    `model` (and views of them) left out: they are counted as weights; so are `exclude` (counted apart)."""
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
 
@@ -140,7 +140,8 @@ def saved_bytes(model: nn.Module, run) -> int:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         run()
-    return sum(n for ptr, n in storages.items() if ptr not in getattr(run, "exclude", ()))
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    return sum(n for ptr, n in storages.items() if ptr not in skip)
 
 
 @dataclass
@@ -223,22 +224,20 @@ def text_layer_bytes(text_config, lora, trainable: bool, precision: str, device:
         config = _sized(text_config, layers)
         config.vocab_size = 16  # fed embeddings: the token embedding table is never read
         model = _probe_model(config, lora, trainable, dtype, device)
-        return [saved_bytes(model, forward(model, tokens)) for tokens in sizes]
+        return [saved(model, tokens) for tokens in sizes]
 
-    def forward(model, tokens):
+    def saved(model, tokens: int) -> int:
         embeds = torch.randn(1, tokens, text_config.hidden_size, dtype=dtype, device=device, requires_grad=True)
         causal = torch.ones(tokens, tokens, dtype=torch.bool, device=device).tril()
         mask = torch.zeros(1, 1, tokens, tokens, dtype=mask_dtype, device=device).masked_fill(
             ~causal, torch.finfo(mask_dtype).min)
-        keep = {mask.untyped_storage().data_ptr()}  # the mask: counted apart
 
         def run():
             with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
                 model(inputs_embeds=embeds, attention_mask=mask, position_ids=torch.arange(tokens, device=device)[None],
                       use_cache=False)
 
-        run.exclude = keep
-        return run
+        return saved_bytes(model, run, exclude=(mask,))  # the mask: counted apart
 
     return probe_layers(measure)
 
@@ -312,7 +311,7 @@ class Planner:
             raise ValueError(f"plan: unknown strategy {settings.strategy!r}; known: {list(STRATEGIES)}")
         self.config, self.settings = config, settings
         model = meta_model(config, settings.lora, settings.freeze, settings.gradient_checkpointing)
-        self.parameters, self.trainable = parameter_bytes(model)
+        self.parameters, self.trainable = parameter_counts(model)
         self.largest_trainable = max((p.numel() for p in model.parameters() if p.requires_grad), default=0)
         self.layer_parameters = largest_layer_parameters(model)
         self.lm_trains = any(p.requires_grad for p in decoder_layers(model).parameters())

@@ -84,11 +84,11 @@ def test_plan_command_reads_the_fit_configs():
 
 
 def test_published_shapes_have_the_released_sizes():
-    from lightning_meddpo.plan import meta_model, parameter_bytes, published_config
+    from lightning_meddpo.plan import meta_model, parameter_counts, published_config
 
-    total, trainable = parameter_bytes(meta_model(published_config("llava_med_7b")))
+    total, trainable = parameter_counts(meta_model(published_config("llava_med_7b")))
     assert math.isclose(total / 1e9, 7.567, abs_tol=1e-3)  # Mistral-7B (32,064 tokens) + CLIP-L/336 + projector
-    total, _ = parameter_bytes(meta_model(published_config("huatuo_7b")))
+    total, _ = parameter_counts(meta_model(published_config("huatuo_7b")))
     assert math.isclose(total / 1e9, 7.936, abs_tol=1e-3)  # Qwen2-7B + the same CLIP
 
 
