@@ -1,5 +1,5 @@
-"""`python -m lightning_meddpo ...` runs the CLI."""
+"""`python -m lightning_meddpo ...` runs the CLI (entry.py: the light programs start without Lightning)."""
 
-from lightning_meddpo.cli import main
+from lightning_meddpo.entry import main
 
 main()

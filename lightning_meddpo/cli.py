@@ -4,8 +4,9 @@ LightningCLI's fit / validate / test / predict train and evaluate a module chose
 ...) on a DataModule chosen by class_path; the model's processor is linked into the DataModule at
 instantiation, so data and model always agree on the tokenizer and image preprocessing. The programs in
 PROGRAMS (build-pairs, convert, export, benchmark, plan) are subcommands of the same parser: `--help` lists them
-all, and each parses its own options (with `--config` / `--print_config` where it takes a file). One parser
-costs every subcommand Lightning's import (about 5 s on 2 CPU cores, 0.1 s before for build-pairs alone).
+all, and each parses its own options (with `--config` / `--print_config` where it takes a file). `python -m
+lightning_meddpo` starts the ones that neither train nor evaluate without this module (entry.py: no Lightning
+import, `--help` in about a second); through here they cost Lightning's import (about 5 s on 2 CPU cores).
 
 `--ckpt_path` never changes what the user configured: Lightning's CLI would parse the checkpoint's saved
 hyper-parameters over the config (a checkpoint could switch on trust_remote_code, swap the backbone, or
@@ -37,16 +38,11 @@ from lightning_meddpo.checkpoints import CheckpointError, read_checkpoint_meta
 from lightning_meddpo.commands import benchmark, build_pairs, convert, export, plan
 from lightning_meddpo.data.datamodule import PreferenceDataModule
 from lightning_meddpo.data.fingerprint import data_differences
-from lightning_meddpo.llm import LLMError
+from lightning_meddpo.entry import DEBUG_ENV, guarded
 from lightning_meddpo.modules.base import PreferenceModule
 
 # Subcommands beside LightningCLI's: each module has build_parser() (its options) and run(namespace).
 PROGRAMS = {"build-pairs": build_pairs, "convert": convert, "export": export, "benchmark": benchmark, "plan": plan}
-DEBUG_ENV = "LIGHTNING_MEDDPO_DEBUG"
-# What a user's input or machine can raise: printed as one message (an OSError: a missing or unwritable path, a
-# full disk; our writers name the path, see checkpoints.WriteError; a judge or rewriter server that failed for good,
-# named with its URL and status). Anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, OSError, FloatingPointError, LLMError)
 # Lightning messages that say nothing to our users (the reference is in eval mode on purpose, and so on).
 QUIET = (
     r"Found \d+ module\(s\) in eval mode",
@@ -317,19 +313,8 @@ def run_cli(argv: list[str]) -> MedDPOCLI:
 
 def main(args: list[str] | None = None) -> MedDPOCLI:
     """Run one command line; the CLI it ran is returned (a program's result is its `.result`)."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    argv = sys.argv[1:] if args is None else list(args)
-    debug = "--debug" in argv or bool(os.environ.get(DEBUG_ENV))
-    argv = [a for a in argv if a != "--debug"] or ["--help"]
     quiet_lightning()
-    try:
-        return run_cli(argv)
-    except USER_ERRORS as e:
-        if debug:
-            raise
-        print(f"lightning_meddpo {argv[0]}: error: {e}\n(the full traceback: add --debug, or set {DEBUG_ENV}=1)",
-              file=sys.stderr)
-        raise SystemExit(2) from None
+    return guarded(sys.argv[1:] if args is None else list(args), run_cli)
 
 
 if __name__ == "__main__":

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import glob
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from lightning_meddpo.eval.tensorboard import read_scalars
-from tests.conftest import run_cli, small_demo_args
+from tests.conftest import REPO, run_cli, small_demo_args
 
 LOGGED = [
     "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected",
@@ -165,3 +168,23 @@ def test_fit_prints_and_logs_what_the_loader_fixed(demo_dir, tmp_path):
     scalars = read_scalars(version)
     assert scalars["data/placeholders_inserted"] == [(0, 1.0)] and scalars["data/skipped"] == [(0, 1.0)]
     assert scalars["data/train/pairs"] == [(0, 11.0)] and scalars["data/train/truncated_responses"][0][1] > 0
+
+
+def test_programs_that_neither_train_nor_evaluate_start_without_lightning():
+    """build-pairs, convert, export and plan parse and run through entry.py, without importing Lightning (their
+    `--help` in about a second); fit still goes through LightningCLI."""
+    code = (
+        "import sys\n"
+        "from lightning_meddpo.entry import LIGHT_PROGRAMS, main\n"
+        "for name in LIGHT_PROGRAMS:\n"
+        "    try:\n"
+        "        main([name, '--help'])\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0, (name, e.code)\n"
+        "print(sorted(LIGHT_PROGRAMS), [m for m in sys.modules if m == 'lightning' or m.startswith('lightning.')])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "['build-pairs', 'convert', 'export', 'plan'] []"
+    assert "usage: python -m lightning_meddpo build-pairs" in proc.stdout

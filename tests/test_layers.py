@@ -11,7 +11,8 @@ lower one, never up, never sideways into another package of the same layer.
     5 modules     modules.*, callbacks (the LightningModules and what trains them)  |  plan (the memory a
                   configuration needs, from the policy's rows): beside modules
     6 commands    commands.* (build-pairs, convert, export, benchmark, report, plan): the programs
-    7 cli         cli (LightningCLI and the programs, one jsonargparse parser), __main__
+    7 cli         cli (LightningCLI and the programs, one jsonargparse parser), entry (the light programs
+                  without Lightning), __main__
 
 So data never reads eval or a model, eval never reads modules or policy, losses read nothing of ours, and
 no library module reaches a command.
@@ -26,7 +27,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lightning_meddpo"
 
-ENTRY = {"cli", "__main__"}
+ENTRY = {"cli", "entry", "__main__"}
 LEAVES = {"text", "cache", "llm", "checkpoints", "reference_cache", "strategies", "losses", "__init__",
           "backbones.templates", "backbones.qwen"}
 RANKS = {"demo": 1, "data": 2, "backbones": 3, "policy": 4, "eval": 4, "modules": 5, "callbacks": 5, "plan": 5,
