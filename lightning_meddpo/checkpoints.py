@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 METADATA = "meta.pt"  # what Lightning's ModelParallelStrategy writes beside the shards
 
@@ -88,6 +87,8 @@ def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: no such checkpoint file or directory")
     if file.stat().st_size == 0:
         raise CheckpointError(f"{file}: the file is empty (an interrupted save?)")
+    import torch  # here, not at the top: the programs that only write text start without it (entry.py)
+
     try:
         checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - any failure to read is the same answer to the user
@@ -153,6 +154,8 @@ def commit(tmp: Path, path: Path) -> None:
 
 def rng_state() -> dict[str, Any]:
     """Every global generator's state, as plain Python values (weights_only-loadable)."""
+    import torch
+
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
@@ -166,6 +169,8 @@ def rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]

@@ -37,10 +37,13 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 from PIL import Image
+
+if TYPE_CHECKING:  # torch is imported where it is used: --help starts without it (entry.py)
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +155,8 @@ def _find_source(directory: Path) -> _Source:
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     """A .bin shard, memory-mapped when it is in torch's zip format (the default since torch 1.6)."""
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
@@ -376,6 +381,8 @@ def _load_tokenizer(src: Path):
 def _pad_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
     """Append rows initialised to the mean of the existing rows (the image token's row is never read as an
     input embedding, since image features replace it; its lm_head row gets an average logit)."""
+    import torch
+
     if weight.shape[0] >= rows:
         return weight
     mean = weight.float().mean(dim=0, keepdim=True).to(weight.dtype)
@@ -407,6 +414,7 @@ def convert_llava_checkpoint(
         HuatuoGPT-Vision: the checkpoint's copy, else the CLIP directory), "checkpoint" or "clip" force one.
         The report's `vision_from` says which was used.
     """
+    import torch
     from safetensors.torch import save_file
     from transformers import (
         LlavaConfig,

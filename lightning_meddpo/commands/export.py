@@ -24,13 +24,15 @@ import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
 from jsonargparse import ArgumentParser
 
 from lightning_meddpo.checkpoints import atomic_write, remove_partial
+
+if TYPE_CHECKING:  # torch is imported where it is used: --help starts without it (entry.py)
+    import torch
 
 log = logging.getLogger(__name__)
 POLICY_PREFIX = "policy.model."
@@ -38,6 +40,8 @@ POLICY_PREFIX = "policy.model."
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """A Lightning checkpoint as a dict with a full `state_dict` on CPU (sharded directories gathered)."""
+    import torch
+
     path = Path(path)
     if path.is_dir():
         if not (path / ".metadata").is_file():
@@ -59,6 +63,7 @@ def read_sharded_checkpoint(path: Path) -> dict[str, Any]:
     torch's public `dcp_to_torch_save` (Lightning's own reader is private). It goes through a temporary file
     in the system's temp directory, never the checkpoint's folder: a copy of the weights on disk for a moment.
     Lightning keeps the non-tensor state (epoch, hyper-parameters, loops) beside the shards in meta.pt."""
+    import torch
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     with tempfile.TemporaryDirectory(prefix="lightning_meddpo-export-") as tmp:
@@ -146,6 +151,8 @@ def export(ckpt_path: str, out: str, *, config: str | None = None, merge: bool =
     checkpoint's saved hyper-parameters say so. A non-empty `out` is refused unless `overwrite` (see
     check_output); the model is written beside `out` and swapped in, so a failure (a full disk) leaves what was
     there and no partial folder."""
+    import torch
+
     from lightning_meddpo.backbones.build import base_model
     from lightning_meddpo.backbones.qwen import save_processor
 
