@@ -96,7 +96,7 @@ def run_case(args) -> dict:
     from lightning_meddpo.cli import TRAINER_DEFAULTS, MedDPOCLI
     from lightning_meddpo.modules.base import PreferenceModule
     from lightning_meddpo.plan import Planner, settings_of, workload_of
-    from vs_trl import random_init
+    from vs_trl import _sync, process_peak_rss_mib, random_init
 
     case = CASES[args.case]
     cuda = torch.cuda.is_available()
@@ -165,10 +165,9 @@ def run_case(args) -> dict:
     timed = list(zip(steps.times, steps.batches))[args.warmup:]
     seconds = sum(t for t, _ in timed)
     module = cli.model
-    largest = max(steps.batches, key=lambda b: workload_of(b, module.views).rows * workload_of(b, module.views).row_tokens)
-    settings = settings_of(module, cli.trainer)
-    plan = Planner(module.policy.model.config, settings).plan(workload_of(largest, module.views))
-    measured = max(steps.step_peaks) if cuda else _peak_rss()
+    largest = max((workload_of(b, module.views) for b in steps.batches), key=lambda w: w.rows * w.row_tokens)
+    plan = Planner(module.policy.model.config, settings_of(module, cli.trainer)).plan(largest)
+    measured = max(steps.step_peaks) if cuda else process_peak_rss_mib() * 2**20
     return {
         "case": args.case, **case, "device": torch.cuda.get_device_name() if cuda else f"cpu x{os.cpu_count()}",
         "steps_timed": len(timed), "step_seconds_median": statistics.median(t for t, _ in timed),
@@ -196,20 +195,6 @@ def _resident_bytes(module, optimizers) -> int:
         st = local(t).untyped_storage()
         storages[st.data_ptr()] = st.nbytes()
     return sum(storages.values())
-
-
-def _peak_rss() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0.0
-
-
-def _sync() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 # ---------------------------------------------------------------------------------------------- driver
