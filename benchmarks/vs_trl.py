@@ -227,7 +227,7 @@ def run_trl(args) -> dict:
     else:
         model = AutoModelForImageTextToText.from_pretrained(args.model_dir, dtype=torch.float32)
     freeze_unused_vision_layers(model)  # as ours: the CLIP layers after vision_feature_layer never get a gradient
-    peft_config = LoraSettings(**LORA).peft_config() if args.variant == "dpo_lora" else None
+    peft_config = LoraSettings(**LORA).peft_config(model) if args.variant == "dpo_lora" else None
     out = tempfile.mkdtemp(prefix="vs_trl-trl-")
     config = DPOConfig(
         output_dir=out, per_device_train_batch_size=args.batch_size, max_steps=args.steps, learning_rate=1e-5,

@@ -114,9 +114,10 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    from lightning_meddpo.backbones.build import base_model
+    from lightning_meddpo.backbones.adapter import adapter_for
 
-    return base_model(model).model.language_model.layers
+    adapter = adapter_for(model)
+    return adapter.part(model, adapter.language_model).layers
 
 
 def largest_layer_parameters(model: nn.Module) -> int:
@@ -199,7 +200,7 @@ def _probe_model(config, lora, trainable: bool, dtype: torch.dtype, device: str 
     if lora is not None:
         from peft import get_peft_model
 
-        model = get_peft_model(model, lora.peft_config())
+        model = get_peft_model(model, lora.peft_config(model))
     return model.train()
 
 
@@ -386,27 +387,11 @@ class Planner:
 
 
 def published_config(name: str):
-    """The architecture of a published 7B backbone, from its released dimensions, for planning without its
-    files: `llava_med_7b` (LLaVA-Med v1.5: Mistral-7B + CLIP ViT-L/14 at 336 px, layer -2, 576 image tokens) and
-    `huatuo_7b` (HuatuoGPT-Vision-7B: Qwen2-7B + the same CLIP). Both use LLaVA's two-layer GELU projector."""
-    from transformers import CLIPVisionConfig, LlavaConfig, MistralConfig, Qwen2Config
+    """The architecture of a published backbone from its released dimensions (`llava_med_7b`, `huatuo_7b`: the
+    families' `published`), for planning without its files."""
+    from lightning_meddpo.backbones.adapter import published_config as from_family
 
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768)
-    if name == "llava_med_7b":
-        text = MistralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                             num_key_value_heads=8, vocab_size=32064, max_position_embeddings=32768, sliding_window=None,
-                             tie_word_embeddings=False)
-    elif name == "huatuo_7b":
-        text = Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                           num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, tie_word_embeddings=False)
-    else:
-        raise ValueError(f"plan: unknown published shape {name!r}; known: {list(PUBLISHED)}")
-    return LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-2, image_seq_length=576,
-                       vision_feature_select_strategy="default", image_token_index=text.vocab_size - 1)
-
-
-PUBLISHED = ("llava_med_7b", "huatuo_7b")
+    return from_family(name)
 
 
 # ------------------------------------------------------------------------------------------- from a run
@@ -414,7 +399,7 @@ PUBLISHED = ("llava_med_7b", "huatuo_7b")
 
 def workload_of(batch, views: tuple[str, ...], packed: bool = True) -> Workload:
     """The Workload one training batch forwards (the rows policy.build_rows makes of it)."""
-    from lightning_meddpo.policy import VIEWS, build_rows
+    from lightning_meddpo.data.rows import VIEWS, build_rows
 
     rows = build_rows(batch, views, packed=packed)
     sides = {VIEWS[v][1] for v in views}

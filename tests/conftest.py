@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+import lightning_meddpo.demo  # noqa: F401  (registers tiny:// and the demo data, as the command line does)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -221,7 +221,9 @@ def test_trust_remote_code_defaults_off_and_is_passed_through(monkeypatch):
             return cls_from_pretrained(*args, **kwargs)
         return wrapped
 
-    monkeypatch.setattr(loader.AutoProcessor, "from_pretrained", spy(loader.AutoProcessor.from_pretrained))
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", spy(transformers.AutoProcessor.from_pretrained))
     monkeypatch.setattr(loader.AutoModelForImageTextToText, "from_pretrained",
                         spy(loader.AutoModelForImageTextToText.from_pretrained))
     module = built(reference="none")

@@ -2,20 +2,25 @@
 lower one, never up, never sideways into another package of the same layer.
 
     0 leaves      modules that import nothing of ours: text, cache, llm, checkpoints, reference_cache,
-                  strategies, losses (pure), backbones.templates, backbones.qwen (the Qwen-VL processor)
-    1 demo        demo.* (the synthetic dataset and the tiny backbones trained on its corpus)
-    2 data        data.* (records, images, formats, batch, collate, needs, lexicon, the DataModule)
-    3 backbones   backbones.loader (real checkpoints and tiny://), backbones.build (LoRA, freezing, weights)
+                  strategies, losses (pure), logps, registry (what add-ons register), backbones.templates,
+                  backbones.qwen (the Qwen-VL processor)
+    1 families    backbones.adapter and one adapter per backbone family (backbones.llava, backbones.qwen_vl):
+                  what a family's model looks like, without loading one
+    2 data        data.* (records, images, formats, batch, rows, collate, needs, lexicon, the DataModule)
+    3 backbones   backbones.loader (checkpoints, registered schemes), backbones.build (LoRA, freezing, weights),
+                  backbones.sharding (FSDP2 units and root)
     4 policy      policy (scoring pairs with a model)  |  eval (generation, metrics, judge, error analysis,
                                                        |  the eval DataModule): beside policy, never up
     5 modules     modules.*, callbacks (the LightningModules and what trains them)  |  plan (the memory a
                   configuration needs, from the policy's rows): beside modules
     6 commands    commands.* (build-pairs, convert, export, benchmark, report, plan): the programs
-    7 cli         cli (LightningCLI and the programs, one jsonargparse parser), entry (the light programs
-                  without Lightning), __main__
+    7 demo        demo.* (the synthetic dataset and the tiny backbones): an add-on that registers itself
+                  (registry.py); the library never imports it
+    8 cli         cli (LightningCLI and the programs, one jsonargparse parser), entry (the light programs
+                  without Lightning, and the import that registers the demo), __main__
 
-So data never reads eval or a model, eval never reads modules or policy, losses read nothing of ours, and
-no library module reaches a command.
+So data never reads eval or a model, eval never reads modules or policy, losses read nothing of ours, no
+library module reaches a command, and only the command line imports the demo.
 """
 
 from __future__ import annotations
@@ -28,10 +33,11 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "lightning_meddpo"
 
 ENTRY = {"cli", "entry", "__main__"}
-LEAVES = {"text", "cache", "llm", "checkpoints", "reference_cache", "strategies", "losses", "__init__",
-          "backbones.templates", "backbones.qwen"}
-RANKS = {"demo": 1, "data": 2, "backbones": 3, "policy": 4, "eval": 4, "modules": 5, "callbacks": 5, "plan": 5,
-         "commands": 6}
+LEAVES = {"text", "cache", "llm", "checkpoints", "reference_cache", "strategies", "losses", "logps", "registry",
+          "__init__", "backbones.templates", "backbones.qwen"}
+FAMILIES = {"backbones.adapter", "backbones.llava", "backbones.qwen_vl"}
+RANKS = {"data": 2, "backbones": 3, "policy": 4, "eval": 4, "modules": 5, "callbacks": 5, "plan": 5,
+         "commands": 6, "demo": 7}
 
 
 def module_name(path: Path, package: Path = PACKAGE) -> str:
@@ -42,9 +48,11 @@ def module_name(path: Path, package: Path = PACKAGE) -> str:
 def layer(module: str) -> tuple[int, str]:
     """(rank, group): the group is the package (data, eval, ...) or the module itself for top-level ones."""
     if module in ENTRY:
-        return 7, "cli"
+        return 8, "cli"
     if module in LEAVES:
         return 0, module
+    if module in FAMILIES:
+        return 1, "families"
     group = module.split(".")[0]
     return RANKS[group], group
 

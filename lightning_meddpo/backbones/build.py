@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from lightning_meddpo.backbones.adapter import Backbone, adapter_for
 from lightning_meddpo.backbones.loader import load_model
 
 
@@ -30,46 +32,20 @@ class LoraSettings:
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     vision: bool = False
 
-    def peft_config(self):
-        """The peft.LoraConfig these settings stand for. Ours stay a small dataclass because its short names are
-        the config keys users write, and `vision` picks the exclude pattern that LLaVA's own LoRA uses."""
+    def peft_config(self, model: nn.Module | None = None):
+        """The peft.LoraConfig these settings stand for, for `model`'s family. Ours stay a small dataclass because
+        its short names are the config keys users write, and `vision` picks the family's exclude pattern (the one
+        LLaVA's own LoRA uses: the vision side)."""
         from peft import LoraConfig
 
-        exclude = None if self.vision else r".*(vision_tower|visual|multi_modal_projector).*"
+        exclude = None if self.vision else (adapter_for(model) if model is not None else Backbone()).lora_exclude
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
                           target_modules=self.target_modules, exclude_modules=exclude)
 
 
-FREEZABLE = ("vision_tower", "projector", "language_model")  # the parts `freeze` can name
-
-
-def base_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model under a peft wrapper (the same object otherwise)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def part_parameters(model: torch.nn.Module, part: str) -> list[torch.nn.Parameter]:
-    """Parameters of one part of a LLaVA-style or Qwen-VL model (peft-wrapped or not)."""
-    base = base_model(model)
-    core = getattr(base, "model", base)
-    vision = getattr(core, "vision_tower", None) or getattr(core, "visual", None)
-    projector = getattr(core, "multi_modal_projector", None) or getattr(vision, "merger", None)
-    if part == "vision_tower":
-        if vision is None:
-            raise ValueError(f"freeze: {type(base).__name__} has no vision tower (vision_tower / visual)")
-        skip = {id(p) for p in projector.parameters()} if projector is not None else set()
-        return [p for p in vision.parameters() if id(p) not in skip]
-    if part == "projector":
-        if projector is None:
-            raise ValueError(f"freeze: {type(base).__name__} has no projector (multi_modal_projector / visual.merger)")
-        return list(projector.parameters())
-    if part == "language_model":
-        lm = getattr(core, "language_model", None)
-        if lm is None:
-            raise ValueError(f"freeze: {type(base).__name__} has no language_model")
-        head = getattr(base, "lm_head", None)
-        return [*lm.parameters(), *(head.parameters() if head is not None else [])]
-    raise ValueError(f"freeze: unknown part {part!r}; known: {list(FREEZABLE)}")
+    """Parameters of one of FREEZABLE, as the model's family keeps it (backbones/adapter.py)."""
+    return adapter_for(model).part_parameters(model, part)
 
 
 def freeze_parts(model: torch.nn.Module, parts: list[str]) -> None:
@@ -79,33 +55,31 @@ def freeze_parts(model: torch.nn.Module, parts: list[str]) -> None:
 
 
 def freeze_unused_vision_layers(model: torch.nn.Module) -> list[str]:
-    """Freeze LLaVA vision-tower weights the forward never uses; returns their names.
+    """Freeze the weights the forward never uses (LLaVA: the vision layers after `vision_feature_layer`); returns
+    their names. Frozen, they are left out of the optimizer (an optimizer state without them is what a sharded
+    checkpoint must match on resume) and DDP needs no find_unused_parameters for them. Training is unchanged:
+    they would never move."""
+    unused = adapter_for(model).unused_parameters(model)
+    for _, p in unused:
+        p.requires_grad_(False)
+    return [name for name, _ in unused]
 
-    LLaVA takes features from `vision_feature_layer` (-2 for LLaVA-1.5 / LLaVA-Med): the encoder
-    layers after it and CLIP's post_layernorm never get a gradient. Frozen, they are left out of the
-    optimizer (an optimizer state without them is what a sharded checkpoint must match on resume)
-    and DDP needs no find_unused_parameters for them. Training is unchanged: they would never move.
-    """
-    base = base_model(model)
-    config = base.config
-    tower = getattr(getattr(base, "model", base), "vision_tower", None)
-    layer = getattr(config, "vision_feature_layer", None)
-    encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)
-    if tower is None or layer is None or encoder is None or not hasattr(encoder, "layers"):
-        return []
-    n = len(encoder.layers)
-    used = max((k if k >= 0 else n + 1 + k) for k in (layer if isinstance(layer, (list, tuple)) else [layer]))
-    names = []
-    for i in range(used, n):
-        for name, p in encoder.layers[i].named_parameters():
-            p.requires_grad_(False)
-            names.append(f"encoder.layers.{i}.{name}")
-    post = getattr(getattr(tower, "vision_model", tower), "post_layernorm", None)
-    if post is not None:
-        for name, p in post.named_parameters():
-            p.requires_grad_(False)
-            names.append(f"post_layernorm.{name}")
-    return names
+
+def disable_dropout(model: nn.Module) -> None:
+    """Zero every dropout: preference losses compare log-probs that dropout would make noisy."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    configs = [getattr(model, "config", None)]
+    while configs:
+        cfg = configs.pop()
+        if cfg is None:
+            continue
+        for key, value in list(vars(cfg).items()):
+            if "dropout" in key and isinstance(value, float):
+                setattr(cfg, key, 0.0)
+            elif hasattr(value, "to_dict") and hasattr(value, "model_type"):
+                configs.append(value)
 
 
 def load_policy_weights(model: torch.nn.Module, ckpt_path: str) -> None:
@@ -152,7 +126,7 @@ def prepare_policy_model(
         from peft import get_peft_model
 
         settings = lora if isinstance(lora, LoraSettings) else LoraSettings(**lora)
-        model = get_peft_model(model, settings.peft_config())
+        model = get_peft_model(model, settings.peft_config(model))
     freeze_parts(model, list(freeze or []))
     freeze_unused_vision_layers(model)
     return model

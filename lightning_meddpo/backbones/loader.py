@@ -2,9 +2,10 @@
 
 Every backbone goes through `from_pretrained` (`AutoModelForImageTextToText`): LLaVA with a Llama,
 Mistral or Qwen2 text model (LLaVA-Med, HuatuoGPT-Vision v1), Qwen2-VL and Qwen2.5-VL
-(HuatuoGPT-Vision's Qwen2.5-VL version). The tiny ones are built to a cache directory first:
-`tiny://llama|mistral|qwen2` (LLaVA) and `tiny://qwen2_vl|qwen2_5_vl`. `trust_remote_code` is off
-unless the user turns it on.
+(HuatuoGPT-Vision's Qwen2.5-VL version); the family's adapter (backbones/adapter.py) loads the processor. A
+name with a registered scheme is resolved to a directory first (registry.py: the demo's `tiny://llama|mistral|
+qwen2|qwen2_vl|qwen2_5_vl`, built to a cache directory on first use). `trust_remote_code` is off unless the user
+turns it on.
 """
 
 from __future__ import annotations
@@ -15,17 +16,13 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModelForImageTextToText,
-    AutoProcessor,
     PreTrainedModel,
     ProcessorMixin,
 )
-from transformers.utils import is_torchvision_available
 
+from lightning_meddpo.backbones.adapter import adapter_for_type
 from lightning_meddpo.backbones.templates import get_chat_template
-from lightning_meddpo.cache import default_cache_dir
-from lightning_meddpo.demo.tiny import TINY_SCHEME, build_once, resolve_tiny
-
-TINY_QWEN = ("qwen2_vl", "qwen2_5_vl")
+from lightning_meddpo.registry import backbone_scheme
 
 
 def looks_like_a_path(name_or_path: str) -> bool:
@@ -36,23 +33,13 @@ def looks_like_a_path(name_or_path: str) -> bool:
 def resolve_backbone(name_or_path: str) -> str:
     """A path or hub id that `from_pretrained` understands; a local path that is not a directory is a
     FileNotFoundError saying so (from_pretrained would take it for a hub id and say something else)."""
-    if name_or_path.startswith(TINY_SCHEME):
-        name = name_or_path.removeprefix(TINY_SCHEME)
-        if name in TINY_QWEN:
-            return str(_resolve_tiny_qwen(name))
-        return str(resolve_tiny(name_or_path))
+    scheme = backbone_scheme(name_or_path)
+    if scheme is not None:
+        return str(scheme(name_or_path))
     if looks_like_a_path(name_or_path) and not Path(name_or_path).expanduser().is_dir():
         raise FileNotFoundError(f"backbone {name_or_path}: no such directory (a model directory, a hub id like "
                                 "org/name, or tiny://llama)")
     return str(Path(name_or_path).expanduser()) if looks_like_a_path(name_or_path) else name_or_path
-
-
-def _resolve_tiny_qwen(version: str) -> Path:
-    """Build `tiny://qwen2_vl|qwen2_5_vl` once into the cache."""
-    from lightning_meddpo.demo.tiny_qwen import build_tiny_qwen_vl
-
-    target = default_cache_dir() / "backbones" / f"tiny-{version}-v1"
-    return build_once(target, lambda out: build_tiny_qwen_vl(out, version=version))
 
 
 def model_type(path: str, trust_remote_code: bool = False) -> str | None:
@@ -63,15 +50,7 @@ def model_type(path: str, trust_remote_code: bool = False) -> str | None:
 
 
 def _auto_processor(path: str, trust_remote_code: bool) -> ProcessorMixin:
-    from lightning_meddpo.backbones.qwen import (
-        QWEN_VL_MODEL_TYPES,
-        load_qwen_vl_processor,
-    )
-
-    if model_type(path, trust_remote_code) in QWEN_VL_MODEL_TYPES and not is_torchvision_available():
-        # transformers' Qwen2-VL processor insists on a video processor, which needs torchvision
-        return load_qwen_vl_processor(path, trust_remote_code=trust_remote_code)
-    return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return adapter_for_type(model_type(path, trust_remote_code)).load_processor(path, trust_remote_code=trust_remote_code)
 
 
 def load_processor(

@@ -1,13 +1,11 @@
 """Qwen2-VL / Qwen2.5-VL backbones (HuatuoGPT-Vision ships a Qwen2.5-VL version).
 
-Real checkpoints load through `AutoModelForImageTextToText` like any other backbone (loader.py); their
-processor loads here without torchvision (`load_qwen_vl_processor`). The tiny Qwen-VL models of the demo
+The processor without torchvision (`load_qwen_vl_processor`): real checkpoints load through
+`AutoModelForImageTextToText` like any other backbone (loader.py). The tiny Qwen-VL models of the demo
 (`tiny://qwen2_vl`, `tiny://qwen2_5_vl`) are built in demo/tiny_qwen.py.
 
-Qwen-VL prompts want the image wrapped as `<|vision_start|><|image_pad|><|vision_end|>` (the processor
-expands `<|image_pad|>`): the collator writes that for a processor whose image token is `<|image_pad|>`
-(templates.py `image_placeholder_for`, kept there so the data layer does not import transformers' Qwen
-classes), so a config needs no `image_placeholder`.
+The family's adapter is qwen_vl.py (it wraps the prompt's image as `<|vision_start|><|image_pad|><|vision_end|>`,
+so a config needs no `image_placeholder`).
 """
 
 from __future__ import annotations

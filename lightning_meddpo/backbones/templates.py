@@ -189,16 +189,6 @@ TEMPLATE_INFO["vicuna_v1"] = TemplateInfo(**{**TEMPLATE_INFO["v1"].__dict__, "na
 
 CHAT_TEMPLATES: dict[str, str] = {name: info.template for name, info in TEMPLATE_INFO.items()}
 
-QWEN_IMAGE_TOKEN = "<|image_pad|>"
-QWEN_IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
-
-
-def image_placeholder_for(image_token: str) -> str:
-    """What a prompt carries for one image, given the processor's image token: Qwen-VL's wrapped in its
-    vision start / end tokens (as its own chat template writes it), any other token as it is."""
-    return QWEN_IMAGE_PLACEHOLDER if image_token == QWEN_IMAGE_TOKEN else image_token
-
-
 def get_template_info(name: str) -> TemplateInfo:
     if name not in TEMPLATE_INFO:
         raise ValueError(f"unknown chat template {name!r}; known: {sorted(TEMPLATE_INFO)}")

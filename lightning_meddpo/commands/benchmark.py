@@ -196,10 +196,10 @@ class Runner:
         return p.absolute()
 
     def prepare_data(self, options: dict[str, Any]) -> Path:
-        from lightning_meddpo.demo.synthetic import ensure_demo_dataset
+        from lightning_meddpo.registry import data_maker
 
         directory = data_dir_for(self.out_dir, options)
-        ensure_demo_dataset(directory, **options)
+        data_maker("demo")([directory / "train.json"], **options)  # the demo's whole dataset, in that folder
         return directory
 
     def evaluations(self) -> dict[str, dict[str, Any]]:

@@ -153,8 +153,7 @@ def export(ckpt_path: str, out: str, *, config: str | None = None, merge: bool =
     there and no partial folder."""
     import torch
 
-    from lightning_meddpo.backbones.build import base_model
-    from lightning_meddpo.backbones.qwen import save_processor
+    from lightning_meddpo.backbones.adapter import adapter_for, base_model
 
     out_dir = Path(out)
     check_output(out_dir, ckpt_path, overwrite)
@@ -182,7 +181,7 @@ def export(ckpt_path: str, out: str, *, config: str | None = None, merge: bool =
         remove_partial(tmp)  # a partial export of a killed earlier run
         with safetensors_io_as_oserror():
             model.save_pretrained(tmp)
-        save_processor(module.processor, tmp)
+        adapter_for(base).save_processor(module.processor, tmp)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir, write, "the exported model")  # written beside, then swapped in: never half a model

@@ -116,7 +116,7 @@ def image_tokens(config) -> int | None:
 def workload_for(views: tuple[str, ...], packed: bool, prompt: int, response: int):
     """Workload(batch) for pairs of `prompt` tokens and responses of `response` tokens (plan.Workload)."""
     from lightning_meddpo.plan import Workload
-    from lightning_meddpo.policy import VIEWS
+    from lightning_meddpo.data.rows import VIEWS
 
     sides: dict[str, int] = {}
     for v in views:

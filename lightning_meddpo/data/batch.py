@@ -80,8 +80,15 @@ class EncodedImages:
 
     @staticmethod
     def cat(items: list[EncodedImages]) -> EncodedImages:
+        """One batch of images. Processors that tile an image into a varying number of patches (LLaVA-NeXT's
+        anyres: [images, patches, C, H, W]) are padded with zero patches to the most, as their processor pads a
+        batch; the encoder reads each image's own count from its size."""
+        pixels = [i.pixel_values for i in items]
+        if pixels[0].dim() == 5 and len({p.shape[1] for p in pixels}) > 1:
+            most = max(p.shape[1] for p in pixels)
+            pixels = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, most - p.shape[1])) for p in pixels]
         return EncodedImages(
-            pixel_values=torch.cat([i.pixel_values for i in items]),
+            pixel_values=torch.cat(pixels),
             extra={k: torch.cat([i.extra[k] for i in items]) for k in items[0].extra},
         )
 

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from lightning_meddpo.backbones.templates import image_placeholder_for
+from lightning_meddpo.backbones.adapter import placeholder_for
 from lightning_meddpo.data.batch import (
     IGNORE_INDEX,
     EncodedImages,
@@ -51,7 +51,7 @@ class PairEncoder:
     """Renders and tokenises prompts and responses with the processor's chat template.
 
     `image_placeholder` replaces the dataset's `<image>`; by default the processor's own image token (for
-    Qwen-VL wrapped in its vision start / end tokens: backbones/templates.py `image_placeholder_for`).
+    as its family's adapter writes it: backbones/adapter.py `placeholder_for`).
     `chat_template` (a Jinja template) replaces the processor's own.
     """
 
@@ -62,7 +62,7 @@ class PairEncoder:
     _placeholder: str = field(init=False)
 
     def __post_init__(self) -> None:
-        self._placeholder = self.image_placeholder or image_placeholder_for(getattr(self.processor, "image_token", IMAGE_TOKEN))
+        self._placeholder = self.image_placeholder or placeholder_for(getattr(self.processor, "image_token", IMAGE_TOKEN))
 
     @property
     def tokenizer(self):

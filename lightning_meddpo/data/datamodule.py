@@ -297,10 +297,10 @@ class PreferenceDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         h = self.hparams
         if h.demo:
-            from lightning_meddpo.demo.synthetic import demo_for_files
+            from lightning_meddpo.registry import data_maker
 
             options = h.demo if isinstance(h.demo, dict) else {}
-            demo_for_files([h.train_file, h.val_file, h.test_file], **{"seed": h.seed, **options})
+            data_maker("demo")([h.train_file, h.val_file, h.test_file], **{"seed": h.seed, **options})
 
     def _read(self, path: str, split: str = "train") -> list[PreferenceRecord]:
         h = self.hparams

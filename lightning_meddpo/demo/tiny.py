@@ -37,8 +37,8 @@ from transformers import (
 
 from lightning_meddpo.backbones.templates import get_chat_template
 from lightning_meddpo.cache import default_cache_dir
+from lightning_meddpo.demo import TINY_SCHEME
 
-TINY_SCHEME = "tiny://"
 TEXT_CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 BUILD_VERSION = 3  # bump when the tiny build changes, so cached builds are redone (3: warm-started vision tower)

@@ -26,6 +26,8 @@ from lightning_meddpo.backbones.qwen import (
     QwenVLImageProcessor,
     save_processor,
 )
+from lightning_meddpo.cache import default_cache_dir
+from lightning_meddpo.demo.tiny import build_once
 
 VERSIONS = {
     "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
@@ -103,3 +105,9 @@ def build_tiny_qwen_vl(
     model.save_pretrained(out)
     save_processor(processor, out)
     return out
+
+
+def resolve_tiny_qwen(version: str) -> Path:
+    """Build `tiny://qwen2_vl|qwen2_5_vl` once into the cache."""
+    target = default_cache_dir() / "backbones" / f"tiny-{version}-v1"
+    return build_once(target, lambda out: build_tiny_qwen_vl(out, version=version))

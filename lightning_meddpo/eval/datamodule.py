@@ -346,10 +346,10 @@ class EvalDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         h = self.hparams
         if h.demo:
-            from lightning_meddpo.demo.synthetic import demo_for_files
+            from lightning_meddpo.registry import data_maker
 
             options = h.demo if isinstance(h.demo, dict) else {}
-            demo_for_files([h.test_file, h.predict_file], **{"seed": h.seed, **options})
+            data_maker("demo")([h.test_file, h.predict_file], **{"seed": h.seed, **options})
 
     def _dataset(self, path: str, require_gold: bool) -> EvalDataset:
         if self.processor is None:

@@ -22,7 +22,8 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
-from lightning_meddpo.backbones.build import FREEZABLE, LoraSettings, build_policy_model
+from lightning_meddpo.backbones.adapter import FREEZABLE
+from lightning_meddpo.backbones.build import LoraSettings, build_policy_model
 from lightning_meddpo.backbones.loader import load_processor
 from lightning_meddpo.checkpoints import restore_rng_state, rng_state
 from lightning_meddpo.data.batch import PreferenceBatch
