@@ -82,9 +82,9 @@ class Backbone:
 
     def vision_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         """The tower's and the projector's: frozen, the reference can reuse the policy's image features."""
-        parts = {id(p): p for part in (self.vision_tower, self.projector) if (m := self.part(model, part)) is not None
-                 for p in m.parameters()}
-        return list(parts.values())
+        parts = [name for name, path in (("vision_tower", self.vision_tower), ("projector", self.projector))
+                 if self.part(model, path) is not None]
+        return [p for part in parts for p in self.part_parameters(model, part)]
 
     def unused_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
         """Weights the forward never uses (frozen by the builder: no optimizer state, no unused-parameter DDP)."""
