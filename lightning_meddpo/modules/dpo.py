@@ -21,7 +21,8 @@ from lightning_meddpo.losses import (
     nll_loss,
     reduce_nll,
 )
-from lightning_meddpo.modules.base import PreferenceModule, check_beta, check_choice
+from lightning_meddpo.modules.base import PreferenceModule
+from lightning_meddpo.modules.settings import check_beta, check_choice
 from lightning_meddpo.policy import Scores
 
 

@@ -20,8 +20,9 @@ from torch import Tensor
 
 from lightning_meddpo.data.batch import PreferenceBatch
 from lightning_meddpo.losses import kto_kl_baseline, kto_loss
-from lightning_meddpo.modules.base import PreferenceModule, check_beta
+from lightning_meddpo.modules.base import PreferenceModule
 from lightning_meddpo.modules.dpo import global_mean, logps_metrics, reward_metrics
+from lightning_meddpo.modules.settings import check_beta
 
 
 class KTO(PreferenceModule):

@@ -7,8 +7,9 @@ from torch import Tensor
 from lightning_meddpo.data.batch import PreferenceBatch
 from lightning_meddpo.data.needs import PairNeeds
 from lightning_meddpo.losses import mmedpo_loss
-from lightning_meddpo.modules.base import PreferenceModule, check_beta
+from lightning_meddpo.modules.base import PreferenceModule
 from lightning_meddpo.modules.dpo import logps_metrics, reward_metrics
+from lightning_meddpo.modules.settings import check_beta
 
 
 class MMedPO(PreferenceModule):
