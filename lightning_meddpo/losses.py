@@ -5,7 +5,7 @@ pair: summed response log-probs of the policy and the reference, and response to
 formulation length-normalises. Each function returns per-sample losses (shape [B]); callers reduce
 (mean, or a weighted mean). `rewards` gives the implicit DPO rewards used for logging.
 
-Notation (DESIGN.md section 4): h(y, m) = logp_theta(y|m) - logp_ref(y|m); the DPO margin is
+Notation (docs/design.md section 4): h(y, m) = logp_theta(y|m) - logp_ref(y|m); the DPO margin is
 D = h(y_w, m) - h(y_l, m); sigma is the logistic function, beta the temperature.
 
 Where TRL (huggingface/trl DPOTrainer, CPO/ORPO/KTO trainers) fixed a convention that the paper left

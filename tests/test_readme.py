@@ -46,3 +46,40 @@ def test_build_pairs_then_fit_the_targeted_mix(tmp_path, demo_dir):
     assert {p["pair_type"] for p in pairs} == {"text", "image"}
     assert not (tmp_path / "images" / "rejected_images").exists()  # the source images were only read
     assert list((tmp_path / "runs").glob("**/checkpoints/last.ckpt"))
+
+
+def _layout_block() -> str:
+    text = (REPO / "README.md").read_text()
+    start = text.index("## Layout")
+    end = text.index("\n## ", start + 1) if "\n## " in text[start + 1:] else len(text)
+    return text[start:end]
+
+
+def test_readme_links_no_file_outside_the_repository():
+    import re
+
+    text = (REPO / "README.md").read_text()
+    targets = re.findall(r"\]\(([^)#\s]+)", text)
+    local = [t for t in targets if not re.match(r"^[a-z]+://", t)]
+    assert local, "the README links its design notes"
+    for target in local:
+        assert not target.startswith(("/", "..")), f"README links {target}, outside the repository"
+        assert (REPO / target).exists(), f"README links {target}, which does not exist"
+    assert "../" not in re.sub(r"\.\./\.\.\.", "", text.replace(".../", "")), "README names a path outside the repository"
+
+
+def test_readme_layout_names_files_that_exist():
+    """Every module or folder the Layout section names is in the tree (a renamed file fails this)."""
+    import re
+
+    block = _layout_block()
+    names = set(re.findall(r"\b([a-z_]+(?:/[a-z_]+)*(?:\.py|/))(?![a-z])", block))
+    assert "backbones/adapter.py" in block and "docs/design.md" in block
+    missing = []
+    for name in names:
+        candidates = [REPO / name, REPO / "lightning_meddpo" / name, REPO / "lightning_meddpo" / "backbones" / name,
+                      REPO / "lightning_meddpo" / "modules" / name,
+                      REPO / "configs" / name.removeprefix("configs/")]
+        if not any(c.exists() for c in candidates):
+            missing.append(name)
+    assert not missing, f"the README's Layout names {sorted(missing)}, not in the tree"

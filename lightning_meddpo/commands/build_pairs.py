@@ -1,4 +1,4 @@
-"""`python -m lightning_meddpo build-pairs`: preference pairs from VQA or caption files (DESIGN.md §4 "targeted", §5).
+"""`python -m lightning_meddpo build-pairs`: preference pairs from VQA or caption files (docs/design.md §4 "targeted", §5).
 
 Input (JSON array or JSONL), one of, per record:
   * LLaVA-Med question format: {question_id, image, text, answer | gpt4_answer, answer_type}

@@ -1,4 +1,4 @@
-"""Targeted visual-misinterpretation errors injected into an answer (DESIGN.md §4 "targeted"): whole-word,
+"""Targeted visual-misinterpretation errors injected into an answer (docs/design.md §4 "targeted"): whole-word,
 case-preserving swaps of the attributes an image decides (side, anatomy, modality, presence, size, count)
 from the lexicon in data/lexicon.py, with a/an and numbers kept grammatical. `perturb_answer` is what
 build-pairs calls for each text-rejected pair."""

@@ -220,7 +220,7 @@ class ResumableLoader(DataLoader):
 
 
 class PreferenceDataModule(L.LightningDataModule):
-    """Image-text preference pairs (DESIGN.md §5): the paper's format, TRL's (paired, or unpaired
+    """Image-text preference pairs (docs/design.md §5): the paper's format, TRL's (paired, or unpaired
     for KTO), or a `datasets` dataset.
 
     Args:

@@ -1,4 +1,4 @@
-"""Input formats beside the paper's, mapped to the same `PreferenceRecord` (DESIGN.md §5).
+"""Input formats beside the paper's, mapped to the same `PreferenceRecord` (docs/design.md §5).
 
 Formats (`read_records(source, format=...)`):
   * "paper": the paper's released records ({id, image, conversations, rejected_conversations, ...}) in a

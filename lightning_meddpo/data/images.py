@@ -1,4 +1,4 @@
-"""Image loading and seeded image corruptions for image-side preference terms (DESIGN.md §4, §5).
+"""Image loading and seeded image corruptions for image-side preference terms (docs/design.md §4, §5).
 
 Loading: `load_image` decodes any common file (grayscale, 16-bit, RGBA, palette, CMYK, ...) to 8-bit RGB.
 16-bit / 32-bit images are scaled by their actual range (max, or min..max when negative values occur),

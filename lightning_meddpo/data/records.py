@@ -1,4 +1,4 @@
-"""Preference records: parsing and validation of the paper's released format (DESIGN.md §5).
+"""Preference records: parsing and validation of the paper's released format (docs/design.md §5).
 
 A record becomes a `PreferenceRecord`; every problem is a `RecordError` naming the file, the line or
 index, the record id and the field. Nothing is dropped or changed silently: records missing the

@@ -6,7 +6,7 @@ modality, organ) is decided by what is drawn, so a preference method that ignore
 beat chance, and image-side terms (CoPO, mDPO, MMedPO, the targeted mix) have a meaningful
 corrupted image to contrast with.
 
-Files are written in the paper's released format (DESIGN.md section 5), plus a LLaVA-Med style
+Files are written in the paper's released format (docs/design.md section 5), plus a LLaVA-Med style
 question file for held-out VQA evaluation:
 
     out_dir/images/{split}_{i:05d}.png           the image

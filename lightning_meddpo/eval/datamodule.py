@@ -1,6 +1,6 @@
 """EvalDataModule: benchmark questions and report files -> left-padded prompt batches for generation.
 
-Formats (DESIGN.md section 5), one record per JSONL line or JSON array element; `format: auto` decides
+Formats (docs/design.md section 5), one record per JSONL line or JSON array element; `format: auto` decides
 per record (a `text` field: VQA; else a report file):
 
 - LLaVA-Med benchmark questions (VQA-RAD, SLAKE, PathVQA): `question_id` (or `id`), `image`, `text`
