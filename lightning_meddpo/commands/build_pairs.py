@@ -46,13 +46,14 @@ from PIL import Image
 
 from lightning_meddpo.checkpoints import write_text_atomic
 from lightning_meddpo.commands.perturb import lexicon_tables, perturb_answer
-from lightning_meddpo.commands.sources import parse_source_record, safe_relative_path
+from lightning_meddpo.commands.sources import parse_source_record
 from lightning_meddpo.data.images import corrupt, load_image, normalize_spec, seed_for
 from lightning_meddpo.data.lexicon import ERROR_TYPES, LEXICON  # noqa: F401 (ERROR_TYPES re-exported)
 from lightning_meddpo.data.records import (
     IMAGE_TOKEN,
     RecordError,
     load_json_records,
+    relative_image_path,
     valid_rows,
 )
 
@@ -155,7 +156,7 @@ def build_pairs(
     if out_path.resolve() == Path(input_path).resolve():
         raise ValueError(f"out_path {out_path} is the input file; write the pairs to another file")
     spec = normalize_spec(corruption) if mode in ("image", "both") else None
-    rel_dir = safe_relative_path(rejected_image_dir, "build_pairs", None, "rejected_image_dir")
+    rel_dir = relative_image_path(rejected_image_dir, "build_pairs", None, "rejected_image_dir")
     error_types = list(error_types) if error_types is not None else None
     lexicon_tables(lexicon, error_types)  # validate the names up front
     summary = BuildSummary(out_path=str(out_path), image_root=str(image_root), rejected_image_root=str(rejected_root))

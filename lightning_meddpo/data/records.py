@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -147,17 +148,25 @@ class ImageRoots:
         return self.rejected if field_name.startswith("rejected_image") and self.rejected is not None else self.images
 
 
-def resolve_image(image_root: Path | ImageRoots, value: Any, source: str, record_id: str, field_name: str) -> Path:
-    """An image path inside the image root that exists; anything else is a RecordError. The root is the
-    boundary after symbolic links are followed too: a link inside it pointing elsewhere is refused."""
-    root = image_root.for_field(field_name) if isinstance(image_root, ImageRoots) else Path(image_root)
+def relative_image_path(value: Any, source: str, record_id: str | None, field_name: str) -> str:
+    """The one image-path rule of every reader: a relative POSIX path (backslashes read as separators) that cannot
+    leave the image root: no absolute path, no drive letter, no '..'."""
     if not isinstance(value, str) or not value.strip():
         raise RecordError(source, record_id, field_name, f"expected an image path, got {value!r}")
-    rel = Path(value)
-    if rel.is_absolute() or ".." in rel.parts:
+    rel = PurePosixPath(value.replace("\\", "/"))
+    if rel.is_absolute() or re.match(r"^[A-Za-z]:", value) or ".." in rel.parts:
         raise RecordError(source, record_id, field_name, f"image path {value!r} escapes the image root "
                           "(absolute paths and '..' are not allowed)",
                           reason=f"field {field_name}: image path escapes the image root")
+    return str(rel)
+
+
+def resolve_image(image_root: Path | ImageRoots, value: Any, source: str, record_id: str, field_name: str) -> Path:
+    """An image path inside the image root that exists (`relative_image_path`'s rule); anything else is a
+    RecordError. The root is the boundary after symbolic links are followed too: a link inside it pointing
+    elsewhere is refused."""
+    root = image_root.for_field(field_name) if isinstance(image_root, ImageRoots) else Path(image_root)
+    rel = relative_image_path(value, source, record_id, field_name)
     path = (root / rel).resolve()
     if not path.is_relative_to(root.resolve()):
         raise RecordError(source, record_id, field_name, f"image path {value!r} resolves to {path}, outside the image "
@@ -181,7 +190,10 @@ def canonical_role(value: object) -> Literal["human", "gpt"] | None:
     return "human" if role in HUMAN_ROLES else "gpt" if role in GPT_ROLES else None
 
 
-def _parse_turns(raw: Any, source: str, record_id: str, field_name: str) -> list[Turn]:
+def parse_turns(raw: Any, source: str, record_id: str, field_name: str, require_response: bool = True) -> list[Turn]:
+    """The one turn-list check (the paper's conversations, build-pairs' conversation records): human/gpt turns
+    in any spelling, the last a gpt turn (the response) with a human turn before it; `require_response`: a
+    non-empty one."""
     if not isinstance(raw, list) or not raw:
         raise RecordError(source, record_id, field_name, "expected a non-empty list of turns")
     turns = []
@@ -194,9 +206,12 @@ def _parse_turns(raw: Any, source: str, record_id: str, field_name: str) -> list
         if not isinstance(t["value"], str):
             raise RecordError(source, record_id, f"{field_name}[{i}].value", "expected a string")
         turns.append(Turn(role, t["value"]))
-    if turns[-1].role != "gpt":
-        raise RecordError(source, record_id, field_name, "the last turn must be a gpt turn (the response)")
-    if not turns[-1].text.strip():
+    last = max((i for i, t in enumerate(turns) if t.role == "gpt"), default=None)
+    if last is None:
+        raise RecordError(source, record_id, field_name, "no gpt turn (the response)")
+    if last != len(turns) - 1:
+        raise RecordError(source, record_id, f"{field_name}[{last + 1}]", "turns after the last gpt turn (the response)")
+    if require_response and not turns[-1].text.strip():
         raise RecordError(source, record_id, field_name, "the response (last gpt turn) is empty")
     if not any(t.role == "human" for t in turns[:-1]):
         raise RecordError(source, record_id, field_name, "no human turn before the response")
@@ -268,8 +283,8 @@ def parse_paper_record(raw: Any, source: str, image_root: Path | ImageRoots) -> 
     for name in ("image", "conversations", "rejected_conversations"):
         if name not in raw:
             raise RecordError(source, rid, name, "missing")
-    chosen_turns = _parse_turns(raw["conversations"], source, rid, "conversations")
-    rejected_turns = _parse_turns(raw["rejected_conversations"], source, rid, "rejected_conversations")
+    chosen_turns = parse_turns(raw["conversations"], source, rid, "conversations")
+    rejected_turns = parse_turns(raw["rejected_conversations"], source, rid, "rejected_conversations")
     if [t.text.replace(IMAGE_TOKEN, "").strip() for t in chosen_turns[:-1]] != [
         t.text.replace(IMAGE_TOKEN, "").strip() for t in rejected_turns[:-1]
     ]:

@@ -35,6 +35,7 @@ from lightning_meddpo.backbones.templates import get_chat_template
 from lightning_meddpo.data.batch import pad_stack
 from lightning_meddpo.data.collate import PairEncoder, PromptTooLongError
 from lightning_meddpo.data.images import load_image
+from lightning_meddpo.data.llava_med import read_llava_med
 from lightning_meddpo.data.records import (
     IMAGE_TOKEN,
     RecordError,
@@ -83,41 +84,6 @@ class EvalReadReport:
         return "; ".join(parts)
 
 
-def _text(raw: dict, name: str, source: str, rid: Any, *, required: bool = True) -> str | None:
-    value = raw.get(name)
-    if value is None:
-        if required:
-            raise RecordError(source, _sid(rid), name, "missing")
-        return None
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise RecordError(source, _sid(rid), name, f"expected a string, got {type(value).__name__}")
-    value = str(value)
-    if not value.strip():
-        raise RecordError(source, _sid(rid), name, "is empty")
-    return value
-
-
-def _sid(rid: Any) -> str | None:
-    return None if rid is None else str(rid)
-
-
-def _first_image(raw: dict, names: tuple[str, ...], source: str, rid: Any, notes: Counter) -> tuple[str, str]:
-    """(field name, path) of the record's image; of a list, the first (counted)."""
-    name = next((n for n in names if raw.get(n) is not None), None)
-    if name is None:
-        raise RecordError(source, _sid(rid), names[0], "missing")
-    value = raw[name]
-    if isinstance(value, list):
-        if not value:
-            raise RecordError(source, _sid(rid), name, "is an empty list of images")
-        if len(value) > 1:
-            notes[f"had {name} lists of several images (the first was used)"] += 1
-        value = value[0]
-    if not isinstance(value, str):
-        raise RecordError(source, _sid(rid), name, f"expected an image path, got {value!r}")
-    return name, value
-
-
 def _answer_type(raw: dict, gold: str | None, source: str, rid: Any, notes: Counter) -> str:
     value = raw.get("answer_type")
     if value is None:
@@ -128,7 +94,7 @@ def _answer_type(raw: dict, gold: str | None, source: str, rid: Any, notes: Coun
         notes["had no answer_type (inferred from the gold: yes/no = CLOSED)"] += 1
         return "CLOSED" if normalize_answer(gold) in ("yes", "no") else "OPEN"
     if not isinstance(value, str) or value.strip().upper() not in ("CLOSED", "OPEN"):
-        raise RecordError(source, _sid(rid), "answer_type", f"expected CLOSED or OPEN, got {value!r}")
+        raise RecordError(source, str(rid), "answer_type", f"expected CLOSED or OPEN, got {value!r}")
     canonical = value.strip().upper()
     if value != canonical:
         notes["had answer_type in another spelling (normalised)"] += 1
@@ -148,7 +114,7 @@ def _with_placeholder(text: str, source: str, rid: Any, name: str, notes: Counte
             notes[f"had {IMAGE_TOKEN} elsewhere (moved to the front, as LLaVA-Med's model_vqa.py)"] += 1
         return f"{IMAGE_TOKEN}\n{question}"
     if count > 1:
-        raise RecordError(source, _sid(rid), name, f"{count} {IMAGE_TOKEN} placeholders; one image per question is supported")
+        raise RecordError(source, str(rid), name, f"{count} {IMAGE_TOKEN} placeholders; one image per question is supported")
     if count == 0:
         notes[f"had no {IMAGE_TOKEN} placeholder (inserted)"] += 1
         return f"{IMAGE_TOKEN}\n{text}"
@@ -160,41 +126,25 @@ def parse_eval_record(
     answer_field: str | None = None, report_prompt: str = DEFAULT_REPORT_PROMPT, require_gold: bool = True,
     missing_id: str | None = None, image_placement: str = "front",
 ) -> EvalRecord:
-    """Parse one benchmark question or report record (see module docstring); quirks are counted in `notes`."""
-    if not isinstance(raw, dict):
-        raise RecordError(source, None, "<record>", f"expected a JSON object, got {type(raw).__name__}")
-    kind = fmt if fmt != "auto" else ("vqa" if "text" in raw else "report")
-    rid = raw.get("question_id", raw.get("id"))
+    """Parse one benchmark question or report record (the LLaVA-Med formats' one reader, data/llava_med.py; see
+    the module docstring); quirks are counted in `notes`."""
+    kind = fmt if fmt != "auto" else ("vqa" if isinstance(raw, dict) and "text" in raw else "report")
+    record = read_llava_med(raw, source, notes, kind=kind, answer_field=answer_field, require_answer=require_gold,
+                            missing_id=missing_id)
+    rid = record.id
+    gold = record.answer
+    if gold is not None and not gold.strip():
+        raise RecordError(source, str(rid), record.answer_field, "is empty")
     if kind == "vqa":
-        if rid is None:
-            raise RecordError(source, None, "question_id", "missing")
-        question = _text(raw, "text", source, rid)
-        names = (answer_field,) if answer_field else ("answer", "gpt4_answer")
-        name = next((n for n in names if raw.get(n) is not None), None)
-        if name is None and require_gold:
-            raise RecordError(source, _sid(rid), names[0], f"missing (expected one of {list(names)})")
-        gold = _text(raw, name, source, rid) if name else None
-        if name and not answer_field:
-            notes[f"gold from {name}"] += 1
+        if record.answer_field and not answer_field:
+            notes[f"gold from {record.answer_field}"] += 1
         answer_type = _answer_type(raw, gold, source, rid, notes)
-        image_name, image_value = _first_image(raw, ("image", "image_path"), source, rid, notes)
-        prompt = _with_placeholder(question, source, rid, "text", notes, image_placement)
+        prompt = _with_placeholder(record.turns[0].text, source, rid, "text", notes, image_placement)
     else:
-        if rid is None:
-            rid = raw.get("study_id")
-        if rid is None:
-            rid = missing_id
-            notes["had no id (file:line used)"] += 1
-        names = (answer_field,) if answer_field else ("report", "caption")
-        name = next((n for n in names if raw.get(n) is not None), None)
-        if name is None and require_gold:
-            raise RecordError(source, _sid(rid), names[0], f"missing (expected one of {list(names)})")
-        gold = _text(raw, name, source, rid) if name else None
         answer_type = "REPORT"
-        image_name, image_value = _first_image(raw, ("image_path", "image_paths", "image"), source, rid, notes)
         prompt = report_prompt if IMAGE_TOKEN in report_prompt else f"{IMAGE_TOKEN}\n{report_prompt}"
-    image = resolve_image(image_root, image_value, source, _sid(rid), image_name)
-    return EvalRecord(id=rid, image=image, image_field=image_value, prompt=(Turn("human", prompt),), gold=gold,
+    image = resolve_image(image_root, record.image_value, source, str(rid), record.image_field)
+    return EvalRecord(id=rid, image=image, image_field=record.image_value, prompt=(Turn("human", prompt),), gold=gold,
                       answer_type=answer_type, source=source)
 
 
@@ -250,7 +200,7 @@ class EvalDataset(Dataset):
     def __getitem__(self, index: int) -> EvalItem:
         """The prompt tokenised exactly as in training (one BOS, image tokens expanded by the processor)."""
         record = self.records[index]
-        image = load_image(record.image, record_id=_sid(record.id))
+        image = load_image(record.image, record_id=str(record.id))
         encoded = self.encoder.encode_prompt(self.prompt_text(record), image)
         input_ids = encoded.tokens["input_ids"]
         if self.max_length is not None and input_ids.numel() > self.max_length:

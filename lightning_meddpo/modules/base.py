@@ -143,6 +143,7 @@ class PreferenceModule(StepGuards, GenerationSteps, L.LightningModule):
         self.processor = load_processor(backbone, chat_template=chat_template, trust_remote_code=trust_remote_code)
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.policy: PreferencePolicy | None = None
+        self.eval_metrics = None  # built in setup for a `test` on questions (generation.py)
 
     @property
     def settings(self) -> ModuleSettings:

@@ -8,7 +8,7 @@ from lightning_meddpo.data.batch import PreferenceBatch
 
 
 class GenerationSteps:
-    eval_metrics = None  # built in setup for a `test` on questions
+    """Its module sets `eval_metrics = None` in __init__ (a class attribute would hide the nn.Module it becomes)."""
 
     def test_step(self, batch, batch_idx: int):
         """Preference pairs: the preference metrics (test/loss, test/rewards/...). An EvalBatch: generate answers,
