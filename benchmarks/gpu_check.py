@@ -101,7 +101,7 @@ def run_case(args) -> dict:
     case = CASES[args.case]
     cuda = torch.cuda.is_available()
     out = Path(tempfile.mkdtemp(prefix=f"gpu_check-{args.case}-"))
-    configs = ["configs/methods/dpo.yaml", "configs/backbones/demo.yaml", *STRATEGY_CONFIGS[case["strategy"]]]
+    configs = ["configs/formulations/dpo.yaml", "configs/backbones/demo.yaml", *STRATEGY_CONFIGS[case["strategy"]]]
     cli_args = [a for c in configs for a in ("--config", str(REPO / c))] + [
         f"--model.init_args.backbone={args.model_dir}", "--model.init_args.lr=1e-5",
         f"--model.init_args.gradient_checkpointing={str(case['checkpointing']).lower()}",

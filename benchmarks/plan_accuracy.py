@@ -1,7 +1,7 @@
 """`plan`'s prediction against the measured peak of real training steps, on the CPU or a GPU.
 
-    python benchmarks/plan_accuracy.py --config configs/methods/dpo.yaml --config configs/backbones/demo.yaml
-    python benchmarks/plan_accuracy.py --config configs/methods/dpo.yaml --config configs/backbones/demo.yaml \\
+    python benchmarks/plan_accuracy.py --config configs/formulations/dpo.yaml --config configs/backbones/demo.yaml
+    python benchmarks/plan_accuracy.py --config configs/formulations/dpo.yaml --config configs/backbones/demo.yaml \\
         -- --model.init_args.backbone=/tmp/model-100m --data.init_args.batch_size=4
 
 Runs `fit` in-process through the project's CLI for `--steps` steps. During the last step a dispatch mode

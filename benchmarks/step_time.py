@@ -1,8 +1,8 @@
 """Training step time, throughput and peak memory of one formulation (any fit config).
 
-    python benchmarks/step_time.py --config configs/methods/dpo.yaml --config configs/backbones/demo.yaml --steps 40
-    python benchmarks/step_time.py --config configs/methods/mdpo.yaml --config configs/backbones/demo.yaml -- --trainer.precision=bf16-mixed
-    python benchmarks/step_time.py --config configs/methods/dpo.yaml --config configs/backbones/llava_med.yaml --config configs/strategies/fsdp.yaml \\
+    python benchmarks/step_time.py --config configs/formulations/dpo.yaml --config configs/backbones/demo.yaml --steps 40
+    python benchmarks/step_time.py --config configs/formulations/mdpo.yaml --config configs/backbones/demo.yaml -- --trainer.precision=bf16-mixed
+    python benchmarks/step_time.py --config configs/formulations/dpo.yaml --config configs/backbones/llava_med.yaml --config configs/strategies/fsdp.yaml \\
         -- --model.init_args.backbone=llava-med-hf --data.init_args.train_file=pairs.json
 
 Runs `fit` in-process through the project's LightningCLI for `--steps` optimizer steps, without

@@ -149,10 +149,10 @@ def run_ours(args) -> dict:
             self.steps.append((self.start, time.perf_counter(), len(batch), batch.sequence_tokens()))
             self.losses.append(float(outputs["loss"]))
 
-    method = "configs/methods/mdpo.yaml" if args.variant == "mdpo" else "configs/methods/dpo.yaml"
+    formulation = "configs/formulations/mdpo.yaml" if args.variant == "mdpo" else "configs/formulations/dpo.yaml"
     out = Path(tempfile.mkdtemp(prefix="vs_trl-ours-"))
     cli_args = [
-        "--config", str(REPO / method), "--config", str(REPO / "configs/backbones/demo.yaml"), f"--seed_everything={args.seed}",
+        "--config", str(REPO / formulation), "--config", str(REPO / "configs/backbones/demo.yaml"), f"--seed_everything={args.seed}",
         f"--model.init_args.backbone={args.model_dir}", "--model.init_args.lr=1e-5", "--model.init_args.beta=0.1",
         f"--data.init_args.train_file={args.data_dir / 'train.json'}", f"--data.init_args.val_file={args.data_dir / 'val.json'}",
         f"--data.init_args.test_file={args.data_dir / 'test.json'}", "--data.init_args.demo=false",

@@ -40,6 +40,7 @@ from lightning_meddpo.data.datamodule import PreferenceDataModule
 from lightning_meddpo.data.fingerprint import data_differences
 from lightning_meddpo.entry import DEBUG_ENV, guarded
 from lightning_meddpo.modules.base import PreferenceModule
+from lightning_meddpo.modules.settings import upgraded
 
 # Subcommands beside LightningCLI's: each module has build_parser() (its options) and run(namespace).
 PROGRAMS = {"build-pairs": build_pairs, "convert": convert, "export": export, "benchmark": benchmark, "plan": plan}
@@ -56,23 +57,24 @@ QUIET = (
 # without a config, Lightning's own defaults (TensorBoard) write under runs/.
 TRAINER_DEFAULTS = {"default_root_dir": "runs"}
 # Hyper-parameters that decide what a checkpoint IS: a different value is another model, not a setting.
-IDENTITY = ("backbone", "loss_type", "loss", "lora")
+IDENTITY = ("backbone", "loss_type", "lora")
 OVERLAYS = ("strategies", "data")  # config folders stacked on a run without naming it
-RENAMED_BACKBONES = ("demo", "llava_med", "huatuo")  # configs/<backbone>/<method>.yaml before configs/backbones/
+RENAMED_BACKBONES = ("demo", "llava_med", "huatuo")  # configs/<backbone>/<formulation>.yaml before configs/backbones/
+RENAMED_FOLDERS = {"methods": "formulations"}  # configs/methods/ is configs/formulations/ (one name per concept)
 DESCRIPTION = ("Preference optimization of medical vision-language models. `SUBCOMMAND --help` lists its options; "
                f"--debug (or {DEBUG_ENV}=1) shows the traceback of an error.")
 
 
 def run_name(config_files: list) -> str:
-    """`configs/methods/dpo.yaml` + `configs/backbones/demo.yaml` -> `demo/dpo` (any other single config:
+    """`configs/formulations/dpo.yaml` + `configs/backbones/demo.yaml` -> `demo/dpo` (any other single config:
     `<folder>/<stem>`): runs of different configs never share a log directory. Strategy and data overlays
     (configs/strategies/, configs/data/) do not rename a run."""
     paths = [Path(str(p)) for p in config_files if Path(str(p)).parent.name not in OVERLAYS]
     if not paths:
         return "default"
     stacked = {p.parent.name: p.stem for p in paths}
-    if "methods" in stacked:
-        return f"{stacked.get('backbones', 'default')}/{stacked['methods']}"
+    if "formulations" in stacked:
+        return f"{stacked.get('backbones', 'default')}/{stacked['formulations']}"
     path = paths[-1]
     return f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem
 
@@ -83,31 +85,48 @@ def config_files(argv: list[str]) -> list[str]:
             for i, a in enumerate(argv) if a.startswith("--config=") or (a == "--config" and i + 1 < len(argv))]
 
 
+def renamed_configs(argv: list[str]) -> list[str]:
+    """The command line with a renamed config folder's files under today's name (configs/methods/dpo.yaml ->
+    configs/formulations/dpo.yaml), with a deprecation warning; files that exist are left alone."""
+    out = list(argv)
+    for i, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if arg.startswith("--config=") else arg if i and argv[i - 1] == "--config" else None
+        path = Path(value) if value else None
+        if path is None or path.exists() or path.parent.name not in RENAMED_FOLDERS:
+            continue
+        moved = path.parent.parent / RENAMED_FOLDERS[path.parent.name] / path.name
+        if moved.exists():
+            warnings.warn(f"--config {path}: {path.parent} is now {moved.parent}; reading {moved}", DeprecationWarning,
+                          stacklevel=2)
+            out[i] = f"--config={moved}" if arg.startswith("--config=") else str(moved)
+    return out
+
+
 def check_config_stack(argv: list[str]) -> None:
     """Two mistakes a stacked run can make, said plainly instead of jsonargparse's errors (or none):
 
     * a per-backbone config of before (configs/demo/dpo.yaml, ...): name the files that replace it;
-    * a backbone before its method: the backbone's model settings, read before any class_path, are filled in
-      with the base module's defaults, which the method's family would then inherit (SFT and the
-      reference-free losses would get `reference: copy`). The method goes first.
+    * a backbone before its formulation: the backbone's model settings, read before any class_path, are filled in
+      with the base module's defaults, which the formulation's family would then inherit (SFT and the
+      reference-free losses would get `reference: copy`). The formulation goes first.
     """
     files = [Path(f) for f in config_files(argv)]
     for path in files:
         if path.exists() or path.parent.name not in RENAMED_BACKBONES or path.suffix != ".yaml":
             continue
         root, backbone = path.parent.parent, path.parent.name
-        stack = [root / "methods" / path.name, root / "backbones" / f"{backbone}.yaml"]
+        stack = [root / "formulations" / path.name, root / "backbones" / f"{backbone}.yaml"]
         if backbone == "demo" and path.stem == "targeted":
             stack.append(root / "data" / "demo_targeted.yaml")
-        note = (" The methods carry the paper's hyper-parameters; the demo's own (e.g. beta 0.5) are in "
+        note = (" The formulations carry the paper's hyper-parameters; the demo's own (e.g. beta 0.5) are in "
                 "configs/benchmark/demo.yaml." if backbone == "demo" else "")
-        raise FileNotFoundError(f"{path}: the per-backbone configs are now a method and a backbone stacked: "
+        raise FileNotFoundError(f"{path}: the per-backbone configs are now a formulation and a backbone stacked: "
                                 + " ".join(f"--config {c}" for c in stack) + "." + note)
     folders = [p.parent.name for p in files]
-    if "backbones" in folders and "methods" in folders and folders.index("backbones") < folders.index("methods"):
-        backbone, method = files[folders.index("backbones")], files[folders.index("methods")]
-        raise ValueError(f"--config {backbone} comes before --config {method}: give the method first "
-                         f"(--config {method} --config {backbone}), or the method's module inherits the base "
+    if "backbones" in folders and "formulations" in folders and folders.index("backbones") < folders.index("formulations"):
+        backbone, formulation = files[folders.index("backbones")], files[folders.index("formulations")]
+        raise ValueError(f"--config {backbone} comes before --config {formulation}: give the formulation first "
+                         f"(--config {formulation} --config {backbone}), or the formulation's module inherits the base "
                          "module's defaults (e.g. reference: copy for SFT)")
 
 
@@ -134,7 +153,7 @@ def config_differences(model_config: Any, checkpoint: dict[str, Any], keys: tupl
     out = []
     if saved_class and class_path and saved_class.rpartition(".")[2] != class_path.rpartition(".")[2]:
         out.append(f"module class: {saved_class} -> {class_path}")
-    hparams = _plain(checkpoint.get("hyper_parameters") or {})
+    args, hparams = upgraded(args), upgraded(_plain(checkpoint.get("hyper_parameters") or {}))  # today's keys
     for key in keys if keys is not None else sorted(set(args) & set(hparams)):
         if key in args and key in hparams and args[key] != hparams[key]:
             out.append(f"{key}: {hparams[key]!r} -> {args[key]!r}")
@@ -289,14 +308,17 @@ class _DropTips(logging.Filter):
 
 
 def quiet_lightning() -> None:
+    """Lightning's noise off; our own deprecations on (Python hides DeprecationWarning outside __main__)."""
     for pattern in QUIET:
         warnings.filterwarnings("ignore", message=pattern)
+    warnings.filterwarnings("default", category=DeprecationWarning, message=r".*(is deprecated; write|is now configs/)")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTips())
 
 
 def run_cli(argv: list[str]) -> MedDPOCLI:
     """One command line through MedDPOCLI; a Lightning subcommand's config stack is checked first."""
     if argv and argv[0] in MedDPOCLI.subcommands():
+        argv = renamed_configs(argv)
         check_config_stack(argv)
     return MedDPOCLI(
         PreferenceModule,

@@ -14,7 +14,7 @@ open, we follow TRL and say so in the docstring, so results are comparable with 
 A pair-wise loss with a reference takes one `PairLogps` (the four log-probs and the token counts of a batch
 of pairs) instead of four to six tensors. The one registry, `DPO_LOSS_TYPES`: `loss_type` name ->
 f(pair, *, beta, label_smoothing, ...) -> [B], dispatched by `dpo_loss` (the other families choose among
-their objectives in modules/).
+their formulations in modules/).
 """
 
 from __future__ import annotations

@@ -35,7 +35,12 @@ from torch import Tensor, nn
 
 from lightning_meddpo.backbones.adapter import adapter_for
 from lightning_meddpo.backbones.build import disable_dropout
-from lightning_meddpo.backbones.sharding import ShardedRoot, fully_shard_model, is_sharded, shard_units
+from lightning_meddpo.backbones.sharding import (
+    ShardedRoot,
+    fully_shard_model,
+    is_sharded,
+    shard_units,
+)
 from lightning_meddpo.data.batch import PreferenceBatch
 from lightning_meddpo.data.rows import VIEWS, Rows, build_rows, row_images
 from lightning_meddpo.logps import chunked_token_logps, token_logps

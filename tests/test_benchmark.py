@@ -15,7 +15,7 @@ from lightning_meddpo.commands import benchmark
 from lightning_meddpo.eval.errors import ERROR_TYPES
 from tests.conftest import run_program
 
-GRID = {"sft": "configs/methods/sft.yaml", "dpo": "configs/methods/dpo.yaml"}
+GRID = {"sft": "configs/formulations/sft.yaml", "dpo": "configs/formulations/dpo.yaml"}
 
 
 def grid_args(out_dir: Path) -> list[str]:
@@ -125,11 +125,11 @@ def test_demo_grid_config_and_missing_configs(tmp_path):
     assert args.baseline == "sft" and args.eval.config == "configs/eval/demo_vqa.yaml" and args.start_from == "sft"
     assert args.backbone == "configs/backbones/demo.yaml"
     targeted = benchmark.Runner(args).configs("targeted")
-    assert [p.parent.name for p in targeted] == ["methods", "backbones", "data"]
+    assert [p.parent.name for p in targeted] == ["formulations", "backbones", "data"]
     block = benchmark.data_block(targeted)  # the data overlay merged over the backbone's data, key by key
     assert block["class_path"].endswith("PreferenceDataModule") and block["init_args"]["batch_size"] == 8
     options = benchmark.demo_options(block, {"n_train": 24}, seed=3)
     assert options["n_train"] == 24 and options["seed"] == 3 and options["image_pair_fraction"] == 0.5
     assert "image_pair_fraction" not in benchmark.demo_options(benchmark.data_block([benchmark.Runner(args).resolve(args.backbone)]), None, 0)
     with pytest.raises(SystemExit, match="fit configs not found.*nope.yaml"):
-        run_program("benchmark", [f"--out_dir={tmp_path}", '--formulations={"x": "configs/methods/nope.yaml"}'])
+        run_program("benchmark", [f"--out_dir={tmp_path}", '--formulations={"x": "configs/formulations/nope.yaml"}'])

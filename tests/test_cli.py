@@ -26,7 +26,7 @@ def _version_dirs(root: Path, name: str = "demo/dpo") -> list[Path]:
 
 
 def test_fit_logs_metrics_then_resumes_from_last(demo_dir, tmp_path):
-    args = ["--config", "configs/methods/dpo.yaml", "--config", "configs/backbones/demo.yaml", *small_demo_args(demo_dir, tmp_path), "--trainer.log_every_n_steps=1"]
+    args = ["--config", "configs/formulations/dpo.yaml", "--config", "configs/backbones/demo.yaml", *small_demo_args(demo_dir, tmp_path), "--trainer.log_every_n_steps=1"]
     run_cli("fit", *args, "--trainer.max_steps=6")  # 6 steps of 8 pairs: one full epoch, so val runs
     (first,) = _version_dirs(tmp_path)
     scalars = read_scalars(first)
@@ -54,7 +54,7 @@ def test_fit_logs_metrics_then_resumes_from_last(demo_dir, tmp_path):
 
 
 def test_sft_then_dpo_from_its_checkpoint(demo_dir, tmp_path):
-    args = ["--config", "configs/methods/sft.yaml", "--config", "configs/backbones/demo.yaml", *small_demo_args(demo_dir, tmp_path)]
+    args = ["--config", "configs/formulations/sft.yaml", "--config", "configs/backbones/demo.yaml", *small_demo_args(demo_dir, tmp_path)]
     run_cli("fit", *args, "--trainer.max_steps=2", "--trainer.limit_val_batches=1")
     proc = run_cli("validate", *args, "--trainer.limit_val_batches=1")
     assert "val/loss" in proc.stdout + proc.stderr
@@ -67,14 +67,14 @@ def test_sft_then_dpo_from_its_checkpoint(demo_dir, tmp_path):
     saved = torch.load(sft_ckpt, weights_only=True)["state_dict"]
     for name, param in module.policy.reference.named_parameters():  # the reference IS the SFT result
         torch.testing.assert_close(param, saved[f"policy.model.{name}"])
-    run_cli("fit", "--config", "configs/methods/dpo.yaml", "--config", "configs/backbones/demo.yaml", *small_demo_args(demo_dir, tmp_path),
+    run_cli("fit", "--config", "configs/formulations/dpo.yaml", "--config", "configs/backbones/demo.yaml", *small_demo_args(demo_dir, tmp_path),
             f"--model.init_args.init_from={sft_ckpt}", "--trainer.max_steps=1", "--trainer.limit_val_batches=1")
 
 
 def test_optimizer_and_scheduler_from_the_config(demo_dir, tmp_path):
     """LightningCLI injects another optimizer and scheduler; `lr` stays the one learning-rate setting, and the
     checkpoint still loads with weights_only (it records them as their config)."""
-    run_cli("fit", "--config", "configs/methods/dpo.yaml", "--config", "configs/backbones/demo.yaml",
+    run_cli("fit", "--config", "configs/formulations/dpo.yaml", "--config", "configs/backbones/demo.yaml",
             *small_demo_args(demo_dir, tmp_path), "--trainer.max_steps=3", "--trainer.limit_val_batches=0",
             "--model.init_args.lr=0.01", "--model.init_args.optimizer=torch.optim.SGD",
             "--model.init_args.optimizer.momentum=0.9", "--model.init_args.lr_scheduler=torch.optim.lr_scheduler.StepLR",
@@ -87,7 +87,7 @@ def test_optimizer_and_scheduler_from_the_config(demo_dir, tmp_path):
 
 
 def test_bf16_mixed_run(demo_dir, tmp_path):
-    run_cli("fit", "--config", "configs/methods/dpo.yaml", "--config", "configs/backbones/demo.yaml", *small_demo_args(demo_dir, tmp_path),
+    run_cli("fit", "--config", "configs/formulations/dpo.yaml", "--config", "configs/backbones/demo.yaml", *small_demo_args(demo_dir, tmp_path),
             "--trainer.precision=bf16-mixed", "--trainer.max_steps=2", "--trainer.limit_val_batches=1",
             "--trainer.log_every_n_steps=1", "--trainer.val_check_interval=2")
     scalars = read_scalars(_version_dirs(tmp_path)[0])
@@ -95,7 +95,7 @@ def test_bf16_mixed_run(demo_dir, tmp_path):
 
 
 def test_print_config_shows_the_module_and_data():
-    proc = run_cli("fit", "--config", "configs/methods/dpo.yaml", "--config", "configs/backbones/demo.yaml", "--print_config")
+    proc = run_cli("fit", "--config", "configs/formulations/dpo.yaml", "--config", "configs/backbones/demo.yaml", "--print_config")
     assert "class_path: lightning_meddpo.modules.DPO" in proc.stdout
     assert "PreferenceDataModule" in proc.stdout and "beta: 0.1" in proc.stdout  # the method's (the paper's) beta
     assert "backbone: tiny://llama" in proc.stdout and "lr: 0.003" in proc.stdout  # the demo backbone's
@@ -106,21 +106,32 @@ def test_config_stack_mistakes_are_named():
     method is refused (the CLI prints either and exits 2, as for every FileNotFoundError / ValueError)."""
     from lightning_meddpo.cli import check_config_stack
 
-    with pytest.raises(FileNotFoundError, match="--config configs/methods/targeted.yaml --config configs/backbones/demo.yaml "
+    with pytest.raises(FileNotFoundError, match="--config configs/formulations/targeted.yaml --config configs/backbones/demo.yaml "
                        "--config configs/data/demo_targeted.yaml"):
         check_config_stack(["fit", "--config", "configs/demo/targeted.yaml"])
-    with pytest.raises(FileNotFoundError, match="--config configs/methods/dpo.yaml --config configs/backbones/llava_med.yaml"):
+    with pytest.raises(FileNotFoundError, match="--config configs/formulations/dpo.yaml --config configs/backbones/llava_med.yaml"):
         check_config_stack(["fit", "--config=configs/llava_med/dpo.yaml"])
-    with pytest.raises(ValueError, match="give the method first"):
-        check_config_stack(["fit", "--config", "configs/backbones/demo.yaml", "--config=configs/methods/sft.yaml"])
-    check_config_stack(["fit", "--config", "configs/methods/sft.yaml", "--config", "configs/backbones/demo.yaml"])
+    with pytest.raises(ValueError, match="give the formulation first"):
+        check_config_stack(["fit", "--config", "configs/backbones/demo.yaml", "--config=configs/formulations/sft.yaml"])
+    check_config_stack(["fit", "--config", "configs/formulations/sft.yaml", "--config", "configs/backbones/demo.yaml"])
+
+
+def test_the_former_methods_folder_is_read_from_formulations():
+    from lightning_meddpo.cli import renamed_configs
+
+    with pytest.warns(DeprecationWarning, match="configs/methods is now configs/formulations"):
+        argv = renamed_configs(["fit", "--config", "configs/methods/dpo.yaml", "--config=configs/methods/ipo.yaml",
+                                "--config", "configs/backbones/demo.yaml"])
+    assert argv == ["fit", "--config", "configs/formulations/dpo.yaml", "--config=configs/formulations/ipo.yaml",
+                    "--config", "configs/backbones/demo.yaml"]
+    assert renamed_configs(["fit", "--config", "configs/methods/nope.yaml"])[2] == "configs/methods/nope.yaml"
 
 
 def test_run_names_follow_backbone_and_method():
     from lightning_meddpo.cli import run_name
 
-    assert run_name(["configs/methods/dpo.yaml", "configs/backbones/demo.yaml", "configs/strategies/fsdp2.yaml"]) == "demo/dpo"
-    assert run_name(["configs/methods/targeted.yaml", "configs/backbones/demo.yaml", "configs/data/demo_targeted.yaml"]) == "demo/targeted"
+    assert run_name(["configs/formulations/dpo.yaml", "configs/backbones/demo.yaml", "configs/strategies/fsdp2.yaml"]) == "demo/dpo"
+    assert run_name(["configs/formulations/targeted.yaml", "configs/backbones/demo.yaml", "configs/data/demo_targeted.yaml"]) == "demo/targeted"
     assert run_name(["my/run.yaml"]) == "my/run" and run_name([]) == "default"
 
 
@@ -129,7 +140,7 @@ def test_dpo_learns_the_visual_preference(tmp_path):
     """With a fixed seed, DPO on the demo data lifts validation reward accuracy clearly above chance."""
     data = tmp_path / "demo"
     run_cli(
-        "fit", "--config", "configs/methods/dpo.yaml", "--config", "configs/backbones/demo.yaml",
+        "fit", "--config", "configs/formulations/dpo.yaml", "--config", "configs/backbones/demo.yaml",
         f"--data.init_args.train_file={data / 'train.json'}", f"--data.init_args.val_file={data / 'val.json'}",
         f"--data.init_args.test_file={data / 'test.json'}",
         f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false",
@@ -153,7 +164,7 @@ def test_fit_prints_and_logs_what_the_loader_fixed(demo_dir, tmp_path):
     shutil.copytree(demo_dir / "images", tmp_path / "images")
     train = tmp_path / "train.json"
     train.write_text(json.dumps(records))
-    args = ["--config", "configs/methods/dpo.yaml", "--config", "configs/backbones/demo.yaml", *small_demo_args(demo_dir, tmp_path), f"--data.init_args.train_file={train}",
+    args = ["--config", "configs/formulations/dpo.yaml", "--config", "configs/backbones/demo.yaml", *small_demo_args(demo_dir, tmp_path), f"--data.init_args.train_file={train}",
             # 32: responses are cut, none to the point where both sides of a pair are equal (24 would make 37 of the
             # demo's 64 pairs degenerate, which are then skipped as pairs without preference signal)
             "--data.init_args.skip_invalid=true", "--data.init_args.max_length=32", "--trainer.max_steps=1",

@@ -80,7 +80,7 @@ def parsed(*args: str) -> MedDPOCLI:
 def test_a_checkpoint_cannot_run_remote_code(tmp_path, checkpoint, demo_dir):
     backbone = evil_backbone(tmp_path)
     bad = crafted(checkpoint, tmp_path / "crafted.ckpt", trust_remote_code=True, backbone=str(backbone))
-    proc = cli("validate", "--config", "configs/methods/dpo.yaml", "--config", "configs/backbones/demo.yaml", *small_demo_args(demo_dir, tmp_path), f"--ckpt_path={bad}")
+    proc = cli("validate", "--config", "configs/formulations/dpo.yaml", "--config", "configs/backbones/demo.yaml", *small_demo_args(demo_dir, tmp_path), f"--ckpt_path={bad}")
     assert proc.returncode == 2 and "backbone:" in proc.stderr and "Traceback" not in proc.stderr
     proc = cli("export", "--ckpt_path", str(bad), "--out", str(tmp_path / "hf"))
     assert proc.returncode != 0
@@ -88,7 +88,7 @@ def test_a_checkpoint_cannot_run_remote_code(tmp_path, checkpoint, demo_dir):
 
 
 def test_the_users_config_wins_or_the_run_stops(tmp_path, checkpoint, demo_dir):
-    args = ["fit", "--config", str(REPO / "configs/methods/dpo.yaml"), "--config", str(REPO / "configs/backbones/demo.yaml"), *small_demo_args(demo_dir, tmp_path)]
+    args = ["fit", "--config", str(REPO / "configs/formulations/dpo.yaml"), "--config", str(REPO / "configs/backbones/demo.yaml"), *small_demo_args(demo_dir, tmp_path)]
     cli_run = parsed(*args, "--model.init_args.beta=0.3", f"--ckpt_path={checkpoint}")
     assert cli_run.model.hparams.beta == 0.3 and cli_run.model.hparams.lr == 3e-3  # the checkpoint had beta 0.1
     assert not cli_run.model.hparams.trust_remote_code
@@ -97,12 +97,12 @@ def test_the_users_config_wins_or_the_run_stops(tmp_path, checkpoint, demo_dir):
         with pytest.raises(CheckpointError, match=named.replace("(", r"\(")):
             parsed(*args, override, f"--ckpt_path={checkpoint}")
     with pytest.raises(CheckpointError, match="module class"):
-        parsed("fit", "--config", str(REPO / "configs/methods/sft.yaml"), "--config", str(REPO / "configs/backbones/demo.yaml"), *small_demo_args(demo_dir, tmp_path), f"--ckpt_path={checkpoint}")
+        parsed("fit", "--config", str(REPO / "configs/formulations/sft.yaml"), "--config", str(REPO / "configs/backbones/demo.yaml"), *small_demo_args(demo_dir, tmp_path), f"--ckpt_path={checkpoint}")
 
 
 def test_ckpt_path_last_resumes_only_this_configs_run(tmp_path, checkpoint, demo_dir):
     runs = tmp_path / "demo" / "dpo"
-    args = ["fit", "--config", str(REPO / "configs/methods/dpo.yaml"), "--config", str(REPO / "configs/backbones/demo.yaml"),
+    args = ["fit", "--config", str(REPO / "configs/formulations/dpo.yaml"), "--config", str(REPO / "configs/backbones/demo.yaml"),
             *small_demo_args(demo_dir, tmp_path), "--data.init_args.batch_size=4", "--ckpt_path=last"]  # as the checkpoint
     older = runs / "version_0" / "checkpoints" / "last.ckpt"
     older.parent.mkdir(parents=True)
@@ -123,14 +123,14 @@ def test_ckpt_path_last_resumes_only_this_configs_run(tmp_path, checkpoint, demo
 def test_errors_are_one_message_and_debug_shows_the_traceback(tmp_path, checkpoint):
     torn = tmp_path / "torn.ckpt"
     torn.write_bytes(checkpoint.read_bytes()[:1000])
-    proc = cli("validate", "--config", "configs/methods/dpo.yaml", "--config", "configs/backbones/demo.yaml", f"--ckpt_path={torn}")
+    proc = cli("validate", "--config", "configs/formulations/dpo.yaml", "--config", "configs/backbones/demo.yaml", f"--ckpt_path={torn}")
     assert proc.returncode == 2 and "torn.ckpt" in proc.stderr and "truncated" in proc.stderr
     assert "Traceback" not in proc.stderr and "--debug" in proc.stderr
-    proc = cli("validate", "--config", "configs/methods/dpo.yaml", "--config", "configs/backbones/demo.yaml", f"--ckpt_path={torn}", "--debug")
+    proc = cli("validate", "--config", "configs/formulations/dpo.yaml", "--config", "configs/backbones/demo.yaml", f"--ckpt_path={torn}", "--debug")
     assert proc.returncode != 0 and "Traceback" in proc.stderr
-    proc = cli("fit", "--config", "configs/methods/dpo.yaml", "--config", "configs/backbones/demo.yaml", f"--model.init_args.backbone={tmp_path / 'no_model'}")
+    proc = cli("fit", "--config", "configs/formulations/dpo.yaml", "--config", "configs/backbones/demo.yaml", f"--model.init_args.backbone={tmp_path / 'no_model'}")
     assert proc.returncode == 2 and "no_model: no such directory" in proc.stderr
-    proc = cli("fit", "--config", "configs/methods/dpo.yaml", "--config", "configs/backbones/demo.yaml", "--model.init_args.beta=0")
+    proc = cli("fit", "--config", "configs/formulations/dpo.yaml", "--config", "configs/backbones/demo.yaml", "--model.init_args.beta=0")
     assert proc.returncode == 2 and "beta must be > 0" in proc.stderr
 
 

@@ -31,7 +31,7 @@ FIT_ARGS = [
 ]
 
 
-METHODS = sorted((CONFIGS / "methods").glob("*.yaml"))
+METHODS = sorted((CONFIGS / "formulations").glob("*.yaml"))
 OVERLAYS = {"targeted": [CONFIGS / "data" / "demo_targeted.yaml"]}  # the demo's targeted mix has its own data
 
 
@@ -156,7 +156,7 @@ def test_demo_config_through_python_dash_m_logs_every_term(runs, tmp_path):
     image-conditioning rewards are logged for train and val (read back from the event files)."""
     from lightning_meddpo.eval.tensorboard import read_scalars
 
-    args = [a for a in fit_args(CONFIGS / "methods" / "mdpo.yaml", runs["root"] / "data", tmp_path)
+    args = [a for a in fit_args(CONFIGS / "formulations" / "mdpo.yaml", runs["root"] / "data", tmp_path)
             if a != "--trainer.logger=false"]
     args += [f"--trainer.logger.init_args.save_dir={tmp_path / 'tb'}", "--trainer.log_every_n_steps=1"]
     proc = subprocess.run(

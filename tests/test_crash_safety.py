@@ -57,7 +57,7 @@ def write_config(root: Path, data: dict, formulation: str) -> Path:
 
 
 def fit(root: Path, run_config: Path, formulation: str, *extra: str, background: bool = False):
-    cmd = [sys.executable, "-m", "lightning_meddpo", "fit", "--config", str(REPO / f"configs/methods/{formulation}.yaml"),
+    cmd = [sys.executable, "-m", "lightning_meddpo", "fit", "--config", str(REPO / f"configs/formulations/{formulation}.yaml"),
            "--config", str(REPO / "configs/backbones/demo.yaml"),
            "--config", str(run_config), *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -281,7 +281,7 @@ def test_a_preempted_job_saves_requeues_and_resumes_bit_identically(tmp_path, da
     (bin_dir / "scontrol").chmod(0o755)
     config = preemptible(job)
     env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242"}
-    cmd = [sys.executable, "-m", "lightning_meddpo", "fit", "--config", str(REPO / "configs/methods/dpo.yaml"),
+    cmd = [sys.executable, "-m", "lightning_meddpo", "fit", "--config", str(REPO / "configs/formulations/dpo.yaml"),
            "--config", str(REPO / "configs/backbones/demo.yaml"), "--config", str(config)]
     proc = subprocess.Popen(cmd, cwd=job, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     batches = job / "batches.jsonl"

@@ -180,7 +180,7 @@ def test_cli_test_subcommand_writes_predictions_and_metrics(tmp_path, demo_dir):
     from lightning_meddpo.eval.tensorboard import read_scalars
 
     args = [a for a in small_demo_args(demo_dir, tmp_path) if "_file=" not in a and "demo=" not in a]
-    run_cli("test", "--config", "configs/methods/sft.yaml", "--config", "configs/backbones/demo.yaml", "--data", "configs/eval/demo_vqa.yaml",
+    run_cli("test", "--config", "configs/formulations/sft.yaml", "--config", "configs/backbones/demo.yaml", "--data", "configs/eval/demo_vqa.yaml",
             f"--data.init_args.test_file={demo_dir / 'vqa_test.jsonl'}", "--data.init_args.demo=false",
             "--data.init_args.generation.max_new_tokens=4", *args)
     (version,) = (tmp_path / "demo" / "sft").iterdir()
@@ -251,7 +251,7 @@ def test_a_judge_that_fails_for_good_ends_the_job_in_one_line_and_the_rerun_resu
         judge = json.dumps({"url": url, "model": "judge", "cache_dir": str(cache), "max_workers": 1,
                             "max_attempts": 2, "backoff_base": 0.01})
         return subprocess.run(
-            [sys.executable, "-m", "lightning_meddpo", "test", "--config", "configs/methods/sft.yaml", "--config",
+            [sys.executable, "-m", "lightning_meddpo", "test", "--config", "configs/formulations/sft.yaml", "--config",
              "configs/backbones/demo.yaml", "--data", "configs/eval/report.yaml", f"--data.init_args.test_file={report_file}",
              "--data.init_args.demo=false", "--data.init_args.generation.max_new_tokens=12",
              f"--data.init_args.judge={judge}", *args],

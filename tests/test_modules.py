@@ -77,8 +77,8 @@ def with_mprime(batch, images):
 FORMULATIONS = (
     [(DPO, {"loss_type": t}) for t in sorted(DPO_LOSS_TYPES)]
     + [(DPO, {"loss_type": "sigmoid", "label_smoothing": 0.1}), (DPO, {"loss_type": "sigmoid", "nll_weight": 1.0})]
-    + [(ReferenceFree, {"loss": name}) for name in ("simpo", "cpo", "orpo")]
-    + [(Multimodal, {"loss": name}) for name in ("copo", "mdpo", "targeted")]
+    + [(ReferenceFree, {"loss_type": name}) for name in ("simpo", "cpo", "orpo")]
+    + [(Multimodal, {"loss_type": name}) for name in ("copo", "mdpo", "targeted")]
     + [(MMedPO, {}), (KTO, {}), (SFT, {})]
 )
 TERMS = {DPO: ["loss/dpo"], MMedPO: ["loss/mmedpo"], KTO: ["loss/kto"], SFT: []}
@@ -116,9 +116,9 @@ def test_every_formulation_gives_finite_loss_and_gradient(batch, cls, kwargs):
         assert torch.isfinite(value).all(), name
         assert not value.requires_grad, name
     if cls is ReferenceFree:
-        terms = [f"loss/{kwargs['loss']}", "loss/nll"]
+        terms = [f"loss/{kwargs['loss_type']}", "loss/nll"]
     elif cls is Multimodal:
-        terms = MULTIMODAL_TERMS[kwargs["loss"]] + (["rewards_img/margins"] if kwargs["loss"] != "targeted" else [])
+        terms = MULTIMODAL_TERMS[kwargs["loss_type"]] + (["rewards_img/margins"] if kwargs["loss_type"] != "targeted" else [])
     else:
         terms = TERMS[cls] + (["loss/nll"] if kwargs.get("nll_weight") else [])
     assert set(terms) <= set(metrics)
@@ -137,7 +137,7 @@ def live_models() -> Counter:
 @pytest.mark.parametrize("loss", ["simpo", "cpo", "orpo"])
 def test_reference_free_builds_no_reference_model(loss):
     before = live_models()
-    module = build(ReferenceFree, loss=loss)
+    module = build(ReferenceFree, loss_type=loss)
     created = live_models() - before
     assert module.policy.reference is None
     assert module.policy.reference_strategy == "none"
@@ -151,9 +151,9 @@ def test_reference_free_builds_no_reference_model(loss):
 
 def test_reference_free_refuses_a_reference():
     with pytest.raises(ValueError, match="reference must be 'none'"):
-        ReferenceFree(backbone=BACKBONE, loss="simpo", reference="copy")
+        ReferenceFree(backbone=BACKBONE, loss_type="simpo", reference="copy")
     with pytest.raises(ValueError, match="unknown loss"):
-        ReferenceFree(backbone=BACKBONE, loss="dpo")
+        ReferenceFree(backbone=BACKBONE, loss_type="dpo")
 
 
 def test_an_injected_optimizer_gets_our_lr_and_a_checkpoint_keeps_plain_values():
@@ -171,15 +171,29 @@ def test_an_injected_optimizer_gets_our_lr_and_a_checkpoint_keeps_plain_values()
     assert checkpoint["hyper_parameters"]["optimizer"] is None and checkpoint["hyper_parameters"]["lr_scheduler"] is None
 
 
-def test_every_family_refuses_an_unknown_objective_at_construction():
-    """One way to choose: a name from the family's table, checked before any model is built."""
-    for family, key, known in ((DPO, "loss_type", "sigmoid"), (ReferenceFree, "loss", "simpo"), (Multimodal, "loss", "mdpo")):
-        with pytest.raises(ValueError, match=rf"{family.__name__}: unknown {key} 'nope'; use one of \[.*'{known}'"):
-            family(backbone=BACKBONE, **{key: "nope"})
+def test_every_family_refuses_an_unknown_formulation_at_construction():
+    """One way to choose: a name from the family's table, by one key (`loss_type`), checked before any model is
+    built; the former `loss` key still chooses it, with a deprecation warning."""
+    for family, known in ((DPO, "sigmoid"), (ReferenceFree, "simpo"), (Multimodal, "mdpo")):
+        with pytest.raises(ValueError, match=rf"{family.__name__}: unknown loss_type 'nope'; use one of \[.*'{known}'"):
+            family(backbone=BACKBONE, loss_type="nope")
+    for family in (ReferenceFree, Multimodal):
+        with pytest.warns(DeprecationWarning, match=r"`loss: nope` is deprecated; write `loss_type: nope`"), \
+                pytest.raises(ValueError, match=rf"{family.__name__}: unknown loss_type 'nope'"):
+            family(backbone=BACKBONE, loss="nope")
+
+
+def test_the_former_loss_key_loads_as_loss_type():
+    with pytest.warns(DeprecationWarning, match="`loss: copo` is deprecated"):
+        module = Multimodal(backbone=BACKBONE, loss="copo")
+    assert module.hparams.loss_type == "copo" and module.hparams.loss is None
+    assert module.reference_views == ("chosen", "chosen_mprime")
+    with pytest.raises(ValueError, match="disagree"), pytest.warns(DeprecationWarning):
+        ReferenceFree(backbone=BACKBONE, loss="orpo", loss_type="cpo")
 
 
 def test_reference_free_rewards_are_length_normalised(batch):
-    module = build(ReferenceFree, loss="simpo", beta=2.0, gamma=0.5)
+    module = build(ReferenceFree, loss_type="simpo", beta=2.0, gamma=0.5)
     perturb(module)
     _, metrics = module.compute_loss(batch)
     logps = module.policy.logps(batch, ("chosen", "rejected"))
@@ -194,7 +208,7 @@ def test_reference_free_rewards_are_length_normalised(batch):
 
 
 def test_copo_term_uses_mprime(batch):
-    module = build(Multimodal, loss="copo", beta=0.5)
+    module = build(Multimodal, loss_type="copo", beta=0.5)
     perturb(module)
 
     def run(b):
@@ -218,7 +232,7 @@ def test_copo_term_uses_mprime(batch):
 
 def test_mdpo_is_the_weighted_sum_of_its_separate_terms(batch):
     weights = {"dpo_weight": 0.5, "copo_weight": 2.0, "anchor_weight": 0.3}
-    module = build(Multimodal, loss="mdpo", beta=0.5, delta=0.1, **weights)
+    module = build(Multimodal, loss_type="mdpo", beta=0.5, delta=0.1, **weights)
     perturb(module)
     loss, metrics = module.compute_loss(batch)
     # recompute each term on its own, from separately scored views
@@ -245,7 +259,7 @@ def test_mdpo_is_the_weighted_sum_of_its_separate_terms(batch):
 
 
 def test_targeted_mixes_dpo_and_copo_per_pair(batch):
-    module = build(Multimodal, loss="targeted", beta=0.5)
+    module = build(Multimodal, loss_type="targeted", beta=0.5)
     perturb(module)
     image = batch.image_rejected
     assert module.views_for(batch) == ("chosen", "rejected", "chosen_mprime")

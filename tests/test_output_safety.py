@@ -47,7 +47,7 @@ def fit(root: Path, data: dict, *args: str, method: str = "dpo", max_file_bytes:
              "init_args": {"dirpath": str(ckpt), "save_last": True, "save_top_k": 0, "last_every_n_steps": 1}}
     run = root / "run.yaml"
     run.write_text(json.dumps({"trainer": {"callbacks": [saver], "logger": False}}))
-    return cli(root, "fit", "--config", str(REPO / f"configs/methods/{method}.yaml"), "--config",
+    return cli(root, "fit", "--config", str(REPO / f"configs/formulations/{method}.yaml"), "--config",
                str(REPO / "configs/backbones/demo.yaml"), "--config", str(run), "--data.init_args.demo=false",
                f"--data.init_args.train_file={data['train']}", f"--data.init_args.val_file={data['val']}",
                "--data.init_args.batch_size=4", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",

@@ -46,11 +46,11 @@ def test_image_only_pairs_under_a_text_loss_are_refused_naming_them(demo_dir, tm
     with pytest.raises(ValueError, match="8 of 8 pairs carry no preference signal for DPO") as info:
         setup(path, dpo, tiny_processor)
     assert "synth-train-00000" in str(info.value) and "skip_invalid" in str(info.value)
-    for module in (ReferenceFree(loss="simpo"), KTO()):
+    for module in (ReferenceFree(loss_type="simpo"), KTO()):
         with pytest.raises(ValueError, match="no preference signal"):
             setup(path, module.pair_needs, tiny_processor)
     # the same file is what CoPO, mDPO and MMedPO learn from; SFT needs no difference at all
-    for module in (Multimodal(loss="copo"), Multimodal(loss="mdpo"), MMedPO(), SFT()):
+    for module in (Multimodal(loss_type="copo"), Multimodal(loss_type="mdpo"), MMedPO(), SFT()):
         assert len(setup(path, module.pair_needs, tiny_processor).datasets["train"]) == 8
 
 
@@ -67,7 +67,7 @@ def test_an_mprime_equal_to_m_gives_copo_nothing(demo_dir, tmp_path, tiny_proces
             r["rejected_image"] = r["image"]
     path = paper_file(demo_dir, tmp_path, "same.json", same_image)
     with pytest.raises(ValueError, match="3 of 8 pairs carry no preference signal for CoPO") as info:
-        setup(path, Multimodal(loss="copo").pair_needs, tiny_processor)
+        setup(path, Multimodal(loss_type="copo").pair_needs, tiny_processor)
     assert "m' is absent or equals m" in str(info.value)
     # on-the-fly corruption makes an m' that differs
     def no_mprime(r, i):
@@ -76,8 +76,8 @@ def test_an_mprime_equal_to_m_gives_copo_nothing(demo_dir, tmp_path, tiny_proces
         r["pair_type"] = "image"  # m' comes from data.corruption
     path = paper_file(demo_dir, tmp_path, "none.json", no_mprime)
     with pytest.raises(Exception, match="rejected_image.*CoPO scores the chosen answer on a corrupted image"):
-        setup(path, Multimodal(loss="copo").pair_needs, tiny_processor)  # no m' and no corruption
-    assert len(setup(path, Multimodal(loss="copo").pair_needs, tiny_processor, corruption="crop").datasets["train"]) == 8
+        setup(path, Multimodal(loss_type="copo").pair_needs, tiny_processor)  # no m' and no corruption
+    assert len(setup(path, Multimodal(loss_type="copo").pair_needs, tiny_processor, corruption="crop").datasets["train"]) == 8
 
 
 def test_a_missing_mprime_is_named_at_setup_not_at_step_98(demo_dir, tmp_path, tiny_processor):
@@ -87,7 +87,7 @@ def test_a_missing_mprime_is_named_at_setup_not_at_step_98(demo_dir, tmp_path, t
     dm = setup(path, DPO().pair_needs, tiny_processor)
     batch = next(iter(dm.train_dataloader()))
     assert batch.rejected_images is None  # DPO never scores m': not even opened
-    for module in (Multimodal(loss="mdpo"), MMedPO()):
+    for module in (Multimodal(loss_type="mdpo"), MMedPO()):
         with pytest.raises(Exception, match="synth-train-00002.*rejected_image.*scores"):
             setup(path, module.pair_needs, tiny_processor)
     dm = setup(path, MMedPO().pair_needs, tiny_processor, skip_invalid=True)
@@ -101,6 +101,6 @@ def test_targeted_checks_each_pair_by_its_type(demo_dir, tmp_path, tiny_processo
         else:
             r.pop("rejected_image")  # text pairs need no m'
     path = paper_file(demo_dir, tmp_path, "targeted.json", mix)
-    dm = setup(path, Multimodal(loss="targeted").pair_needs, tiny_processor)
+    dm = setup(path, Multimodal(loss_type="targeted").pair_needs, tiny_processor)
     batch = next(iter(dm.train_dataloader()))
     assert batch.has_mprime.tolist() == batch.image_rejected.tolist()  # m' exactly for the image pairs

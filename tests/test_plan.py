@@ -32,7 +32,7 @@ def data_args(demo_dir) -> list[str]:
 def test_the_plan_is_within_20_percent_of_a_measured_training_step(demo_dir, extra):
     from plan_accuracy import measure
 
-    result = measure(["configs/methods/dpo.yaml", "configs/backbones/demo.yaml"],
+    result = measure(["configs/formulations/dpo.yaml", "configs/backbones/demo.yaml"],
                      [*data_args(demo_dir), "--data.init_args.batch_size=4", *extra])
     assert result["measured_peak_mib"] > 0
     assert 0.8 <= result["ratio"] <= 1.2, result
@@ -72,7 +72,7 @@ def test_activations_grow_with_the_rows_and_checkpointing_keeps_less(tiny_config
 
 
 def test_plan_command_reads_the_fit_configs():
-    proc = run_cli("plan", "--config", "configs/methods/mdpo.yaml", "--config", "configs/backbones/demo.yaml",
+    proc = run_cli("plan", "--config", "configs/formulations/mdpo.yaml", "--config", "configs/backbones/demo.yaml",
                    "--strategy", "fsdp2", "--devices", "2", "--gpu_gib", "1", "--json", "true")
     r = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert r["module"] == "Multimodal" and r["views"] == ["chosen", "rejected", "chosen_mprime"]
@@ -96,7 +96,7 @@ def test_plan_command_refuses_a_backbone_it_cannot_find(capsys):
     from lightning_meddpo.cli import main
 
     with pytest.raises(SystemExit) as exit:
-        main(["plan", "--config", "configs/methods/dpo.yaml", "--config", "configs/backbones/llava_med.yaml"])
+        main(["plan", "--config", "configs/formulations/dpo.yaml", "--config", "configs/backbones/llava_med.yaml"])
     assert exit.value.code == 2
     assert "/path/to/llava-med-v1.5-mistral-7b-hf: no such directory" in capsys.readouterr().err
 

@@ -50,9 +50,9 @@ def fit(module, dm, steps=2, ckpt_path=None, default_root_dir=None):
     return trainer
 
 
-@pytest.mark.parametrize("cls, kwargs", [(DPO, {}), (Multimodal, {"loss": "mdpo"}), (Multimodal, {"loss": "targeted"})])
+@pytest.mark.parametrize("cls, kwargs", [(DPO, {}), (Multimodal, {"loss_type": "mdpo"}), (Multimodal, {"loss_type": "targeted"})])
 def test_trains_as_a_frozen_copy(tmp_path, data, mixed, cls, kwargs):
-    data = mixed if kwargs.get("loss") == "targeted" else data
+    data = mixed if kwargs.get("loss_type") == "targeted" else data
     runs = {}
     for reference in ("copy", "precomputed"):
         torch.manual_seed(0)
@@ -155,7 +155,7 @@ def test_refused_where_it_cannot_be_right(tmp_path, data):
     train = tmp_path / "train.json"
     train.write_text(json.dumps(records))
     shutil.copytree(data["images"], tmp_path / "images")
-    module = Multimodal(loss="copo", reference="precomputed", reference_cache_dir=str(tmp_path / "cache"))
+    module = Multimodal(loss_type="copo", reference="precomputed", reference_cache_dir=str(tmp_path / "cache"))
     dm = PreferenceDataModule(str(train), str(train), batch_size=4, processor=module.processor, corruption="crop")
     with pytest.raises(ValueError, match="new corruption every epoch"):
         fit(module, dm)
@@ -165,7 +165,7 @@ def test_refused_where_it_cannot_be_right(tmp_path, data):
 def test_two_processes_compute_their_shards(tmp_path):
     """FSDP2 over 2 CPU processes: each rank scores its shard, every rank gets the whole table."""
     cache = tmp_path / "cache"
-    cmd = [sys.executable, "-m", "lightning_meddpo", "fit", "--config", str(ROOT / "configs/methods/dpo.yaml"), "--config", str(ROOT / "configs/backbones/demo.yaml"),
+    cmd = [sys.executable, "-m", "lightning_meddpo", "fit", "--config", str(ROOT / "configs/formulations/dpo.yaml"), "--config", str(ROOT / "configs/backbones/demo.yaml"),
            "--config", str(ROOT / "configs/strategies/fsdp2.yaml"), "--trainer.devices=2", "--trainer.max_steps=2",
            "--model.init_args.reference=precomputed", f"--model.init_args.reference_cache_dir={cache}",
            "--data.init_args.demo", "{n_train: 16, n_val: 8, n_test: 4}",

@@ -36,7 +36,7 @@ def test_build_pairs_then_fit_the_targeted_mix(tmp_path, demo_dir):
     rows = [{**q, "image": q["image"].removeprefix("images/")} for q in questions]
     (tmp_path / "vqa_rad_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     build, fit = readme_commands("python -m lightning_meddpo build-pairs")[0], readme_commands(
-        "python -m lightning_meddpo fit --config configs/methods/targeted.yaml --config configs/backbones/demo.yaml")[0]
+        "python -m lightning_meddpo fit --config configs/formulations/targeted.yaml --config configs/backbones/demo.yaml")[0]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for command in (build, fit):
         proc = subprocess.run([sys.executable, *command[1:]], cwd=tmp_path, env=env, capture_output=True, text=True,

@@ -44,7 +44,7 @@ def data(tmp_path):
 
 def fit(root: Path, data: dict, name: str) -> subprocess.CompletedProcess:
     """One step of DPO with the precomputed reference, in file order; its logs under root/runs/<name>."""
-    cmd = [sys.executable, "-m", "lightning_meddpo", "fit", "--config", str(REPO / "configs/methods/dpo.yaml"),
+    cmd = [sys.executable, "-m", "lightning_meddpo", "fit", "--config", str(REPO / "configs/formulations/dpo.yaml"),
            "--config", str(REPO / "configs/backbones/demo.yaml"), "--data.init_args.demo=false",
            f"--data.init_args.train_file={data['train']}", f"--data.init_args.val_file={data['val']}",
            "--data.init_args.batch_size=4", "--data.init_args.shuffle=false", "--trainer.max_steps=1",
@@ -118,7 +118,7 @@ def test_duplicate_ids_in_one_file_are_refused_before_anything_is_computed(tmp_p
     records = json.loads(data["train"].read_text())
     records[5]["id"] = records[2]["id"]
     data["train"].write_text(json.dumps(records))
-    cmd = [sys.executable, "-m", "lightning_meddpo", "fit", "--config", str(REPO / "configs/methods/dpo.yaml"),
+    cmd = [sys.executable, "-m", "lightning_meddpo", "fit", "--config", str(REPO / "configs/formulations/dpo.yaml"),
            "--config", str(REPO / "configs/backbones/demo.yaml"), "--data.init_args.demo=false",
            f"--data.init_args.train_file={data['train']}", f"--data.init_args.val_file={data['val']}",
            "--trainer.max_steps=1", "--trainer.logger=false", "--model.init_args.reference=precomputed",

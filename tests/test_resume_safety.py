@@ -30,7 +30,7 @@ def data(tmp_path_factory):
 
 
 def fit(root: Path, *args: str, method: str = "dpo") -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "lightning_meddpo", "fit", "--config", str(REPO / f"configs/methods/{method}.yaml"),
+    cmd = [sys.executable, "-m", "lightning_meddpo", "fit", "--config", str(REPO / f"configs/formulations/{method}.yaml"),
            "--config", str(REPO / "configs/backbones/demo.yaml"), "--data.init_args.demo=false",
            "--data.init_args.batch_size=4", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
            "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={root / 'runs'}", *args]

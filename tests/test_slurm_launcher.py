@@ -22,7 +22,7 @@ def benchmark(out_dir: Path, capsys) -> str:
     """The runner, in this process (through the CLI's parser and dispatch): what it printed."""
     args = [
         f"--out_dir={out_dir}", "--backbone=configs/backbones/demo.yaml",
-        '--formulations={"dpo": "configs/methods/dpo.yaml", "ipo": "configs/methods/ipo.yaml"}', "--baseline=dpo",
+        '--formulations={"dpo": "configs/formulations/dpo.yaml", "ipo": "configs/formulations/ipo.yaml"}', "--baseline=dpo",
         "--seeds=[0]", "--bootstrap=50", "--plots=false", '--trainer={"max_steps": 2, "log_every_n_steps": 1}',
         '--demo_sizes={"n_train": 16, "n_val": 4, "n_test": 4}', "--eval.args=[--data.init_args.generation.max_new_tokens=2]",
         "--launcher=slurm", f"--slurm={json.dumps(SLURM)}",

@@ -12,7 +12,7 @@ from tests.conftest import REPO, small_demo_args
 
 def test_step_time_script_reports_timing_and_memory(demo_dir, tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "step_time.py"), "--config", "configs/methods/dpo.yaml", "--config", "configs/backbones/demo.yaml",
+        [sys.executable, str(REPO / "benchmarks" / "step_time.py"), "--config", "configs/formulations/dpo.yaml", "--config", "configs/backbones/demo.yaml",
          "--steps", "4", "--warmup", "1", "--", *small_demo_args(demo_dir, tmp_path)],
         cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)},
     )

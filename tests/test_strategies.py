@@ -25,7 +25,7 @@ DEMO_SIZE = "{n_train: 32, n_val: 16, n_test: 16}"
 def cli(tmp_path: Path, *args: str, timeout: int = 300) -> str:
     data = tmp_path / "data"
     cmd = [
-        sys.executable, "-m", "lightning_meddpo", "fit", "--config", str(ROOT / "configs/methods/dpo.yaml"), "--config", str(ROOT / "configs/backbones/demo.yaml"), *args,
+        sys.executable, "-m", "lightning_meddpo", "fit", "--config", str(ROOT / "configs/formulations/dpo.yaml"), "--config", str(ROOT / "configs/backbones/demo.yaml"), *args,
         "--data.init_args.demo", DEMO_SIZE,
         "--data.init_args.train_file", str(data / "train.json"),
         "--data.init_args.val_file", str(data / "val.json"),
@@ -98,7 +98,7 @@ def test_ddp_two_processes_save_resume(tmp_path):
 
 def test_fsdp_configs_parse(tmp_path):
     """fsdp.yaml (FSDPStrategy, GPU only) layered after a run config: the layer classes resolve."""
-    cmd = [sys.executable, "-m", "lightning_meddpo", "fit", "--config", str(ROOT / "configs/methods/dpo.yaml"), "--config", str(ROOT / "configs/backbones/demo.yaml"),
+    cmd = [sys.executable, "-m", "lightning_meddpo", "fit", "--config", str(ROOT / "configs/formulations/dpo.yaml"), "--config", str(ROOT / "configs/backbones/demo.yaml"),
            "--config", str(ROOT / "configs/strategies/fsdp.yaml"), "--print_config"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)

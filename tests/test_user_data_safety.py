@@ -66,11 +66,11 @@ def test_demo_files_must_be_the_demos_own(tmp_path):
 
 
 def test_demo_config_pointed_at_user_data_stops_and_touches_nothing(tmp_path):
-    """`fit --config configs/methods/dpo.yaml --config configs/backbones/demo.yaml --data.init_args.train_file=MY/train.json` must not regenerate MY/."""
+    """`fit --config configs/formulations/dpo.yaml --config configs/backbones/demo.yaml --data.init_args.train_file=MY/train.json` must not regenerate MY/."""
     folder = user_folder(tmp_path)
     before = digest(folder)
     proc = subprocess.run(
-        [sys.executable, "-m", "lightning_meddpo", "fit", "--config", "configs/methods/dpo.yaml", "--config", "configs/backbones/demo.yaml",
+        [sys.executable, "-m", "lightning_meddpo", "fit", "--config", "configs/formulations/dpo.yaml", "--config", "configs/backbones/demo.yaml",
          f"--data.init_args.train_file={folder / 'train.json'}", f"--trainer.default_root_dir={tmp_path / 'runs'}",
          f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}", "--trainer.max_steps=1"],
         cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)},

@@ -1,9 +1,9 @@
 """`python -m lightning_meddpo benchmark --config configs/benchmark/demo.yaml`: a grid of formulations,
 trained and evaluated under identical conditions, over several seeds, compared in one table.
 
-For each formulation (its fit configs: a method, e.g. configs/methods/dpo.yaml, then the grid's `backbone`,
+For each formulation (its fit configs: a formulation config, e.g. configs/formulations/dpo.yaml, then the grid's `backbone`,
 e.g. configs/backbones/demo.yaml, then any overlays it lists) and each seed in `seeds` the runner
-1. fits it as a subprocess (`python -m lightning_meddpo fit --config METHOD --config BACKBONE ...`) with the overrides every
+1. fits it as a subprocess (`python -m lightning_meddpo fit --config FORMULATION --config BACKBONE ...`) with the overrides every
    run shares: the seed (`seed_everything` and the data's shuffle/corruption seed), the trainer budget
    (`trainer:`), the data options (`data:`) and, for configs that build the synthetic demo data, the demo
    sizes (`demo_sizes:`), then `fit_args` and the formulation's own `formulation_args` (its data, or its
@@ -19,7 +19,7 @@ e.g. configs/backbones/demo.yaml, then any overlays it lists) and each seed in `
 
 With `start_from: sft`, that formulation runs first (per seed, with `start_run_args`) and every other run
 of the seed starts from its final weights (`model.init_args.init_from`, so the reference model is that
-SFT model too), with `start_from_args` added: the paper's protocol, where every preference method starts
+SFT model too), with `start_from_args` added: the paper's protocol, where every preference formulation starts
 from one instruction-tuned model. A refit of the start run redoes the runs that started from it.
 
 Then commands/report.py compares them: per metric the mean over seeds and questions with a 95% bootstrap
@@ -75,7 +75,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--backbone", type=str | None, default=None,
                    help="the backbone config every formulation is stacked on (configs/backbones/*.yaml)")
     p.add_argument("--formulations", type=dict[str, str | list[str]], required=True,
-                   help="name -> its method config, or [method, overlays...] (the backbone goes between them; "
+                   help="name -> its formulation config, or [formulation, overlays...] (the backbone goes between them; "
                         "paths relative to the current directory, else to the repository)")
     p.add_argument("--baseline", type=str | None, default="sft", help="formulation the differences are taken to")
     p.add_argument("--start_from", type=str | None, default=None,
@@ -218,7 +218,7 @@ class Runner:
         return {SINGLE_EVAL: {"config": a.eval.config, "test_file": test_file, "args": []}}
 
     def configs(self, name: str) -> list[Path]:
-        """The fit configs of a formulation in stacking order: its method, the grid's backbone, its overlays."""
+        """The fit configs of a formulation in stacking order: its formulation config, the grid's backbone, its overlays."""
         own = self.args.formulations[name]
         own = [own] if isinstance(own, str) else list(own)
         paths = own[:1] + ([self.args.backbone] if self.args.backbone else []) + own[1:]

@@ -91,7 +91,9 @@ def module_spec(checkpoint: dict[str, Any], config: str | None) -> tuple[str, di
     if not class_path.startswith("lightning_meddpo.modules."):
         raise ValueError(f"the checkpoint names the module class {class_path!r}, not one of lightning_meddpo.modules: "
                          "it is not imported from a checkpoint; pass --config with the run's config.yaml")
-    args = {k: v for k, v in hparams.items() if not k.startswith("_")}
+    from lightning_meddpo.modules.settings import upgraded
+
+    args = upgraded({k: v for k, v in hparams.items() if not k.startswith("_")})
     args["trust_remote_code"] = False  # never switched on by a file: only by --trust-remote-code
     return class_path, args
 

@@ -1,6 +1,6 @@
 """`python -m lightning_meddpo plan`: the GPU memory a fit config needs per device, before launching it.
 
-    python -m lightning_meddpo plan --config configs/methods/dpo.yaml --config configs/backbones/llava_med.yaml \\
+    python -m lightning_meddpo plan --config configs/formulations/dpo.yaml --config configs/backbones/llava_med.yaml \\
         --shape llava_med_7b --strategy fsdp --devices 8 --gpu_gib 80
 
 Reads the same config files as `fit` (later files override earlier ones, key by key) for the module (its
@@ -35,7 +35,7 @@ def build_parser() -> ArgumentParser:
                        description="The GPU memory a fit config needs per device (built on the meta device: no "
                                    "weights, no GPU), and the largest batch that fits.")
     p.add_argument("--config", action="append", default=[], help="a fit config file; repeat it in the order fit "
-                   "takes them (--config configs/methods/dpo.yaml --config configs/backbones/llava_med.yaml)")
+                   "takes them (--config configs/formulations/dpo.yaml --config configs/backbones/llava_med.yaml)")
     p.add_argument("--shape", type=str | None, default=None, help="plan a published backbone by its dimensions: "
                    "llava_med_7b or huatuo_7b (instead of the config's backbone directory)")
     p.add_argument("--backbone", type=str | None, default=None, help="a model directory (config.json is enough)")
@@ -78,8 +78,8 @@ def module_class(class_path: str | None):
 
 
 def planned_views(cls, init_args: dict) -> tuple[str, ...]:
-    """The views a step scores: the family's, or for Multimodal those of its loss on a batch with m'."""
-    loss = init_args.get("loss")
+    """The views a step scores: the family's, or for Multimodal those of its formulation on a batch with m'."""
+    loss = init_args.get("loss_type") or init_args.get("loss")
     if cls.__name__ == "Multimodal":
         return ("chosen", "chosen_mprime") if loss == "copo" else ("chosen", "rejected", "chosen_mprime")
     return tuple(cls.views)
@@ -115,8 +115,8 @@ def image_tokens(config) -> int | None:
 
 def workload_for(views: tuple[str, ...], packed: bool, prompt: int, response: int):
     """Workload(batch) for pairs of `prompt` tokens and responses of `response` tokens (plan.Workload)."""
-    from lightning_meddpo.plan import Workload
     from lightning_meddpo.data.rows import VIEWS
+    from lightning_meddpo.plan import Workload
 
     sides: dict[str, int] = {}
     for v in views:

@@ -17,7 +17,12 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from lightning_meddpo.data.records import RecordError, Turn, parse_turns, relative_image_path
+from lightning_meddpo.data.records import (
+    RecordError,
+    Turn,
+    parse_turns,
+    relative_image_path,
+)
 
 Kind = Literal["vqa", "report", "conversation"]
 ID_FIELDS = ("question_id", "id", "study_id")

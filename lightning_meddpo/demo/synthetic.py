@@ -2,7 +2,7 @@
 
 Why: the demo and the test suite need preference data that runs offline in seconds and where a
 model can only be right by *looking at the image*: every answer (lesion present, lesion side,
-modality, organ) is decided by what is drawn, so a preference method that ignores the image cannot
+modality, organ) is decided by what is drawn, so a preference formulation that ignores the image cannot
 beat chance, and image-side terms (CoPO, mDPO, MMedPO, the targeted mix) have a meaningful
 corrupted image to contrast with.
 

@@ -19,7 +19,7 @@ from lightning_meddpo.modules.dpo import (
     logps_metrics,
     reward_metrics,
 )
-from lightning_meddpo.modules.settings import check_beta, check_choice
+from lightning_meddpo.modules.settings import check_beta, check_choice, renamed_key
 from lightning_meddpo.policy import Scores
 
 
@@ -27,7 +27,8 @@ class Multimodal(PreferenceModule):
     """Preference terms on the image: the same chosen answer should be likelier under m than under m'.
 
     Args:
-        loss: "copo": -log sigma(beta (h(y_w,m) - h(y_w,m'))) alone;
+        loss_type: the formulation (`loss`, its former name, still loads with a warning).
+            "copo": -log sigma(beta (h(y_w,m) - h(y_w,m'))) alone;
             "mdpo": dpo_weight * DPO + copo_weight * CoPO + anchor_weight * anchor, each term computed
             separately and combined with `losses.combine`;
             "targeted": the paper's mix: each pair is a text-rejected pair (DPO term, on m) or an
@@ -45,22 +46,25 @@ class Multimodal(PreferenceModule):
 
     def __init__(
         self,
-        loss: str = "mdpo",
+        loss_type: str = "mdpo",
         beta: float = 0.1,
         dpo_weight: float = 1.0,
         copo_weight: float = 1.0,
         anchor_weight: float = 1.0,
         delta: float = 0.0,
+        loss: str | None = None,
         **kwargs,
     ):
-        check_choice("Multimodal", "loss", loss, OBJECTIVES)
+        loss_type = renamed_key("Multimodal", "loss", loss, "loss_type", loss_type, "mdpo")
+        loss = None  # saved as loss_type only
+        check_choice("Multimodal", "loss_type", loss_type, FORMULATIONS)
         check_beta(beta)
         super().__init__(**kwargs)
         self.save_hyperparameters()
 
     @property
     def pair_needs(self) -> PairNeeds:
-        loss = self.hparams.loss
+        loss = self.hparams.loss_type
         if loss == "copo":
             return PairNeeds("CoPO", signal="image", mprime="always")
         if loss == "mdpo":
@@ -69,13 +73,13 @@ class Multimodal(PreferenceModule):
 
     @property
     def reference_views(self) -> tuple[str, ...]:
-        if self.hparams.loss == "copo":
+        if self.hparams.loss_type == "copo":
             return ("chosen", "chosen_mprime")
         return ("chosen", "rejected", "chosen_mprime")
 
     def views_for(self, batch: PreferenceBatch) -> tuple[str, ...]:
         """The views this loss needs for this batch ("chosen_mprime" only for image-side terms)."""
-        loss = self.hparams.loss
+        loss = self.hparams.loss_type
         if loss == "copo":
             return ("chosen", "chosen_mprime")
         if loss == "mdpo":
@@ -90,8 +94,8 @@ class Multimodal(PreferenceModule):
 
     def compute_loss(self, batch: PreferenceBatch) -> tuple[Tensor, dict[str, Tensor]]:
         h = self.hparams
-        self.require_mprime(batch, _image_rejected(batch) if h.loss == "targeted" else None)
-        per_pair, metrics = OBJECTIVES[h.loss](batch, self.policy.score(batch, self.views_for(batch)), h)
+        self.require_mprime(batch, _image_rejected(batch) if h.loss_type == "targeted" else None)
+        per_pair, metrics = FORMULATIONS[h.loss_type](batch, self.policy.score(batch, self.views_for(batch)), h)
         return per_pair.mean(), metrics
 
 
@@ -142,7 +146,7 @@ def targeted(batch: PreferenceBatch, s: Scores, h) -> tuple[Tensor, dict[str, Te
     return combine(terms, {"dpo": h.dpo_weight, "copo": h.copo_weight}), metrics
 
 
-OBJECTIVES = {"copo": copo, "mdpo": mdpo, "targeted": targeted}  # each: (batch, scores, hparams) -> (per pair, metrics)
+FORMULATIONS = {"copo": copo, "mdpo": mdpo, "targeted": targeted}  # each: (batch, scores, hparams) -> (per pair, metrics)
 
 
 def _image_rejected(batch: PreferenceBatch) -> Tensor:

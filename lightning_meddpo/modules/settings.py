@@ -102,9 +102,35 @@ class ModuleSettings:
             raise ValueError(f"lr_schedule must be cosine, linear or constant, got {self.optimizer.schedule!r}")
 
 
+RENAMED_KEYS = {"loss": "loss_type"}  # a deprecated init argument -> the one key for its setting
+
+
+def renamed_key(family: str, old_key: str, old_value, new_key: str, new_value, default):
+    """The value of `new_key`, taking a deprecated `old_key` (configs and checkpoints that still say it) with a
+    warning; both given with different values is an error."""
+    if old_value is None:
+        return new_value
+    warnings.warn(f"{family}: `{old_key}: {old_value}` is deprecated; write `{new_key}: {old_value}` (one key chooses "
+                  "the formulation in every family)", DeprecationWarning, stacklevel=3)
+    if new_value != default and new_value != old_value:
+        raise ValueError(f"{family}: `{old_key}: {old_value}` and `{new_key}: {new_value}` disagree; give {new_key} only")
+    return old_value
+
+
+def upgraded(hparams: dict) -> dict:
+    """Saved hyper-parameters under today's keys (a checkpoint that says `loss: copo` says `loss_type: copo`)."""
+    out = dict(hparams)
+    for old, new in RENAMED_KEYS.items():
+        if out.get(old) is not None:
+            out[new] = out.pop(old)
+        else:
+            out.pop(old, None)
+    return out
+
+
 def check_choice(family: str, key: str, value: str, known) -> None:
-    """Every family chooses its objective by one name from its own table (DPO: losses.DPO_LOSS_TYPES by
-    `loss_type`; ReferenceFree and Multimodal: their OBJECTIVES by `loss`), checked at construction."""
+    """Every family chooses its formulation by one key, `loss_type`, from its own table (DPO: losses.DPO_LOSS_TYPES,
+    TRL's names; ReferenceFree and Multimodal: their FORMULATIONS), checked at construction."""
     if value not in known:
         raise ValueError(f"{family}: unknown {key} {value!r}; use one of {sorted(known)}")
 
