@@ -1,6 +1,6 @@
 """LLaVA (`LlavaForConditionalGeneration`): a CLIP tower, a projector, a Llama / Mistral / Qwen2 language model.
 
-LLaVA-Med v1.5 and HuatuoGPT-Vision v1 are LLaVA models once converted (commands/convert.py). The prompt carries
+LLaVA-Med v1.5 and HuatuoGPT-Vision v1 are LLaVA models once converted (llava_convert.py, the `convert` program). The prompt carries
 the processor's `<image>` token, which the processor expands to the image's tokens.
 """
 
