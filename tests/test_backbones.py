@@ -44,3 +44,27 @@ def test_module_takes_an_hf_directory_as_backbone(tmp_path):
 def test_missing_backbone_is_a_clear_error(tmp_path):
     with pytest.raises(OSError):
         load_processor(str(tmp_path / "does-not-exist"))
+
+
+def test_a_checkpoint_without_a_chat_template_gets_its_familys_default(tmp_path):
+    """Qwen-VL's adapter names ChatML; a LLaVA has none to assume (its text model decides), so naming one is asked."""
+    import json
+    import shutil
+
+    from lightning_meddpo.backbones.loader import resolve_backbone
+    from lightning_meddpo.backbones.templates import get_chat_template
+
+    for name in ("tiny://qwen2_vl", "tiny://llama"):
+        bare = tmp_path / name.removeprefix("tiny://")
+        shutil.copytree(resolve_backbone(name), bare)
+        (bare / "chat_template.jinja").unlink(missing_ok=True)
+        for f in bare.glob("*.json"):
+            text = f.read_text()
+            if '"chat_template"' in text:
+                data = json.loads(text)
+                data.pop("chat_template", None)
+                f.write_text(json.dumps(data))
+    processor = load_processor(str(tmp_path / "qwen2_vl"))
+    assert processor.tokenizer.chat_template == get_chat_template("qwen2_vl")
+    with pytest.raises(ValueError, match="has no chat template; set `chat_template`"):
+        load_processor(str(tmp_path / "llama"))

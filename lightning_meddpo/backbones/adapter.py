@@ -2,8 +2,8 @@
 
 A `Backbone` answers where the family keeps its parts (vision tower, projector, language model, LM head), how
 its image encoder is called (which processor outputs it takes), its position ids where they are not 0..n
-(Qwen-VL's 3-D rope), the LoRA exclude rule, the layer classes FSDP2 shards and checkpointing wraps, the prompt's
-image placeholder, weights the forward never uses, and how its processor loads and saves. The policy, the
+(Qwen-VL's 3-D rope), the LoRA exclude rule, the layer classes FSDP2 shards, the prompt's image placeholder and
+default chat template, weights the forward never uses, and how its processor loads and saves. The policy, the
 builder, FSDP2, `plan` and the data layer ask the adapter of a model (`adapter_for`) or of a processor's image
 token (`placeholder_for`); nothing outside backbones/ names a family's classes.
 
@@ -41,6 +41,7 @@ class Backbone:
     image_inputs: tuple[str, ...] = ()  # processor outputs besides pixel_values that the image encoder takes
     image_token: str | None = None  # the processor's image token, by which a processor is recognised
     image_placeholder: str | None = None  # what a prompt carries for one image (default: the image token)
+    chat_template: str | None = None  # our template (backbones/templates.py) for a checkpoint that has none
     published: dict[str, Callable[[], object]] = {}  # released dimensions by name: () -> a transformers config
 
     @property

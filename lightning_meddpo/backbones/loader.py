@@ -49,20 +49,22 @@ def model_type(path: str, trust_remote_code: bool = False) -> str | None:
         return None
 
 
-def _auto_processor(path: str, trust_remote_code: bool) -> ProcessorMixin:
-    return adapter_for_type(model_type(path, trust_remote_code)).load_processor(path, trust_remote_code=trust_remote_code)
-
-
 def load_processor(
     name_or_path: str, *, chat_template: str | None = None, trust_remote_code: bool = False
 ) -> ProcessorMixin:
-    """The backbone's processor; `chat_template` names one of ours to override the checkpoint's."""
-    processor = _auto_processor(resolve_backbone(name_or_path), trust_remote_code)
-    if chat_template is not None:
-        template = get_chat_template(chat_template)
+    """The backbone's processor, loaded by its family's adapter; `chat_template` names one of ours to override the
+    checkpoint's. A checkpoint without a template gets its family's default where the family has one (Qwen-VL:
+    ChatML); else naming one is required."""
+    path = resolve_backbone(name_or_path)
+    adapter = adapter_for_type(model_type(path, trust_remote_code))
+    processor = adapter.load_processor(path, trust_remote_code=trust_remote_code)
+    has_own = getattr(processor.tokenizer, "chat_template", None) or getattr(processor, "chat_template", None)
+    name = chat_template or (None if has_own else adapter.chat_template)
+    if name is not None:
+        template = get_chat_template(name)
         processor.chat_template = template
         processor.tokenizer.chat_template = template
-    if getattr(processor.tokenizer, "chat_template", None) is None and getattr(processor, "chat_template", None) is None:
+    elif not has_own:
         raise ValueError(f"{name_or_path}: the processor has no chat template; set `chat_template` in the config")
     return processor
 

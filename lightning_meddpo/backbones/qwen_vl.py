@@ -20,6 +20,7 @@ class QwenVLBackbone(Backbone):
     image_inputs = ("image_grid_thw",)
     image_token = "<|image_pad|>"
     image_placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
+    chat_template = "qwen2_vl"  # ChatML, as Qwen-VL instruct models use
 
     def positions(self, core: nn.Module, rows, row_images: Callable[[], object]) -> Tensor:
         """Qwen-VL's 3-D rope positions for the rows, restarted after the prompt for every response.
