@@ -19,7 +19,7 @@ venv: $(VENV)/.installed
 
 demo: venv
 	$(PY) -m lightning_meddpo fit --config configs/formulations/dpo.yaml --config configs/backbones/demo.yaml \
-		--model.init_args.beta=0.5  # the demo's beta (configs/benchmark/demo.yaml); the method's is the paper's 0.1
+		--model.init_args.beta=0.5  # the demo's beta (configs/benchmark/demo.yaml); the formulation's is the paper's 0.1
 
 test: venv
 	$(PY) -m pytest -q
