@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-import lightning_meddpo.demo  # noqa: F401  (registers the demo's tiny:// backbones and data, registry.py)
+import lightning_meddpo.demo  # noqa: F401  (registers tiny:// and the demo data, installed or not: registry.py)
 from lightning_meddpo.llm import LLMError
 
 DEBUG_ENV = "LIGHTNING_MEDDPO_DEBUG"
