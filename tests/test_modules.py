@@ -398,3 +398,33 @@ def test_lr_schedules(schedule, at_3_of_10):
         scheduler.step()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(at_3_of_10)
     module._trainer = None
+
+
+def test_default_adamw_is_the_fused_kernel_and_makes_the_same_update():
+    """The default optimizer is torch's fused AdamW on CPU (HF Trainer's default, `adamw_torch_fused`): its update
+    equals the per-tensor AdamW's; parameters no fused kernel takes (meta) get the plain one."""
+    from types import SimpleNamespace
+
+    from lightning_meddpo.modules.wiring import has_fused_adamw
+
+    module = build(SFT, lr=1e-2, weight_decay=0.1, warmup_ratio=0.0)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=10)
+    optimizer = module.configure_optimizers()["optimizer"]
+    module._trainer = None
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.param_groups[0]["fused"] is True
+    assert not has_fused_adamw([torch.nn.Parameter(torch.zeros(2, device="meta"))])
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(2)]
+    copies = [torch.nn.Parameter(w.detach().clone()) for w in weights]
+    start = [w.detach().clone() for w in weights]
+    fused = torch.optim.AdamW(weights, lr=1e-2, weight_decay=0.1, fused=has_fused_adamw(weights))
+    plain = torch.optim.AdamW(copies, lr=1e-2, weight_decay=0.1)
+    for step in range(3):
+        for w, c in zip(weights, copies):
+            w.grad = torch.full_like(w, 0.5 - step)
+            c.grad = w.grad.clone()
+        fused.step()
+        plain.step()
+    for w, c, w0 in zip(weights, copies, start):
+        torch.testing.assert_close(w, c, rtol=1e-6, atol=1e-7)
+        assert (w - w0).abs().max() > 1e-3  # it moved

@@ -24,8 +24,15 @@ def default_callbacks(module) -> list:
     return [c for c in wanted if not any(isinstance(have, type(c)) for have in module.trainer.callbacks)]
 
 
+def has_fused_adamw(params: list[torch.nn.Parameter]) -> bool:
+    """torch has a fused AdamW for these parameters: floating point, on CPU or CUDA (DTensor shards included)."""
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+
+
 def optimizers(module, optimizer_factory=None, scheduler_factory=None) -> dict:
-    """AdamW + linear warmup and the schedule (the default), or the configured optimizer / scheduler."""
+    """AdamW + linear warmup and the schedule (the default), or the configured optimizer / scheduler. AdamW is
+    torch's fused kernel where the parameters' device has one (CPU, CUDA): the HF Trainer's default since torch 2.8
+    (`adamw_torch_fused`, what TRL trains with); the same update, one kernel instead of a dozen ops per tensor."""
     from transformers import (
         get_constant_schedule_with_warmup,
         get_cosine_schedule_with_warmup,
@@ -35,7 +42,7 @@ def optimizers(module, optimizer_factory=None, scheduler_factory=None) -> dict:
     s = module.settings.optimizer
     params = [p for p in module.policy.model.parameters() if p.requires_grad]
     if optimizer_factory is None:
-        optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, fused=has_fused_adamw(params))
     else:
         optimizer = optimizer_factory(params)
         for group in optimizer.param_groups:  # lr and weight_decay: one place for them, ours
