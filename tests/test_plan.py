@@ -92,6 +92,22 @@ def test_published_shapes_have_the_released_sizes():
     assert math.isclose(total / 1e9, 7.936, abs_tol=1e-3)  # Qwen2-7B + the same CLIP
 
 
+@pytest.mark.parametrize("backbone, shape", [("llava_med", "llava_med_7b"), ("huatuo", "huatuo_7b")])
+def test_paper_configs_train_the_language_model_only(capsys, backbone, shape):
+    """The paper's recipe (LLaVA's frozen CLIPVisionTower, its scripts' mm_projector_lr 0): the backbone configs
+    freeze the vision tower and the projector; what trains is the language model, LM head included."""
+    from lightning_meddpo.cli import main
+    from lightning_meddpo.plan import meta_model, published_config
+
+    main(["plan", "--config", "configs/formulations/dpo.yaml", "--config", f"configs/backbones/{backbone}.yaml",
+          "--shape", shape, "--json", "true"])
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["settings"]["freeze"] == ["vision_tower", "projector"]
+    model = meta_model(published_config(shape))
+    language = sum(p.numel() for p in model.model.language_model.parameters()) + model.lm_head.weight.numel()
+    assert plan["plain"]["trainable_parameters"] == language
+
+
 def test_plan_command_refuses_a_backbone_it_cannot_find(capsys):
     from lightning_meddpo.cli import main
 
