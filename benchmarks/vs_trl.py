@@ -21,10 +21,13 @@ Reported per side, as medians over repeats: the step time after `--warmup` steps
 from it, tokens = prompt + response of chosen and rejected, as TRL counts them), the end-to-end rate over
 the same steps with everything between them (data loading, collation, logging: wall time from the start
 of the first timed step to the end of the last), and the process's peak memory (CUDA max allocated on a
-GPU, else max RSS). The warmup steps are left out of both: the first step pays one-off costs (Lightning
+GPU, else max RSS), and of the step the seconds spent in the reference's log-probs (TRL's where the reference is
+a model of its own, i.e. not under LoRA). The warmup steps are left out of all: the first step pays one-off costs (Lightning
 creates its logged metrics there, ~0.25 s) that do not recur. Variants:
 
   dpo             full fine-tuning, reference = frozen copy          vs TRL DPOTrainer (ref_model copy)
+  dpo_paper       as dpo, vision tower and projector frozen on both    vs TRL DPOTrainer (ref_model copy)
+                  sides (the paper's recipe: the language model trains)
   dpo_lora        LoRA r=8 on every linear projection of the language  vs TRL DPOTrainer + peft LoRA, the same
                   model, reference = adapters disabled                 peft.LoraConfig (LORA below)
   dpo_precomputed full fine-tuning, reference computed before step 1 vs TRL online (TRL refuses a
@@ -58,7 +61,9 @@ SHAPES = {
     "tiny": {"image_size": 32, "patch_size": 16, "text_model": "llama"},
     "llava_med": {"image_size": 336, "patch_size": 14, "text_model": "mistral"},
 }
-VARIANTS = ("dpo", "dpo_lora", "dpo_precomputed", "mdpo")
+VARIANTS = ("dpo", "dpo_paper", "dpo_lora", "dpo_precomputed", "mdpo")
+# dpo_paper: the paper's full fine-tuning, the language model only (LLaVA's frozen CLIP tower, mm_projector_lr 0)
+PAPER_FROZEN = ["vision_tower", "projector"]
 # LoRA on both sides: every linear projection of the language model (LLaVA's recipe, find_all_linear_names), the
 # vision tower and projector excluded (LLaVA's too), through the same LoraSettings -> peft.LoraConfig.
 LORA = {"r": 8, "alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
@@ -136,13 +141,16 @@ def run_ours(args) -> dict:
     class Timer(L.Callback):
         def __init__(self):
             self.steps, self.losses, self.start = [], [], 0.0
+            self.reference = ReferenceClock()
 
         def on_train_start(self, trainer, pl_module):
             self.begin = time.perf_counter()  # setup (model, data, a precomputed reference) ends here
+            pl_module.policy.reference_logps = self.reference.around(pl_module.policy.reference_logps)
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             _sync()
             self.start = time.perf_counter()
+            self.reference.next_step()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             _sync()
@@ -165,6 +173,8 @@ def run_ours(args) -> dict:
     ]
     if args.variant == "dpo_lora":
         cli_args += [f"--model.init_args.lora={json.dumps(LORA)}"]
+    if args.variant == "dpo_paper":
+        cli_args += [f"--model.init_args.freeze=[{','.join(PAPER_FROZEN)}]"]
     if args.variant == "dpo_precomputed":
         cli_args += ["--model.init_args.reference=precomputed", f"--model.init_args.reference_cache_dir={out / 'cache'}"]
     if args.scoring:
@@ -180,7 +190,8 @@ def run_ours(args) -> dict:
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     result = _summary(timer.steps, args.warmup)
     result.update(first_loss=timer.losses[0], setup_seconds=timer.begin - start, peak_memory_mib=peak_memory_mib(),
-                  trainable_parameters=_trainable(cli.model.policy.model))
+                  trainable_parameters=_trainable(cli.model.policy.model),
+                  reference_seconds_median=timer.reference.median(args.warmup))
     del torch
     return result
 
@@ -215,18 +226,21 @@ def run_trl(args) -> dict:
         def on_step_begin(self, *a, **k):
             _sync()
             self.start = time.perf_counter()
+            reference.next_step()
 
         def on_step_end(self, *a, **k):
             _sync()
             self.steps.append((self.start, time.perf_counter()))
 
-    from lightning_meddpo.backbones.build import LoraSettings, freeze_unused_vision_layers
+    from lightning_meddpo.backbones.build import LoraSettings, freeze_parts, freeze_unused_vision_layers
 
     if args.random_init:
         model = random_model(args.model_dir, "cuda" if _cuda() else "cpu", torch.float32)
     else:
         model = AutoModelForImageTextToText.from_pretrained(args.model_dir, dtype=torch.float32)
     freeze_unused_vision_layers(model)  # as ours: the CLIP layers after vision_feature_layer never get a gradient
+    if args.variant == "dpo_paper":
+        freeze_parts(model, PAPER_FROZEN)  # the same parameters ours freezes (requires_grad off)
     peft_config = LoraSettings(**LORA).peft_config(model) if args.variant == "dpo_lora" else None
     out = tempfile.mkdtemp(prefix="vs_trl-trl-")
     config = DPOConfig(
@@ -236,11 +250,13 @@ def run_trl(args) -> dict:
         bf16=args.precision == "bf16", use_cpu=not _cuda(), seed=args.seed, dataloader_num_workers=0,
         lr_scheduler_type="cosine", warmup_steps=0.03, disable_tqdm=True,
     )
-    timer = Timer()
+    timer, reference = Timer(), ReferenceClock()
     trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=processor,
                          peft_config=peft_config, callbacks=[timer])
     losses = []
     trainer.add_callback(type("L", (TrainerCallback,), {"on_log": lambda self, a, s, c, logs=None, **k: losses.append(logs)})())
+    if trainer.ref_model is not None:  # full fine-tuning: the reference is its own model; under LoRA it is not apart
+        trainer.ref_model.forward = reference.around(trainer.ref_model.forward)
     trainer.train()
     tokens = []
     for i in range(args.steps):
@@ -251,8 +267,35 @@ def run_trl(args) -> dict:
     result = _summary(steps, args.warmup)
     first = next((float(log["loss"]) for log in losses if log and "loss" in log), None)
     result.update(first_loss=first, setup_seconds=None, peak_memory_mib=peak_memory_mib(),
-                  trainable_parameters=_trainable(trainer.model))
+                  trainable_parameters=_trainable(trainer.model),
+                  reference_seconds_median=reference.median(args.warmup) if trainer.ref_model is not None else None)
     return result
+
+
+class ReferenceClock:
+    """Seconds spent in the reference's log-probs, per optimizer step (wrap the reference call with `around`)."""
+
+    def __init__(self):
+        self.per_step: list[float] = []
+
+    def next_step(self) -> None:
+        self.per_step.append(0.0)
+
+    def around(self, fn):
+        def timed(*args, **kwargs):
+            _sync()
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            _sync()
+            if self.per_step:
+                self.per_step[-1] += time.perf_counter() - start
+            return out
+
+        return timed
+
+    def median(self, warmup: int) -> float | None:
+        timed = self.per_step[warmup:]
+        return statistics.median(timed) if timed else None
 
 
 def _trainable(model) -> int:
@@ -303,6 +346,10 @@ def run_worker(cmd: list[str]) -> dict:
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"worker failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-4000:]}")
     return json.loads(lines[-1])
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def median_of(results: list[dict]) -> dict:
@@ -361,13 +408,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows.append(row)
             print(json.dumps(row), flush=True)
     print()
-    print("| shape | variant | baseline | trainable params (both) | step s (ours / base) | step speed-up | end-to-end speed-up "
-          "| peak MiB (ours / base) | first loss (ours / base) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| shape | variant | baseline | trainable params (both) | step s (ours / base) | of it reference s (ours / base) "
+          "| step speed-up | end-to-end speed-up | peak MiB (ours / base) | first loss (ours / base) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         o, b = r["ours"], r["baseline_result"]
         print(f"| {r['shape']} | {r['variant']} | {r['baseline']} | {o['trainable_parameters']:,} "
               f"| {o['step_seconds_median']:.3f} / {b['step_seconds_median']:.3f} "
+              f"| {_seconds(o.get('reference_seconds_median'))} / {_seconds(b.get('reference_seconds_median'))} "
               f"| {r['step_speedup']:.2f}x | {r['end_to_end_speedup']:.2f}x | {o['peak_memory_mib']:.0f} / {b['peak_memory_mib']:.0f} "
               f"| {r['first_loss'][0]:.4f} / {r['first_loss'][1]:.4f} |")
     if a.out:

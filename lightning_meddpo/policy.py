@@ -1,25 +1,21 @@
 """PreferencePolicy: the trained model, its reference, and sequence log-probs of views.
 
-A pair is scored under *views* (a response with an image): `chosen` and `rejected` on the true image
-m, and `chosen_mprime` / `rejected_mprime` on the corrupted image m'. How the views go through the
-model (`PreferencePolicy.mode`):
+A pair is scored under *views* (a response with an image): `chosen` and `rejected` on the true image m, and
+`chosen_mprime` / `rejected_mprime` on the corrupted image m'. How the views go through the model (`mode`):
 
-- "packed" (the default where the model allows it): per image, ONE row `[prompt | chosen | rejected]`
-  with a block attention mask (each response sees the prompt and itself, never the other response) and
-  position ids that restart after the prompt, so the prompt with its hundreds of image tokens is
-  forwarded once per (image, prompt) and both responses attend to it; gradients reach the prompt from
-  both. Each unique image is encoded once per step, by the policy, and the reference reuses those
-  features when the vision tower and projector are frozen. Only the hidden states that predict
-  response tokens go through the LM head and log-softmax.
-- "rows": one row per view, the same image-once and LM-head-on-responses economies (for attention
-  kernels that cannot take a block mask: flash attention, a sliding window shorter than the row).
-- "logits": the model's own forward on one row per view, full logits (TRL's way; for architectures
-  without the hooks above). The reason for falling back is logged once.
+- "packed" (the default where the model allows it): per image, ONE row `[prompt | chosen | rejected]` with a
+  block attention mask (each response sees the prompt and itself, never the other response) and position ids
+  that restart after the prompt, so the prompt with its hundreds of image tokens is forwarded once per (image,
+  prompt); gradients reach the prompt from both responses. Each unique image is encoded once per step, by the
+  policy, and the reference reuses those features when the vision tower and projector are frozen. Only the
+  hidden states that predict response tokens go through the LM head and log-softmax.
+- "rows": one row per view, the same economies (for attention kernels that cannot take a block mask).
+- "logits": the model's own forward on one row per view, full logits (TRL's way; for architectures without
+  the hooks above). The reason for falling back is logged once.
 
-All three give the same log-probs (tested to 1e-5 in fp32). The reference is a frozen copy (`copy`),
-the same model with LoRA adapters disabled (`adapter`), a table of log-probs computed once before
-training (`precomputed`, see reference_cache.py: no second model in memory), or absent (`none`,
-reference-free losses).
+All three give the same log-probs (tested to 1e-5 in fp32). The reference is a frozen copy (`copy`), the same
+model with LoRA adapters disabled (`adapter`), a table of log-probs computed once before training
+(`precomputed`, reference_cache.py: no second model in memory), or absent (`none`, reference-free losses).
 """
 
 from __future__ import annotations
@@ -35,12 +31,7 @@ from torch import Tensor, nn
 
 from lightning_meddpo.backbones.adapter import adapter_for
 from lightning_meddpo.backbones.build import disable_dropout
-from lightning_meddpo.backbones.sharding import (
-    ShardedRoot,
-    fully_shard_model,
-    is_sharded,
-    shard_units,
-)
+from lightning_meddpo.backbones.sharding import ShardedRoot, fully_shard_model, is_sharded, shard_units
 from lightning_meddpo.data.batch import PreferenceBatch
 from lightning_meddpo.data.rows import VIEWS, Rows, build_rows, row_images
 from lightning_meddpo.logps import chunked_token_logps, token_logps
@@ -80,12 +71,10 @@ class PreferencePolicy(nn.Module):
 
     Args:
         model: the vision-language model (transformers, possibly peft-wrapped).
-        reference: "copy", "adapter" or "none" (see module docstring).
+        reference: "copy", "adapter", "precomputed" or "none" (see the module docstring).
         dropout: keep the model's dropout (off by default: it makes log-probs noisy).
-        mode: "packed" (default), "rows" or "logits"; a mode the model cannot take falls back to the
-            next one, with the reason logged once.
-        logp_chunk: response tokens whose vocabulary logits are computed at once ("packed" and "rows";
-            see chunked_token_logps); None: all at once.
+        mode: "packed", "rows" or "logits"; one the model cannot take falls back to the next (reason logged once).
+        logp_chunk: response tokens whose logits are computed at once (chunked_token_logps); None: all at once.
     """
 
     def __init__(self, model: nn.Module, reference: ReferenceStrategy = "copy", dropout: bool = False, mode: Mode = "packed",
@@ -157,37 +146,41 @@ class PreferencePolicy(nn.Module):
         return self
 
     # -- log-probs ----------------------------------------------------------------------------------
-    @torch.no_grad()
     def starting_logps(self, batch: PreferenceBatch, views: tuple[str, ...]) -> dict[str, Tensor]:
-        """Log-probs of the model as it is, in eval mode, without grad: the reference, when it is called
-        before the first step (how a precomputed reference is filled)."""
-        with _eval(self.model):
-            return self._logps(self.model, batch, views, share=False)
+        """Log-probs of the model as it is (eval mode, no grad): how a precomputed reference is filled before step 1."""
+        with self._no_autograd(), _eval(self.model):
+            logps = self._logps(self.model, batch, views, share=False)
+        return _plain(logps)
 
     def logps(self, batch: PreferenceBatch, views: tuple[str, ...]) -> dict[str, Tensor]:
         """Policy log-probs per view (with grad)."""
         return self._logps(self.model, batch, views, share=self.shares_image_features)
 
     def score(self, batch: PreferenceBatch, views: tuple[str, ...], reference: bool = True) -> Scores:
-        """The views' log-probs under the policy, then the reference (unless reference-free or not asked for),
-        and the token counts."""
+        """The views' log-probs under the policy and the reference (unless reference-free or not asked), token counts."""
         policy = self.logps(batch, views)
         reference = self.reference_logps(batch, views) if reference and self.reference_strategy != "none" else None
         return Scores(policy, reference, self.tokens(batch, views))
 
-    @torch.no_grad()
     def reference_logps(self, batch: PreferenceBatch, views: tuple[str, ...]) -> dict[str, Tensor]:
-        """Reference log-probs per view (no grad)."""
+        """Reference log-probs per view: under inference_mode (no autograd records, no version counters), in the
+        precision the step runs in (the caller's autocast), reusing the policy's image features where the tower
+        and projector are frozen; with LoRA the policy's own weights with the adapters off."""
         if self.reference_strategy == "none":
             raise ValueError("this policy has no reference model (reference='none')")
         if self.reference_strategy == "precomputed":
             if self.reference_table is None:
                 raise ValueError("reference='precomputed': the reference log-probs were not computed before this step")
             return self.reference_table.lookup(batch.keys, views, batch.prompt.input_ids.device, batch.ids)
-        if self.reference_strategy == "copy":
-            return self._logps(self.reference, batch, views, share=self.shares_image_features)
-        with self.model.disable_adapter(), _eval(self.model):
-            return self._logps(self.model, batch, views, share=self.shares_image_features)
+        model = self.reference if self.reference is not None else self.model
+        adapters_off = model.disable_adapter() if self.reference_strategy == "adapter" else contextlib.nullcontext()
+        with self._no_autograd(), adapters_off, _eval(model):
+            logps = self._logps(model, batch, views, share=self.shares_image_features)
+        return _plain(logps)
+
+    def _no_autograd(self):
+        """inference_mode; no_grad under FSDP2, whose parameter all-gathers write into tensors that outlive it."""
+        return torch.no_grad() if self._roots else torch.inference_mode()
 
     @staticmethod
     def tokens(batch: PreferenceBatch, views: tuple[str, ...]) -> dict[str, Tensor]:
@@ -227,7 +220,7 @@ class PreferencePolicy(nn.Module):
         for side in sides:
             if side not in cached:
                 images = getattr(batch, side)
-                with torch.no_grad() if share else contextlib.nullcontext():
+                with _shareable() if share else contextlib.nullcontext():
                     cached[side] = adapter.image_features(core, images)
         if share:
             self._shared_features = (tuple(zip(sides, pixels)), cached)
@@ -285,11 +278,22 @@ class PreferencePolicy(nn.Module):
         return out
 
 
+def _plain(logps: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Ordinary copies (a few numbers) of log-probs made under inference_mode: a loss may save them for backward."""
+    return {view: t.clone() if t.is_inference() else t for view, t in logps.items()}
+
+
+@contextlib.contextmanager
+def _shareable():
+    """No grad, ordinary tensors (outside inference_mode): features the reference makes, the policy may take."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
 @contextlib.contextmanager
 def _eval(model: nn.Module):
     was_training = model.training
-    model.eval()
     try:
-        yield
+        yield model.eval()
     finally:
         model.train(was_training)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from lightning_meddpo.backbones.adapter import adapter_for
 from lightning_meddpo.backbones.loader import load_model, load_processor
 from lightning_meddpo.data.batch import IGNORE_INDEX
 from lightning_meddpo.data.collate import PairEncoder, PreferenceCollator
@@ -141,6 +142,28 @@ def test_reference_reuses_the_policy_image_features_only_when_vision_is_frozen(b
     other = dataclasses.replace(batch, images=dataclasses.replace(batch.images, pixel_values=batch.images.pixel_values.flip(-1)))
     policy.logps(other, ("chosen",))
     assert len(calls) == 3  # other images: encoded again, never a stale cache
+
+
+@pytest.mark.parametrize("strategy", ["copy", "adapter"])
+def test_reference_runs_under_inference_mode_and_returns_ordinary_tensors(batch, strategy):
+    """The online reference records no autograd graph (inference_mode), and what it returns can enter a loss that
+    saves it for its backward; its features, when shared, stay usable by the policy."""
+    from lightning_meddpo.backbones.build import LoraSettings, prepare_policy_model
+
+    model = load_model("tiny://llama")
+    if strategy == "adapter":
+        model = prepare_policy_model(model, LoraSettings(r=4), ["vision_tower", "projector"], False)
+    policy = PreferencePolicy(model, reference=strategy)
+    seen = []
+    reference = policy.reference if strategy == "copy" else policy.model
+    adapter_for(reference).core(reference).language_model.register_forward_hook(
+        lambda *a: seen.append(torch.is_inference_mode_enabled()))
+    views = ("chosen", "rejected")
+    ref = policy.reference_logps(batch, views)
+    assert seen == [True] and not any(t.is_inference() or t.requires_grad for t in ref.values())
+    logps = policy.logps(batch, views)
+    (logps["chosen"] * ref["chosen"] - logps["rejected"] * ref["rejected"]).sum().backward()  # ref saved for backward
+    assert any(p.grad is not None for p in policy.model.parameters() if p.requires_grad)
 
 
 def test_copy_reference_is_frozen_and_starts_equal(batch):
