@@ -232,7 +232,11 @@ def run_trl(args) -> dict:
             _sync()
             self.steps.append((self.start, time.perf_counter()))
 
-    from lightning_meddpo.backbones.build import LoraSettings, freeze_parts, freeze_unused_vision_layers
+    from lightning_meddpo.backbones.build import (
+        LoraSettings,
+        freeze_parts,
+        freeze_unused_vision_layers,
+    )
 
     if args.random_init:
         model = random_model(args.model_dir, "cuda" if _cuda() else "cpu", torch.float32)

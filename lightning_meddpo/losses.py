@@ -12,7 +12,7 @@ Where TRL (huggingface/trl DPOTrainer, CPO/ORPO/KTO trainers) fixed a convention
 open, we follow TRL and say so in the docstring, so results are comparable with TRL runs.
 
 A pair-wise loss with a reference takes one `PairLogps` (the four log-probs and the token counts of a batch
-of pairs) instead of four to six tensors. The one registry, `DPO_LOSS_TYPES`: `loss_type` name ->
+of pairs) instead of four to six tensors; `Scores` (the policy's output: log-probs per view) hands them out. The one registry, `DPO_LOSS_TYPES`: `loss_type` name ->
 f(pair, *, beta, label_smoothing, ...) -> [B], dispatched by `dpo_loss` (the other families choose among
 their formulations in modules/).
 """
@@ -76,6 +76,29 @@ def register_dpo_loss(name: str) -> Callable[[Callable[..., Tensor]], Callable[.
 def rewards(policy_logps: Tensor, reference_logps: Tensor, beta: float) -> Tensor:
     """Implicit reward beta * (logp_theta - logp_ref), detached: it is for logging."""
     return (beta * (policy_logps - reference_logps)).detach()
+
+
+@dataclass
+class Scores:
+    """One batch's scores per view: summed response log-probs under the policy (with grad) and the reference
+    (None when reference-free), and the response token counts. Every family's loss is computed from one."""
+
+    policy: dict[str, Tensor]
+    reference: dict[str, Tensor] | None
+    tokens: dict[str, Tensor]
+
+    def pair(self, preferred: str, dispreferred: str) -> PairLogps:
+        """Two views as the pair a loss takes, e.g. ("chosen", "rejected"), or ("chosen", "chosen_mprime") for CoPO."""
+        return PairLogps(self.policy[preferred], self.policy[dispreferred], self.reference[preferred],
+                         self.reference[dispreferred], self.tokens[preferred], self.tokens[dispreferred])
+
+    def rewards(self, view: str, beta: float) -> Tensor:
+        """The implicit reward beta * h(view) = beta * (logp_theta - logp_ref), detached (for logging)."""
+        return rewards(self.policy[view], self.reference[view], beta)
+
+    def mean_logp(self, view: str) -> Tensor:
+        """The policy's per-token mean log-prob of the view's response (SimPO's and ORPO's length normalisation)."""
+        return self.policy[view] / self.tokens[view].clamp(min=1)
 
 
 def _check_label_smoothing(label_smoothing: float, loss_type: str, *, open_upper: bool = False) -> None:

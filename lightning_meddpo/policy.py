@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -31,39 +30,21 @@ from torch import Tensor, nn
 
 from lightning_meddpo.backbones.adapter import adapter_for
 from lightning_meddpo.backbones.build import disable_dropout
-from lightning_meddpo.backbones.sharding import ShardedRoot, fully_shard_model, is_sharded, shard_units
+from lightning_meddpo.backbones.sharding import (
+    ShardedRoot,
+    fully_shard_model,
+    is_sharded,
+    shard_units,
+)
 from lightning_meddpo.data.batch import PreferenceBatch
 from lightning_meddpo.data.rows import VIEWS, Rows, build_rows, row_images
 from lightning_meddpo.logps import chunked_token_logps, token_logps
-from lightning_meddpo.losses import PairLogps, rewards
+from lightning_meddpo.losses import Scores
 
 log = logging.getLogger(__name__)
 
 ReferenceStrategy = Literal["copy", "adapter", "precomputed", "none"]
 Mode = Literal["packed", "rows", "logits"]
-
-
-@dataclass
-class Scores:
-    """One batch's scores per view: summed response log-probs under the policy (with grad) and the reference
-    (None when reference-free), and the response token counts. Every family's loss is computed from one."""
-
-    policy: dict[str, Tensor]
-    reference: dict[str, Tensor] | None
-    tokens: dict[str, Tensor]
-
-    def pair(self, preferred: str, dispreferred: str) -> PairLogps:
-        """Two views as the pair a loss takes, e.g. ("chosen", "rejected"), or ("chosen", "chosen_mprime") for CoPO."""
-        return PairLogps(self.policy[preferred], self.policy[dispreferred], self.reference[preferred],
-                         self.reference[dispreferred], self.tokens[preferred], self.tokens[dispreferred])
-
-    def rewards(self, view: str, beta: float) -> Tensor:
-        """The implicit reward beta * h(view) = beta * (logp_theta - logp_ref), detached (for logging)."""
-        return rewards(self.policy[view], self.reference[view], beta)
-
-    def mean_logp(self, view: str) -> Tensor:
-        """The policy's per-token mean log-prob of the view's response (SimPO's and ORPO's length normalisation)."""
-        return self.policy[view] / self.tokens[view].clamp(min=1)
 
 
 class PreferencePolicy(nn.Module):
@@ -100,6 +81,7 @@ class PreferencePolicy(nn.Module):
         self.requested_mode: Mode = mode
         self._fallbacks: set[str] = set()
         self._shared_features: tuple[tuple, dict[str, list[Tensor]]] | None = None
+        self._last_rows: tuple[tuple, Rows] | None = None  # _rows: the last batch's
         self._unsharded_calls: str | None = None  # set when FSDP2 sharding rules out calling parts
         self._roots: dict[int, ShardedRoot] = {}  # FSDP2: id(model) -> its root (a plain dict: not submodules)
 
@@ -199,12 +181,20 @@ class PreferencePolicy(nn.Module):
     def _views_logps(self, model: nn.Module, batch: PreferenceBatch, views: tuple[str, ...], share: bool) -> dict[str, Tensor]:
         longest = int(batch.prompt.lengths.max()) + sum(int(getattr(batch, VIEWS[v][0]).lengths.max()) for v in views)
         mode = self.mode_for(model, longest)
-        rows = build_rows(batch, views, packed=mode == "packed")
+        rows = self._rows(batch, views, mode)
         if mode == "logits":
             return self._logits_path(model, batch, rows, views)
         features = self._image_features(model, batch, rows, share)
         hidden = self._hidden(model, batch, rows, features, block_mask=mode == "packed")
         return self._score(model, hidden, rows, views)
+
+    def _rows(self, batch: PreferenceBatch, views: tuple[str, ...], mode: Mode) -> Rows:
+        """The batch's rows (and their block mask), built once for the policy and the reference of a step."""
+        key = (batch.prompt.input_ids, views, mode)  # the batch's own tensor: identity, not id()
+        if self._last_rows is None or self._last_rows[0][0] is not key[0] or self._last_rows[0][1:] != key[1:]:
+            with torch.inference_mode(False):  # ordinary tensors: the policy's graph may keep them
+                self._last_rows = (key, build_rows(batch, views, packed=mode == "packed"))
+        return self._last_rows[1]
 
     def _image_features(self, model: nn.Module, batch: PreferenceBatch, rows: Rows, share: bool) -> list[Tensor]:
         """Each unique image of the batch encoded once; returned per row. With `share`, the features are

@@ -166,6 +166,32 @@ def test_reference_runs_under_inference_mode_and_returns_ordinary_tensors(batch,
     assert any(p.grad is not None for p in policy.model.parameters() if p.requires_grad)
 
 
+def test_block_mask_is_the_block_rule_and_is_built_once_per_step(batch, monkeypatch):
+    """Token i sees token j iff j <= i and j is on the prompt or in i's own segment (padding sees only itself);
+    the policy and the reference of one step share the rows and the mask; a new batch gets new ones."""
+    from lightning_meddpo.data import rows as rows_module
+
+    rows = rows_module.build_rows(batch, ALL_VIEWS, packed=True)
+    mask = rows.block_mask(torch.float32)
+    seg = rows.segment_ids.tolist()
+    for r, segments in enumerate(seg):
+        expected = torch.tensor([[j == i or (0 <= segments[j] and j <= i and segments[j] in (0, segments[i]))
+                                  for j in range(len(segments))] for i in range(len(segments))])
+        assert torch.equal(mask[r, 0] == 0, expected)
+        assert (mask[r, 0][~expected] == torch.finfo(torch.float32).min).all()
+    assert rows.block_mask(torch.float32) is mask and rows.block_mask(torch.bfloat16).dtype == torch.bfloat16
+
+    built = []
+    monkeypatch.setattr("lightning_meddpo.policy.build_rows",
+                        lambda *a, **k: built.append(1) or rows_module.build_rows(*a, **k))
+    policy = PreferencePolicy(load_model("tiny://llama"), reference="copy")
+    policy.score(batch, ("chosen", "rejected"))
+    assert len(built) == 1
+    policy.score(dataclasses.replace(batch, prompt=dataclasses.replace(batch.prompt, input_ids=batch.prompt.input_ids.clone())),
+                 ("chosen", "rejected"))
+    assert len(built) == 2
+
+
 def test_copy_reference_is_frozen_and_starts_equal(batch):
     policy = PreferencePolicy(load_model("tiny://llama"), reference="copy")
     assert all(not p.requires_grad for p in policy.reference.parameters())

@@ -9,7 +9,7 @@ them; `plan` counts them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -49,21 +49,26 @@ class Rows:
     image_side: list[str]  # per row: "images" or "rejected_images"
     pair: Tensor  # [R] the pair each row belongs to
     segments: dict[str, Segment]  # per view
+    _masks: dict[torch.dtype, Tensor] = field(default_factory=dict, repr=False)  # block_mask's, per dtype
 
     @property
     def valid(self) -> Tensor:
         return self.segment_ids >= 0
 
     def block_mask(self, dtype: torch.dtype) -> Tensor:
-        """[R, 1, L, L] additive mask: a token sees earlier tokens of the prompt and of its own segment."""
-        seg = self.segment_ids
-        idx = torch.arange(seg.shape[1], device=seg.device)
-        causal = idx[None, :, None] >= idx[None, None, :]
-        same = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])
-        allowed = causal & same & (seg[:, None, :] >= 0)
-        allowed = allowed | torch.eye(seg.shape[1], dtype=torch.bool, device=seg.device)  # padding sees itself
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=seg.device)
-        return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+        """[R, 1, L, L] additive mask: a token sees earlier tokens of the prompt and of its own segment. Made once
+        per dtype (the policy and the reference share it), outside inference_mode (the policy's graph keeps it)."""
+        if dtype not in self._masks:
+            seg, n = self.segment_ids, self.segment_ids.shape[1]
+            key, query = seg[:, None, :], seg[:, :, None]
+            with torch.inference_mode(False):
+                allowed = (key == query) | (key == 0)
+                allowed &= torch.ones(n, n, dtype=torch.bool, device=seg.device).tril()
+                allowed &= key >= 0
+                allowed.diagonal(dim1=1, dim2=2).fill_(True)  # padding sees itself
+                blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=seg.device)
+                self._masks[dtype] = torch.where(allowed, torch.zeros((), dtype=dtype, device=seg.device), blocked)[:, None]
+        return self._masks[dtype]
 
 
 def build_rows(batch: PreferenceBatch, views: tuple[str, ...], packed: bool, pad_id: int = 0) -> Rows:

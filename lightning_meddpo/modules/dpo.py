@@ -15,6 +15,7 @@ from lightning_meddpo.data.batch import PreferenceBatch
 from lightning_meddpo.losses import (
     DISCOPOP_DEFAULT_TAU,
     DPO_LOSS_TYPES,
+    Scores,
     bco_batch_reward_mean,
     combine,
     dpo_loss,
@@ -23,7 +24,6 @@ from lightning_meddpo.losses import (
 )
 from lightning_meddpo.modules.base import PreferenceModule
 from lightning_meddpo.modules.settings import check_beta, check_choice
-from lightning_meddpo.policy import Scores
 
 
 def reward_metrics(chosen: Tensor, rejected: Tensor, prefix: str = "rewards") -> dict[str, Tensor]:

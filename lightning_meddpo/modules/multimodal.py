@@ -12,7 +12,7 @@ from torch import Tensor
 
 from lightning_meddpo.data.batch import PreferenceBatch
 from lightning_meddpo.data.needs import PairNeeds
-from lightning_meddpo.losses import anchor_loss, combine, copo_loss, dpo_loss
+from lightning_meddpo.losses import Scores, anchor_loss, combine, copo_loss, dpo_loss
 from lightning_meddpo.modules.base import PreferenceModule
 from lightning_meddpo.modules.dpo import (
     image_reward_metrics,
@@ -20,7 +20,6 @@ from lightning_meddpo.modules.dpo import (
     reward_metrics,
 )
 from lightning_meddpo.modules.settings import check_beta, check_choice, renamed_key
-from lightning_meddpo.policy import Scores
 
 
 class Multimodal(PreferenceModule):

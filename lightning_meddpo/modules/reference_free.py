@@ -5,11 +5,17 @@ from __future__ import annotations
 from torch import Tensor
 
 from lightning_meddpo.data.batch import PreferenceBatch
-from lightning_meddpo.losses import cpo_loss, log_odds, nll_loss, orpo_loss, simpo_loss
+from lightning_meddpo.losses import (
+    Scores,
+    cpo_loss,
+    log_odds,
+    nll_loss,
+    orpo_loss,
+    simpo_loss,
+)
 from lightning_meddpo.modules.base import PreferenceModule
 from lightning_meddpo.modules.dpo import logps_metrics, reward_metrics
 from lightning_meddpo.modules.settings import check_beta, check_choice, renamed_key
-from lightning_meddpo.policy import Scores
 
 # Each formulation: (scores, hyper-parameters) -> (per-pair loss, logged reward of y_w, of y_l, extra metrics).
 # The logged rewards follow TRL (see ReferenceFree).
