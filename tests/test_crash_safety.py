@@ -124,10 +124,11 @@ class StopAt(L.Callback):
 
 
 def run(tmp_path: Path, data: dict, name: str, stop: int | None = None, ckpt: Path | None = None,
-        max_steps: int = MAX_STEPS, every: int | None = 1):
+        max_steps: int = MAX_STEPS, every: int | None = 1, num_workers: int = 0):
     torch.manual_seed(0)
     module = DPO(beta=0.5, lr=1e-3)
-    dm = PreferenceDataModule(str(data["train"]), str(data["val"]), batch_size=4, max_length=128, processor=module.processor)
+    dm = PreferenceDataModule(str(data["train"]), str(data["val"]), batch_size=4, max_length=128, processor=module.processor,
+                              num_workers=num_workers)
     order = Order()
     callbacks = [order, ResumableCheckpoint(dirpath=str(tmp_path / name), save_last=True, save_top_k=0, last_every_n_steps=every)]
     trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, limit_val_batches=0, num_sanity_val_steps=0,
@@ -137,13 +138,15 @@ def run(tmp_path: Path, data: dict, name: str, stop: int | None = None, ckpt: Pa
     return module, order.seen
 
 
+@pytest.mark.parametrize("num_workers", [0, 1], ids=["in-process", "workers"])
 @pytest.mark.parametrize("stop", [6, 4], ids=["mid-epoch", "epoch-boundary"])
-def test_resume_draws_the_order_the_uninterrupted_run_draws(tmp_path, data, stop, recwarn):
+def test_resume_draws_the_order_the_uninterrupted_run_draws(tmp_path, data, stop, num_workers, recwarn):
     """No restart of the epoch's shuffle mid-epoch, no epoch skipped at a boundary: the resumed run sees
-    the same batches at the same steps and ends with the same weights."""
-    full, seen_full = run(tmp_path, data, "full")
-    run(tmp_path, data, "part", stop=stop)
-    resumed, seen_resumed = run(tmp_path, data, "part", ckpt=tmp_path / "part" / "last.ckpt")
+    the same batches at the same steps and ends with the same weights; with data workers too (they start only
+    once Lightning has set the epoch)."""
+    full, seen_full = run(tmp_path, data, "full", num_workers=num_workers)
+    run(tmp_path, data, "part", stop=stop, num_workers=num_workers)
+    resumed, seen_resumed = run(tmp_path, data, "part", ckpt=tmp_path / "part" / "last.ckpt", num_workers=num_workers)
     assert seen_resumed == seen_full[stop:]
     for a, b in zip(full.policy.model.state_dict().values(), resumed.policy.model.state_dict().values()):
         assert torch.equal(a, b)

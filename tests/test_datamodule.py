@@ -204,3 +204,33 @@ def test_shuffle_false_trains_in_file_order_every_epoch(demo_dir, tiny_processor
                                     processor=tiny_processor, batch_size=8)
     shuffled.setup("fit")
     assert [i for batch in shuffled.train_dataloader() for i in batch.ids] != ids
+
+
+class _Epochs(torch.utils.data.Dataset):
+    """Each item says the index and the dataset's epoch (what on-the-fly m' corruption is seeded with)."""
+
+    epoch = 0
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> tuple[int, int]:
+        return index, self.epoch
+
+
+def test_data_workers_start_after_lightning_sets_the_epoch():
+    """Lightning creates the training iterator, then sets the sampler's epoch, then asks for batches. Workers
+    that started with the iterator would serve the previous epoch's order and m' seeds; ours start at the first
+    batch, so they serve the epoch that was set."""
+    from lightning_meddpo.data.datamodule import EpochSampler, ResumableLoader
+
+    dataset = _Epochs()
+    sampler = EpochSampler(dataset, shuffle=True, seed=0)
+    loader = ResumableLoader(dataset, batch_size=8, sampler=sampler, num_workers=1)
+    iterator = iter(loader)
+    sampler.set_epoch(3)
+    indices, epochs = next(iterator)
+    assert epochs.tolist() == [3] * 8
+    assert indices.tolist() == list(sampler)  # epoch 3's order
+    sampler.set_epoch(0)
+    assert indices.tolist() != list(sampler)

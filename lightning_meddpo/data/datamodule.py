@@ -218,6 +218,27 @@ class ResumableLoader(DataLoader):
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def __iter__(self):
+        """With workers, they start at the first batch asked for, not when Lightning creates the iterator: it does so
+        before it sets the sampler's epoch, and workers draw the order (and m' seeds) as they start, so a
+        resume in epoch k > 0 would get epoch 0's order."""
+        return super().__iter__() if self.num_workers == 0 else _StartOnFirstBatch(lambda: DataLoader.__iter__(self))
+
+
+class _StartOnFirstBatch:
+    """An iterator that creates the real one on its first `next`."""
+
+    def __init__(self, start: Callable[[], Any]):
+        self._start, self._iterator = start, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._iterator is None:
+            self._iterator = self._start()
+        return next(self._iterator)
+
 
 class PreferenceDataModule(L.LightningDataModule):
     """Image-text preference pairs (docs/design.md §5): the paper's format, TRL's (paired, or unpaired
