@@ -234,3 +234,21 @@ def test_data_workers_start_after_lightning_sets_the_epoch():
     assert indices.tolist() == list(sampler)  # epoch 3's order
     sampler.set_epoch(0)
     assert indices.tolist() != list(sampler)
+
+
+def test_default_workers_keep_the_accelerator_fed_and_leave_the_cpu_to_a_cpu_run(monkeypatch):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    from lightning_meddpo.data.datamodule import default_workers
+
+    gpu = object()  # any accelerator that is not the CPU
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert default_workers(SimpleNamespace(accelerator=CPUAccelerator(), num_devices=1)) == 0
+    assert default_workers(None) == 0
+    assert default_workers(SimpleNamespace(accelerator=gpu, num_devices=1)) == 4  # the paper's 4
+    assert default_workers(SimpleNamespace(accelerator=gpu, num_devices=8)) == 1  # 2 cores per process, one kept
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)
+    assert default_workers(SimpleNamespace(accelerator=gpu, num_devices=1)) == 0
+    assert PreferenceDataModule(train_file="x.json").hparams.num_workers is None  # the default is this rule

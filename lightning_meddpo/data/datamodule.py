@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import os
 import time
 import warnings
 from collections import Counter
@@ -240,6 +241,18 @@ class _StartOnFirstBatch:
         return next(self._iterator)
 
 
+def default_workers(trainer: L.Trainer | None) -> int:
+    """Data workers when none are configured: 0 where the CPU trains (a worker would take cores from the step) or
+    outside a Trainer; else up to 4 per training process (the paper's dataloader_num_workers), the node's cores
+    shared by its processes with one core each kept for the process itself."""
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    if trainer is None or isinstance(trainer.accelerator, CPUAccelerator):
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(4, cores // max(1, trainer.num_devices) - 1))
+
+
 class PreferenceDataModule(L.LightningDataModule):
     """Image-text preference pairs (docs/design.md §5): the paper's format, TRL's (paired, or unpaired
     for KTO), or a `datasets` dataset.
@@ -268,6 +281,8 @@ class PreferenceDataModule(L.LightningDataModule):
             validation skips are counted by reason in `reports[file]` (see also `skipped`) and logged.
         shuffle: reshuffle the training pairs every epoch (seeded); false trains in file order, every epoch
             (ordered runs, side-by-side comparisons with another trainer's sequential sampler).
+        num_workers: data worker processes per training process; None (the default): `default_workers`, none
+            where the CPU trains, else up to 4 so that the next batches are ready while the accelerator steps.
     """
 
     def __init__(
@@ -280,7 +295,7 @@ class PreferenceDataModule(L.LightningDataModule):
         val_fraction: float = 0.1,
         batch_size: int = 4,
         eval_batch_size: int | None = None,
-        num_workers: int = 0,
+        num_workers: int | None = None,
         max_length: int = 2048,
         image_placeholder: str | None = None,
         corruption: str | dict | None = None,
@@ -491,7 +506,7 @@ class PreferenceDataModule(L.LightningDataModule):
             batch_size=batch_size,
             sampler=EpochSampler(dataset, shuffle, self.hparams.seed, **self._sharding(), batch_size=batch_size,
                                  resume_point=resume_point),
-            num_workers=self.hparams.num_workers,
+            num_workers=self.hparams.num_workers if self.hparams.num_workers is not None else default_workers(self.trainer),
             collate_fn=PreferenceCollator(self.processor.tokenizer.pad_token_id),
             persistent_workers=False,
         )
