@@ -21,7 +21,8 @@ Reported per side, as medians over repeats: the step time after `--warmup` steps
 from it, tokens = prompt + response of chosen and rejected, as TRL counts them), the end-to-end rate over
 the same steps with everything between them (data loading, collation, logging: wall time from the start
 of the first timed step to the end of the last), and the process's peak memory (CUDA max allocated on a
-GPU, else max RSS), and of the step the seconds spent in the reference's log-probs (TRL's where the reference is
+GPU, else max RSS) and of it the training's own (on the CPU: less what the process held after its imports,
+before the model, the interpreter and libraries, which differ between the two sides), and of the step the seconds spent in the reference's log-probs (TRL's where the reference is
 a model of its own, i.e. not under LoRA). The warmup steps are left out of all: the first step pays one-off costs (Lightning
 creates its logged metrics there, ~0.25 s) that do not recur. Variants:
 
@@ -93,6 +94,19 @@ def peak_memory_mib() -> float:
     return process_peak_rss_mib()
 
 
+def start_memory_mib() -> float:
+    """What the process holds before any model is built (interpreter, torch, the trainer's libraries): subtracted
+    from the peak, it leaves the training's own memory. On a GPU 0 (CUDA counts only tensors)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return 0.0
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def process_peak_rss_mib() -> float:
     """This process's peak resident memory: VmHWM, the high-water mark of its own address space. Not ru_maxrss,
     which on Linux carries over the peak of the process image an exec replaced, i.e. the driver's that forked
@@ -137,6 +151,8 @@ def run_ours(args) -> dict:
 
     from lightning_meddpo.cli import TRAINER_DEFAULTS, MedDPOCLI
     from lightning_meddpo.modules.base import PreferenceModule
+
+    start_mib = start_memory_mib()
 
     class Timer(L.Callback):
         def __init__(self):
@@ -190,6 +206,7 @@ def run_ours(args) -> dict:
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     result = _summary(timer.steps, args.warmup)
     result.update(first_loss=timer.losses[0], setup_seconds=timer.begin - start, peak_memory_mib=peak_memory_mib(),
+                  start_memory_mib=start_mib,
                   trainable_parameters=_trainable(cli.model.policy.model),
                   reference_seconds_median=timer.reference.median(args.warmup))
     del torch
@@ -207,6 +224,7 @@ def run_trl(args) -> dict:
     from lightning_meddpo.data.collate import PairEncoder
     from lightning_meddpo.data.records import read_preference_file
 
+    start_mib = start_memory_mib()
     processor = load_processor(str(args.model_dir))
     encoder = PairEncoder(processor)
     records, _ = read_preference_file(args.data_dir / "train.json")
@@ -270,7 +288,7 @@ def run_trl(args) -> dict:
     steps = [(a, b, args.batch_size, t) for (a, b), t in zip(timer.steps, tokens)]
     result = _summary(steps, args.warmup)
     first = next((float(log["loss"]) for log in losses if log and "loss" in log), None)
-    result.update(first_loss=first, setup_seconds=None, peak_memory_mib=peak_memory_mib(),
+    result.update(first_loss=first, setup_seconds=None, peak_memory_mib=peak_memory_mib(), start_memory_mib=start_mib,
                   trainable_parameters=_trainable(trainer.model),
                   reference_seconds_median=reference.median(args.warmup) if trainer.ref_model is not None else None)
     return result
@@ -352,6 +370,10 @@ def run_worker(cmd: list[str]) -> dict:
     return json.loads(lines[-1])
 
 
+def _training_mib(result: dict) -> float:
+    return result["peak_memory_mib"] - result["start_memory_mib"]
+
+
 def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -407,20 +429,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "step_speedup": theirs["step_seconds_median"] / ours["step_seconds_median"],
                 "end_to_end_speedup": ours["end_to_end_pairs_per_second"] / theirs["end_to_end_pairs_per_second"],
                 "memory_ratio": ours["peak_memory_mib"] / theirs["peak_memory_mib"],
+                "training_memory_ratio": _training_mib(ours) / _training_mib(theirs),
                 "first_loss": (ours.get("first_loss"), theirs.get("first_loss")),
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
     print()
     print("| shape | variant | baseline | trainable params (both) | step s (ours / base) | of it reference s (ours / base) "
-          "| step speed-up | end-to-end speed-up | peak MiB (ours / base) | first loss (ours / base) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| step speed-up | end-to-end speed-up | peak MiB (ours / base) | of it training MiB (ours / base) "
+          "| first loss (ours / base) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         o, b = r["ours"], r["baseline_result"]
         print(f"| {r['shape']} | {r['variant']} | {r['baseline']} | {o['trainable_parameters']:,} "
               f"| {o['step_seconds_median']:.3f} / {b['step_seconds_median']:.3f} "
               f"| {_seconds(o.get('reference_seconds_median'))} / {_seconds(b.get('reference_seconds_median'))} "
               f"| {r['step_speedup']:.2f}x | {r['end_to_end_speedup']:.2f}x | {o['peak_memory_mib']:.0f} / {b['peak_memory_mib']:.0f} "
+              f"| {_training_mib(o):.0f} / {_training_mib(b):.0f} "
               f"| {r['first_loss'][0]:.4f} / {r['first_loss'][1]:.4f} |")
     if a.out:
         a.out.write_text(json.dumps(rows, indent=1) + "\n")

@@ -247,10 +247,11 @@ def default_workers(trainer: L.Trainer | None) -> int:
     shared by its processes with one core each kept for the process itself."""
     from lightning.pytorch.accelerators import CPUAccelerator
 
-    if trainer is None or isinstance(trainer.accelerator, CPUAccelerator):
+    accelerator = getattr(trainer, "accelerator", None)
+    if accelerator is None or isinstance(accelerator, CPUAccelerator):
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(0, min(4, cores // max(1, trainer.num_devices) - 1))
+    return max(0, min(4, cores // max(1, getattr(trainer, "num_devices", 1)) - 1))
 
 
 class PreferenceDataModule(L.LightningDataModule):
