@@ -12,9 +12,9 @@ Where TRL (huggingface/trl DPOTrainer, CPO/ORPO/KTO trainers) fixed a convention
 open, we follow TRL and say so in the docstring, so results are comparable with TRL runs.
 
 A pair-wise loss with a reference takes one `PairLogps` (the four log-probs and the token counts of a batch
-of pairs) instead of four to six tensors; `Scores` (the policy's output: log-probs per view) hands them out. The one registry, `DPO_LOSS_TYPES`: `loss_type` name ->
-f(pair, *, beta, label_smoothing, ...) -> [B], dispatched by `dpo_loss` (the other families choose among
-their formulations in modules/).
+of pairs) instead of four to six tensors; `Scores` (the policy's output: log-probs per view) hands them out.
+The one registry, `DPO_LOSS_TYPES`: `loss_type` name -> f(pair, *, beta, label_smoothing, ...) -> [B],
+dispatched by `dpo_loss` (the other families choose among their formulations in modules/).
 """
 
 from __future__ import annotations
