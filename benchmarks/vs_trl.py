@@ -22,9 +22,10 @@ from it, tokens = prompt + response of chosen and rejected, as TRL counts them),
 the same steps with everything between them (data loading, collation, logging: wall time from the start
 of the first timed step to the end of the last), and the process's peak memory (CUDA max allocated on a
 GPU, else max RSS) and of it the training's own (on the CPU: less what the process held after its imports,
-before the model, the interpreter and libraries, which differ between the two sides), and of the step the seconds spent in the reference's log-probs (TRL's where the reference is
-a model of its own, i.e. not under LoRA). The warmup steps are left out of all: the first step pays one-off costs (Lightning
-creates its logged metrics there, ~0.25 s) that do not recur. Variants:
+before the model, the interpreter and libraries, which differ between the two sides), and of the step the
+seconds spent in the reference's log-probs (TRL's where the reference is a model of its own, i.e. not under
+LoRA). The warmup steps are left out of all: the first step pays one-off costs (Lightning creates its logged
+metrics there, ~0.25 s) that do not recur. Variants:
 
   dpo             full fine-tuning, reference = frozen copy          vs TRL DPOTrainer (ref_model copy)
   dpo_paper       as dpo, vision tower and projector frozen on both    vs TRL DPOTrainer (ref_model copy)
