@@ -154,10 +154,13 @@ class PreferencePolicy(nn.Module):
             if self.reference_table is None:
                 raise ValueError("reference='precomputed': the reference log-probs were not computed before this step")
             return self.reference_table.lookup(batch.keys, views, batch.prompt.input_ids.device, batch.ids)
-        model = self.reference if self.reference is not None else self.model
-        adapters_off = model.disable_adapter() if self.reference_strategy == "adapter" else contextlib.nullcontext()
-        with self._no_autograd(), adapters_off, _eval(model):
-            logps = self._logps(model, batch, views, share=self.shares_image_features)
+        share = self.shares_image_features
+        if self.reference_strategy == "copy":
+            with self._no_autograd():  # the copy is always in eval mode
+                logps = self._logps(self.reference, batch, views, share=share)
+        else:
+            with self._no_autograd(), self.model.disable_adapter(), _eval(self.model):
+                logps = self._logps(self.model, batch, views, share=share)
         return _plain(logps)
 
     def _no_autograd(self):
