@@ -118,7 +118,7 @@ class PreferenceBatch:
         return len(self.ids)
 
     def to(self, device) -> PreferenceBatch:
-        """Every tensor on `device` (non-blocking from pinned memory); ids and the rest as they are."""
+        """Every tensor on `device` (a blocking copy: batches are not pinned); ids and the rest as they are."""
         moved = {}
         for f in fields(self):
             value = getattr(self, f.name)
