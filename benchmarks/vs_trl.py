@@ -102,23 +102,26 @@ def start_memory_mib() -> float:
 
     if torch.cuda.is_available():
         return 0.0
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    return _proc_status_mib("VmRSS") or 0.0
 
 
 def process_peak_rss_mib() -> float:
     """This process's peak resident memory: VmHWM, the high-water mark of its own address space. Not ru_maxrss,
     which on Linux carries over the peak of the process image an exec replaced, i.e. the driver's that forked
     the worker (which made both sides of a comparison read the same number)."""
+    peak = _proc_status_mib("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _proc_status_mib(field: str) -> float | None:
+    """A memory field of /proc/self/status (Linux) in MiB, or None where there is none."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return None
 
 
 def random_init(module, device: str, dtype) -> None:

@@ -81,7 +81,7 @@ class PreferencePolicy(nn.Module):
         self.requested_mode: Mode = mode
         self._fallbacks: set[str] = set()
         self._shared_features: tuple[tuple, dict[str, list[Tensor]]] | None = None
-        self._last_rows: tuple[tuple, Rows] | None = None  # _rows: the last batch's
+        self._last_rows: tuple[Tensor, tuple, Mode, Rows] | None = None  # _rows: the last batch's
         self._unsharded_calls: str | None = None  # set when FSDP2 sharding rules out calling parts
         self._roots: dict[int, ShardedRoot] = {}  # FSDP2: id(model) -> its root (a plain dict: not submodules)
 
@@ -193,11 +193,11 @@ class PreferencePolicy(nn.Module):
 
     def _rows(self, batch: PreferenceBatch, views: tuple[str, ...], mode: Mode) -> Rows:
         """The batch's rows (and their block mask), built once for the policy and the reference of a step."""
-        key = (batch.prompt.input_ids, views, mode)  # the batch's own tensor: identity, not id()
-        if self._last_rows is None or self._last_rows[0][0] is not key[0] or self._last_rows[0][1:] != key[1:]:
+        last = self._last_rows  # keyed by the batch's own tensor (identity, not id()), the views and the mode
+        if last is None or last[0] is not batch.prompt.input_ids or last[1:3] != (views, mode):
             with torch.inference_mode(False):  # ordinary tensors: the policy's graph may keep them
-                self._last_rows = (key, build_rows(batch, views, packed=mode == "packed"))
-        return self._last_rows[1]
+                last = self._last_rows = (batch.prompt.input_ids, views, mode, build_rows(batch, views, mode == "packed"))
+        return last[3]
 
     def _image_features(self, model: nn.Module, batch: PreferenceBatch, rows: Rows, share: bool) -> list[Tensor]:
         """Each unique image of the batch encoded once; returned per row. With `share`, the features are
