@@ -28,6 +28,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_meddpo.attention import use_prefix_attention, uses_prefix_attention
 from lightning_meddpo.backbones.adapter import adapter_for
 from lightning_meddpo.backbones.build import disable_dropout
 from lightning_meddpo.backbones.sharding import (
@@ -70,6 +71,8 @@ class PreferencePolicy(nn.Module):
             raise ValueError(f"unknown mode {mode!r}; use packed, rows or logits")
         if not dropout:
             disable_dropout(model)
+        if mode == "packed" and adapter_for(model).known:
+            use_prefix_attention(adapter_for(model).text_config(model))  # sdpa -> sdpa with packed rows' attention
         self.model = model.train()  # from_pretrained returns eval mode
         self.reference_strategy = reference
         self.reference: nn.Module | None = None
@@ -227,13 +230,18 @@ class PreferencePolicy(nn.Module):
         dtype = core.get_input_embeddings().weight.dtype
         if torch.is_autocast_enabled(rows.input_ids.device.type):
             dtype = torch.get_autocast_dtype(rows.input_ids.device.type)
-        mask = rows.block_mask(dtype) if block_mask else rows.valid.long()
+        extra = {}
+        if block_mask and uses_prefix_attention(adapter.text_config(model)):
+            extra["prefix_layout"] = layout = rows.prefix_layout()  # causal + a correction: no [L, L] mask
+            mask = layout.mask  # 4-D: transformers hands it on as it is (see attention.prefix_sdpa)
+        else:
+            mask = rows.block_mask(dtype) if block_mask else rows.valid.long()
         positions = adapter.positions(core, rows, lambda: row_images(batch, rows))
         if positions is None:
             positions = rows.positions if block_mask else None  # one segment per row: the model's own positions
         out = core(
             input_ids=rows.input_ids, attention_mask=mask, position_ids=positions,
-            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=features)}, use_cache=False,
+            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=features)}, use_cache=False, **extra,
         )
         return out.last_hidden_state
 

@@ -33,7 +33,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "lightning_meddpo"
 
 ENTRY = {"cli", "entry", "__main__"}
-LEAVES = {"text", "cache", "llm", "checkpoints", "reference_cache", "strategies", "losses", "logps", "registry",
+LEAVES = {"text", "cache", "llm", "checkpoints", "reference_cache", "strategies", "losses", "logps", "registry", "attention",
           "__init__", "backbones.templates", "backbones.qwen"}
 FAMILIES = {"backbones.adapter", "backbones.llava", "backbones.qwen_vl"}
 RANKS = {"data": 2, "backbones": 3, "policy": 4, "eval": 4, "modules": 5, "callbacks": 5, "plan": 5,

@@ -19,6 +19,8 @@ from functools import reduce
 
 from torch import Tensor, nn
 
+from lightning_meddpo.attention import NAME as PREFIX_ATTENTION
+
 FREEZABLE = ("vision_tower", "projector", "language_model")  # the parts `freeze` can name
 
 
@@ -107,14 +109,19 @@ class Backbone:
     def packing_support(self, model: nn.Module, max_row: int | None = None) -> str | None:
         """None if rows with a block attention mask can go through the model; else why not."""
         config = base_model(model).config
-        text = getattr(config, "text_config", config)
+        text = self.text_config(model)
         impl = getattr(text, "_attn_implementation", None) or getattr(config, "_attn_implementation", None) or "eager"
-        if impl not in ("eager", "sdpa"):
+        if impl not in ("eager", "sdpa", PREFIX_ATTENTION):
             return f"attention implementation {impl!r} takes no custom block mask (eager and sdpa do)"
         window = getattr(text, "sliding_window", None) if getattr(text, "use_sliding_window", True) else None
         if window and max_row is not None and max_row > window:
             return f"a packed row ({max_row} tokens) is longer than the sliding window ({window})"
         return None
+
+    def text_config(self, model: nn.Module):
+        """The language model's config (the whole model's where it has no separate text config)."""
+        config = base_model(model).config
+        return getattr(config, "text_config", config)
 
     def image_features(self, core: nn.Module, images) -> list[Tensor]:
         """Each image's features as the language model takes them (`images`: data.batch.EncodedImages)."""

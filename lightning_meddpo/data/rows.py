@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from lightning_meddpo.attention import PrefixLayout, prefix_layout
 from lightning_meddpo.data.batch import EncodedImages, PreferenceBatch, TokenRows
 
 # view -> (response side, image side)
@@ -50,6 +51,7 @@ class Rows:
     pair: Tensor  # [R] the pair each row belongs to
     segments: dict[str, Segment]  # per view
     _masks: dict[torch.dtype, Tensor] = field(default_factory=dict, repr=False)  # block_mask's, per dtype
+    _layout: PrefixLayout | None = field(default=None, repr=False)  # prefix_layout's
 
     @property
     def valid(self) -> Tensor:
@@ -69,6 +71,14 @@ class Rows:
                 blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=seg.device)
                 self._masks[dtype] = torch.where(allowed, torch.zeros((), dtype=dtype, device=seg.device), blocked)[:, None]
         return self._masks[dtype]
+
+    def prefix_layout(self) -> PrefixLayout:
+        """The same rule for attention.prefix_sdpa: causal over the row, and where the second and later responses
+        look ([R, 1, T, L], T their longest count). Made once, outside inference_mode, like block_mask."""
+        if self._layout is None:
+            with torch.inference_mode(False):
+                self._layout = prefix_layout(self.segment_ids)
+        return self._layout
 
 
 def build_rows(batch: PreferenceBatch, views: tuple[str, ...], packed: bool, pad_id: int = 0) -> Rows:
