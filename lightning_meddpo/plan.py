@@ -12,7 +12,8 @@ step needs on top of the weights is worked out part by part (`Plan`):
   same configuration run for a few tokens on the CPU (torch.autograd.graph.saved_tensors_hooks, under autocast
   for bf16-mixed); the difference is one layer's bytes per token, so the figure follows the actual layer code
   (attention kernel, norms in float32, LoRA, autocast's weight casts), scaled to the configured rows. The packed
-  rows' attention mask is counted once. With activation checkpointing, each layer keeps its input and one layer
+  rows' attention mask is counted once (sdpa: attention.prefix_sdpa's bool mask of the later responses' tokens;
+  eager: the additive [rows, L, L] one). With activation checkpointing, each layer keeps its input and one layer
   is recomputed at a time;
 - transients: the response log-probs' [tokens, vocabulary] float32 logits (`logp_chunk` tokens at a time), and
   the optimizer step's scratch (torch's foreach AdamW on a GPU holds one state-sized copy; on a CPU one tensor's);
@@ -333,7 +334,10 @@ class Planner:
         w_bytes, g_bytes, o_bytes, a_bytes = PRECISION_BYTES[s.precision]
         shards = s.devices if s.strategy in ("fsdp", "fsdp2") else 1
         tokens = workload.rows * workload.row_tokens
-        mask = workload.rows * workload.row_tokens**2 * a_bytes  # packed rows' additive mask, shared by every layer
+        if getattr(text, "_attn_implementation", None) == "eager":  # packed rows' additive [L, L] mask
+            mask = workload.rows * workload.row_tokens**2 * a_bytes
+        else:  # sdpa -> attention.prefix_sdpa: a bool mask for the later responses' tokens (at most all responses')
+            mask = workload.response_tokens * workload.row_tokens
         embeddings = tokens * text.hidden_size * a_bytes  # the embeddings the image features are written into
         one_layer = self.text.layer(workload.rows, workload.row_tokens)
         if s.gradient_checkpointing:
