@@ -7,9 +7,10 @@ A pair is scored under *views* (a response with an image): `chosen` and `rejecte
   block attention mask (each response sees the prompt and itself, never the other response) and position ids
   that restart after the prompt, so the prompt with its hundreds of image tokens is forwarded once per (image,
   prompt); gradients reach the prompt from both responses. Under sdpa the block rule runs as causal attention plus
-  a small correction for the later responses (attention.py: no [L, L] mask); under eager as an additive mask. Each unique image is encoded once per step, by the
-  policy, and the reference reuses those features when the vision tower and projector are frozen. Only the
-  hidden states that predict response tokens go through the LM head and log-softmax.
+  a small correction for the later responses (attention.py: no [L, L] mask); under eager as an additive mask.
+  Each unique image is encoded once per step, by the policy, and the reference reuses those features when the
+  vision tower and projector are frozen. Only the hidden states that predict response tokens go through the LM
+  head and log-softmax.
 - "rows": one row per view, the same economies (for attention kernels that cannot take a block mask).
 - "logits": the model's own forward on one row per view, full logits (TRL's way; for architectures without
   the hooks above). The reason for falling back is logged once.
