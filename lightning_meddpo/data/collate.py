@@ -22,6 +22,7 @@ from lightning_meddpo.data.batch import (
     PreferenceBatch,
     TokenRows,
 )
+from lightning_meddpo.data.pixels import SKIPPED, PixelTable
 from lightning_meddpo.data.records import IMAGE_TOKEN, Turn
 
 ROLE = {"human": "user", "gpt": "assistant"}
@@ -60,9 +61,21 @@ class PairEncoder:
     image_placeholder: str | None = None
     chat_template: str | None = None
     _placeholder: str = field(init=False)
+    _pixels: PixelTable | None = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._placeholder = self.image_placeholder or placeholder_for(getattr(self.processor, "image_token", IMAGE_TOKEN))
+        self._pixels = PixelTable.for_image_processor(getattr(self.processor, "image_processor", None))
+
+    def _processed(self, call, **kwargs) -> dict:
+        """`call(**kwargs)` (the processor or its image processor) as a dict; where the image processor's
+        rescale + normalize has a PixelTable (data/pixels.py), the table does them: the same pixel values."""
+        if self._pixels is not None:
+            out = dict(call(**kwargs, **SKIPPED))
+            if out["pixel_values"].dtype == torch.uint8:
+                out["pixel_values"] = self._pixels(out["pixel_values"])
+                return out
+        return dict(call(**kwargs))
 
     @property
     def tokenizer(self):
@@ -99,7 +112,7 @@ class PairEncoder:
         return prompt_text, self.render_response(prompt, prompt_text, response)
 
     def encode_images(self, image: Image.Image) -> EncodedImages:
-        out = self.processor.image_processor(images=[image], return_tensors="pt")
+        out = self._processed(self.processor.image_processor, images=[image], return_tensors="pt")
         pixel_values = out.pop("pixel_values")
         return EncodedImages(pixel_values=pixel_values, extra=dict(out))
 
@@ -109,7 +122,8 @@ class PairEncoder:
         bos = self.tokenizer.bos_token
         # Templates that render BOS themselves (LLaVA's) must not get a second one from the tokenizer.
         add_special = not (bos and prompt_text.startswith(bos))
-        enc = dict(self.processor(text=[prompt_text], images=[image], return_tensors="pt", add_special_tokens=add_special))
+        enc = self._processed(self.processor, text=[prompt_text], images=[image], return_tensors="pt",
+                              add_special_tokens=add_special)
         tokens = {"input_ids": enc.pop("input_ids")[0]}
         enc.pop("attention_mask", None)
         for key in TOKEN_LEVEL_EXTRAS:
