@@ -75,6 +75,12 @@ def test_processors_with_their_own_pipeline_keep_it():
     assert PixelTable.for_image_processor(llava_med_image_processor(do_rescale=False)) is None
     assert PixelTable.for_image_processor(None) is None
 
+    class OwnNormalize(CLIPImageProcessorPil):  # a family that changes one step keeps its whole pipeline
+        def normalize(self, image, mean, std, **kwargs):
+            return super().normalize(image, mean, std, **kwargs) * 2
+
+    assert PixelTable.for_image_processor(OwnNormalize()) is None
+
 
 def test_refuses_what_is_not_8bit_pixels():
     table = PixelTable.for_image_processor(llava_med_image_processor())

@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 
 SKIPPED = {"do_rescale": False, "do_normalize": False}  # processor kwargs: leave the 8-bit pixels to the table
+# PilBackend's methods from the call to the pixels: a processor that overrides any of them keeps its own pipeline
+STEPS = ("__call__", "preprocess", "_preprocess_image_like_inputs", "_preprocess", "rescale", "normalize")
 
 
 class PixelTable:
@@ -35,7 +37,7 @@ class PixelTable:
         except ImportError:  # a transformers without the PIL backend: its own pipeline
             return None
         p = image_processor
-        if not isinstance(p, PilBackend) or type(p)._preprocess is not PilBackend._preprocess:
+        if not isinstance(p, PilBackend) or any(getattr(type(p), step) is not getattr(PilBackend, step) for step in STEPS):
             return None
         if not (p.do_rescale and p.do_normalize) or getattr(p, "do_pad", False):
             return None
