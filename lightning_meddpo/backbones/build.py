@@ -65,6 +65,51 @@ def freeze_unused_vision_layers(model: torch.nn.Module) -> list[str]:
     return [name for name, _ in unused]
 
 
+# Layers whose weights autocast hands to its kernels in the low precision (torch's autocast op lists: linear, conv).
+AUTOCAST_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+@dataclass
+class FrozenStorage:
+    """What `store_frozen_in` did: parameters (values) stored in the low precision, and those it left in theirs
+    because the low precision does not hold them exactly."""
+
+    stored: int = 0
+    kept: int = 0
+
+
+def store_frozen_in(model: nn.Module, dtype: torch.dtype, exact_only: bool = True) -> FrozenStorage:
+    """Store the frozen weights of linear and convolution layers in `dtype`, the dtype autocast computes them in.
+
+    Under a mixed precision (Lightning's bf16-mixed) autocast casts every such float32 weight to bfloat16 at each
+    forward, and the copy of a frozen weight lives on until the backward, which multiplies by it: a frozen 7B
+    language model (LoRA's base, a `copy` reference) costs its float32 weights plus a bfloat16 copy, 6 bytes a value
+    where 2 do. Stored in `dtype`, autocast has nothing to cast and the forward is bitwise the same (the cast is the
+    same round-to-nearest, made once). A layer is stored so only when all its parameters are frozen and used by no
+    other layer (a tied LM head shares the input embeddings, which autocast does not cast). `exact_only`: only
+    tensors `dtype` holds exactly (a backbone saved in `dtype`), so weights a checkpoint saves keep their values;
+    a `copy` reference, never saved, takes any."""
+    owners: dict[int, list[nn.Module]] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(module)
+    done = FrozenStorage()
+    for module in model.modules():
+        params = list(module.parameters(recurse=False))
+        if not isinstance(module, AUTOCAST_LAYERS) or not params or any(p.requires_grad for p in params):
+            continue
+        if any(len(owners[id(p)]) > 1 for p in params) or all(p.dtype == dtype for p in params):
+            continue
+        count = sum(p.numel() for p in params)
+        if exact_only and not all(torch.equal(p.detach().to(dtype).to(p.dtype), p.detach()) for p in params):
+            done.kept += count
+            continue
+        module.to(dtype)
+        done.stored += count
+    return done
+
+
 def disable_dropout(model: nn.Module) -> None:
     """Zero every dropout: preference losses compare log-probs that dropout would make noisy."""
     for module in model.modules():
