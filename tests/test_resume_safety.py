@@ -29,8 +29,8 @@ def data(tmp_path_factory):
     return paths
 
 
-def fit(root: Path, *args: str, method: str = "dpo") -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "lightning_meddpo", "fit", "--config", str(REPO / f"configs/formulations/{method}.yaml"),
+def fit(root: Path, *args: str, method: str = "dpo", program: str = "fit") -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "lightning_meddpo", program, "--config", str(REPO / f"configs/formulations/{method}.yaml"),
            "--config", str(REPO / "configs/backbones/demo.yaml"), "--data.init_args.demo=false",
            "--data.init_args.batch_size=4", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
            "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={root / 'runs'}", *args]
@@ -186,6 +186,18 @@ def test_a_mid_epoch_resume_on_other_data_is_refused(tmp_path, data):
                               f"--ckpt_path={last}"))
     assert "cannot resume mid-epoch 0 (2 batches trained on)" in line and "16 -> 24 training pairs" in line
     assert "epoch boundary" in line
+
+
+def test_a_mid_epoch_checkpoint_is_evaluated_without_its_training_data(tmp_path, data):
+    """`test` and `validate` of a checkpoint saved mid-epoch (a best-*.ckpt at a mid-epoch validation, a last.ckpt
+    of max_steps) read no training position: the run's training data need not be loaded, or even exist."""
+    files = [f"--data.init_args.val_file={data['val']}", f"--data.init_args.test_file={data['test']}"]
+    ok(fit(tmp_path, *files, f"--data.init_args.train_file={data['train']}", "--trainer.max_steps=2"))
+    last = tmp_path / "runs/demo/dpo/version_0/checkpoints/last.ckpt"
+    tested = ok(fit(tmp_path, *files, f"--data.init_args.train_file={tmp_path / 'gone.json'}", f"--ckpt_path={last}",
+                    program="test"))
+    assert "test/loss" in tested.stdout
+    ok(fit(tmp_path, *files, f"--data.init_args.train_file={data['train']}", f"--ckpt_path={last}", program="validate"))
 
 
 @pytest.mark.parametrize("n", [16, 15])

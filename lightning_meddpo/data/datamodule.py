@@ -25,6 +25,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -528,7 +529,10 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the position; a mid-epoch resume on other training data is refused (which pairs of the epoch
-        were trained on is only known for the same pairs in the same order)."""
+        were trained on is only known for the same pairs in the same order). Evaluating a checkpoint (validate, test,
+        predict) restores nothing: where its training stood does not matter, and its training data need not be there."""
+        if self.trainer is not None and self.trainer.state.fn != TrainerFn.FITTING:
+            return
         self._restored = True
         if not state or "position" not in state:
             return
