@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -170,5 +171,18 @@ def test_fully_shard_layers_and_reference(tmp_path, monkeypatch):
         for (name, p), q in zip(checkpointed.policy.model.named_parameters(), plain.policy.model.parameters()):
             if q.grad is not None:
                 torch.testing.assert_close(p.grad.full_tensor(), q.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+        # bf16-mixed: the reference's linear layers stored in bfloat16 beside its float32 norms, in the same units
+        mixed = DPO()
+        mixed._device_mesh = mesh
+        mixed._trainer = types.SimpleNamespace(precision="bf16-mixed", strategy=None)
+        mixed.configure_model()
+        dtypes = {p.dtype for p in mixed.policy.reference.parameters()}
+        assert dtypes == {torch.float32, torch.bfloat16}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = mixed.compute_loss(batch)
+            expected, _ = plain.compute_loss(batch)
+        assert torch.equal(loss, expected)
+        loss.backward()
     finally:
         dist.destroy_process_group()
