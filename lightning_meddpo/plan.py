@@ -5,9 +5,10 @@ activation checkpointing: backbones/build.prepare_policy_model), so parameter co
 step needs on top of the weights is worked out part by part (`Plan`):
 
 - weights, gradients and optimizer states from the counts and the precision's bytes per value
-  (AdamW: two states; Lightning's bf16-mixed keeps float32 weights, bf16-true bfloat16 ones);
-- the reference: a `copy` is a second set of weights, `adapter` (LoRA off) and `precomputed` (a cache on disk)
-  cost no device memory, `none` nothing;
+  (AdamW: two states; Lightning's bf16-mixed keeps float32 weights, bf16-true bfloat16 ones); under bf16-mixed the
+  frozen linear weights are bfloat16 where the backbone is saved in bfloat16 (backbones/build.store_frozen_in);
+- the reference: a `copy` is a second set of weights (its linear ones bfloat16 under bf16-mixed), `adapter` (LoRA
+  off) and `precomputed` (a cache on disk) cost no device memory, `none` nothing;
 - activations: what autograd saves for the backward, *measured* on a one- and a two-decoder-layer model of the
   same configuration run for a few tokens on the CPU (torch.autograd.graph.saved_tensors_hooks, under autocast
   for bf16-mixed); the difference is one layer's bytes per token, so the figure follows the actual layer code
@@ -34,6 +35,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+
+from lightning_meddpo.backbones.build import AUTOCAST_DTYPES, store_frozen_in
 
 # bytes per value: weights, gradients, each optimizer state, activations (autocast computes in bf16)
 PRECISION_BYTES = {
@@ -121,8 +124,14 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return adapter.part(model, adapter.language_model).layers
 
 
-def largest_layer_parameters(model: nn.Module) -> int:
-    return max(sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model))
+def largest_layer_bytes(model: nn.Module, precision_bytes: tuple[int, int, int, int]) -> tuple[int, int]:
+    """(weights, gradients) of the largest decoder layer: what FSDP gathers while it computes. A weight stored in a
+    lower precision than the precision's (store_frozen_in) counts its own bytes."""
+    w_bytes, g_bytes = precision_bytes[:2]
+
+    layers = [(sum(p.numel() * min(w_bytes, p.element_size()) for p in layer.parameters()),
+               sum(p.numel() * g_bytes for p in layer.parameters() if p.requires_grad)) for layer in decoder_layers(model)]
+    return max(layers)
 
 
 # ------------------------------------------------------------------------------------------- activations
@@ -214,10 +223,11 @@ def compute_dtype(precision: str, strategy: str) -> torch.dtype:
 
 
 def text_layer_bytes(text_config, lora, trainable: bool, precision: str, device: str = "cpu",
-                     dtype: torch.dtype | None = None) -> LayerBytes:
+                     dtype: torch.dtype | None = None, store_frozen: bool = False) -> LayerBytes:
     """What a decoder layer of `text_config` saves, measured on the CPU with a one- and a two-layer model fed
     one packed row with its additive block mask (as policy.Rows.block_mask gives it), under autocast for the
-    mixed precisions. The mask itself is left out (counted once, apart: every layer shares it)."""
+    mixed precisions (`store_frozen`: its frozen linear weights in bfloat16, as training stores them, so autocast
+    makes no copies of them). The mask itself is left out (counted once, apart: every layer shares it)."""
     autocast = precision in ("bf16-mixed", "16-mixed")
     dtype = dtype or compute_dtype(precision, "single")
     mask_dtype = torch.bfloat16 if autocast else dtype
@@ -226,6 +236,8 @@ def text_layer_bytes(text_config, lora, trainable: bool, precision: str, device:
         config = _sized(text_config, layers)
         config.vocab_size = 16  # fed embeddings: the token embedding table is never read
         model = _probe_model(config, lora, trainable, dtype, device)
+        if store_frozen and autocast:
+            store_frozen_in(model, torch.bfloat16, exact_only=False)
         return [saved(model, tokens) for tokens in sizes]
 
     def saved(model, tokens: int) -> int:
@@ -300,6 +312,7 @@ class Settings:
     gradient_checkpointing: bool = False
     logp_chunk: int | None = 1024
     on_gpu: bool = True
+    saved_dtype: str | None = None  # the backbone's weights as saved (config.json); None: read from the config
 
 
 class Planner:
@@ -315,12 +328,23 @@ class Planner:
         model = meta_model(config, settings.lora, settings.freeze, settings.gradient_checkpointing)
         self.parameters, self.trainable = parameter_counts(model)
         self.largest_trainable = max((p.numel() for p in model.parameters() if p.requires_grad), default=0)
-        self.layer_parameters = largest_layer_parameters(model)
         self.lm_trains = any(p.requires_grad for p in decoder_layers(model).parameters())
         self.vision_trains = vision_trains(model)
         self.reference = "adapter" if settings.lora is not None and settings.reference == "copy" else settings.reference
+        # frozen linear weights in autocast's dtype (PreferenceModule.store_frozen_in_compute_dtype): the reference
+        # copy's all, the policy's where the backbone is saved in that dtype (exact values)
+        self.low = AUTOCAST_DTYPES.get(settings.precision) if settings.strategy != "fsdp" else None
+        saved = settings.saved_dtype or str(getattr(config, "dtype", None) or "").removeprefix("torch.")
+        self.store_policy = self.low is not None and saved == str(self.low).removeprefix("torch.")
+        self.stored = self.reference_stored = 0
+        if self.low is not None and self.reference == "copy":
+            self.reference_stored = store_frozen_in(copy.deepcopy(model).requires_grad_(False), self.low, False).stored
+        if self.store_policy:
+            self.stored = store_frozen_in(model, self.low, exact_only=False).stored
+        self.layer_weight_bytes, self.layer_gradient_bytes = largest_layer_bytes(model, PRECISION_BYTES[settings.precision])
         dtype = compute_dtype(settings.precision, settings.strategy)
-        self.text = text_layer_bytes(config.text_config, settings.lora, self.lm_trains, settings.precision, dtype=dtype)
+        self.text = text_layer_bytes(config.text_config, settings.lora, self.lm_trains, settings.precision, dtype=dtype,
+                                     store_frozen=self.store_policy)
         self.vision: LayerBytes | None = None  # a frozen tower's forward keeps nothing for the backward
         self.vision_modelled = True
         if self.vision_trains:
@@ -353,10 +377,17 @@ class Planner:
                           "none": "no reference model"}[self.reference])
         if not self.vision_modelled:
             notes.append("the vision tower trains: its activations are not in this plan (freeze it, as the paper does)")
-        weights = self.parameters * w_bytes // shards
+        if self.stored:
+            notes.append(f"frozen linear weights in {self.low} (the backbone is saved in it): {self.stored:,} values")
+        elif self.low is not None and self.parameters > self.trainable:
+            notes.append(f"frozen weights kept in float32: the backbone is not saved in {self.low} (autocast casts them "
+                         "each step; saved in it, they would take a third of the memory)")
+        low_bytes = torch.finfo(self.low).bits // 8 if self.low is not None else w_bytes
+        weights = ((self.parameters - self.stored) * w_bytes + self.stored * low_bytes) // shards
+        reference = ((self.parameters - self.reference_stored) * w_bytes + self.reference_stored * low_bytes) // shards
         return Plan(
             weights=weights,
-            reference=weights if self.reference == "copy" else 0,
+            reference=reference if self.reference == "copy" else 0,
             gradients=self.trainable * g_bytes // shards,
             optimizer=OPTIMIZER_STATES * self.trainable * o_bytes // shards,
             activations=int(layers + self.text.outside(workload.rows, workload.row_tokens) + mask + embeddings
@@ -364,7 +395,7 @@ class Planner:
             layer_activations=int(one_layer),
             logits=3 * chunk * text.vocab_size * 4,  # float32 logits, their log-softmax and its gradient
             optimizer_scratch=(self.trainable // shards if s.on_gpu else self.largest_trainable) * o_bytes,
-            unsharded_layers=2 * self.layer_parameters * (w_bytes + (g_bytes if self.lm_trains else 0)) if shards > 1 else 0,
+            unsharded_layers=2 * (self.layer_weight_bytes + self.layer_gradient_bytes) if shards > 1 else 0,
             trainable_parameters=self.trainable,
             parameters=self.parameters,
             notes=notes,
@@ -421,7 +452,10 @@ def settings_of(module, trainer) -> Settings:
     name = type(trainer.strategy).__name__
     strategy = "fsdp2" if "ModelParallel" in name or "FSDP2" in name else "fsdp" if "FSDP" in name else \
         "ddp" if "DDP" in name else "single"
+    low = AUTOCAST_DTYPES.get(str(trainer.precision))
+    stored = low is not None and any(p.dtype == low for p in module.policy.model.parameters() if not p.requires_grad)
     return Settings(precision=str(trainer.precision), strategy=strategy, devices=trainer.world_size,
                     reference=module.reference_strategy, lora=lora, freeze=module.frozen_parts,
                     gradient_checkpointing=h.gradient_checkpointing, logp_chunk=h.logp_chunk,
-                    on_gpu=trainer.strategy.root_device.type == "cuda")
+                    on_gpu=trainer.strategy.root_device.type == "cuda",
+                    saved_dtype=str(low if stored else torch.float32).removeprefix("torch."))

@@ -9,11 +9,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from transformers import AutoConfig
 
 from lightning_meddpo.backbones.build import LoraSettings
 from lightning_meddpo.backbones.loader import resolve_backbone
-from lightning_meddpo.plan import Planner, Settings, Workload
+from lightning_meddpo.plan import Planner, Settings, Workload, meta_model
 from tests.conftest import REPO, run_cli
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -130,3 +131,45 @@ def test_gpu_check_runs_on_the_cpu_with_tiny(tmp_path):
     assert case["steps_timed"] == 2 and case["pairs_per_second"] > 0 and case["planned_peak_gib"] > 0
     assert math.isclose(case["first_loss"], math.log(2), abs_tol=1e-4)  # policy == reference at step 1
     assert "lora_fsdp2_ckpt" in proc.stdout  # the table
+
+
+def test_bf16_mixed_plans_frozen_linear_weights_in_bf16_where_the_backbone_is_saved_in_it(tiny_config):
+    """The copy reference's linear weights always, LoRA's frozen base only for a backbone saved in bfloat16: two
+    bytes a value, and no autocast copies of them among the activations."""
+    work = Workload(rows=4, row_tokens=64, images=4, response_tokens=64)
+    full = Planner(tiny_config, Settings(precision="bf16-mixed", saved_dtype="float32")).plan(work)
+    linear = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+                 for m in meta_model(tiny_config).modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
+    assert full.weights == full.parameters * 4  # trains: float32
+    assert full.reference == (full.parameters - linear) * 4 + linear * 2
+    fp32 = Planner(tiny_config, Settings(precision="32-true")).plan(work)
+    assert fp32.reference == fp32.weights
+
+    lora = LoraSettings(r=4)
+    kept = Planner(tiny_config, Settings(precision="bf16-mixed", lora=lora, saved_dtype="float32"))
+    stored = Planner(tiny_config, Settings(precision="bf16-mixed", lora=lora, saved_dtype="bfloat16"))
+    a, b = kept.plan(work), stored.plan(work)
+    frozen_linear = stored.stored
+    assert frozen_linear > 0 and kept.stored == 0
+    assert a.weights - b.weights == frozen_linear * 2
+    assert stored.text.once < kept.text.once  # autocast's per-forward bf16 copies of the frozen base are gone
+    assert b.activations < a.activations and b.peak < a.peak
+    assert any("kept in float32" in n for n in a.notes) and any("frozen linear weights in" in n for n in b.notes)
+    fsdp1 = Planner(tiny_config, Settings(precision="bf16-mixed", strategy="fsdp", devices=2, lora=lora,
+                                          saved_dtype="bfloat16"))
+    assert fsdp1.stored == 0  # FSDPStrategy flattens a layer's parameters into one dtype: nothing stored
+
+
+def test_the_plan_follows_a_bf16_saved_backbone_within_20_percent(demo_dir, tmp_path):
+    """A LoRA run under bf16-mixed on a backbone saved in bfloat16 (its frozen base stored so): planned as measured."""
+    from plan_accuracy import measure
+
+    from lightning_meddpo.backbones.loader import load_model, load_processor
+
+    load_model("tiny://llama").to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    load_processor("tiny://llama").save_pretrained(tmp_path / "bf16")
+    result = measure(["configs/formulations/dpo.yaml", "configs/backbones/demo.yaml"],
+                     [*data_args(demo_dir), "--data.init_args.batch_size=4", f"--model.init_args.backbone={tmp_path / 'bf16'}",
+                      '--model.init_args.lora={"r": 4, "alpha": 8}', "--trainer.precision=bf16-mixed"])
+    assert result["measured_peak_mib"] > 0
+    assert 0.8 <= result["ratio"] <= 1.2, result
