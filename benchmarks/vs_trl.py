@@ -7,7 +7,8 @@
 Every measurement runs in a fresh process (`--worker`); ours and TRL's alternate, repeat by repeat, so
 a machine that slows down slows both. Each process trains `--steps` optimizer steps on the same pairs in
 file order (ours: data `shuffle: false`; TRL: `train_sampling_strategy="sequential"`), same batch size,
-fp32 (or `--precision bf16`), no gradient checkpointing (TRL turns it on by default; off on both sides
+fp32 (or `--precision bf16`: float32 trainable weights under bf16 autocast, and on both sides the frozen linear
+weights stored in bfloat16 as ours stores them, backbones/build.store_frozen_in), no gradient checkpointing (TRL turns it on by default; off on both sides
 here), no evaluation, no checkpoints, the same frozen parts (the CLIP layers after LLaVA's feature layer,
 which get no gradient, on both sides) and for LoRA the same adapters: each side's trainable parameters are
 counted and a variant whose counts differ is reported as not comparable, with no ratio. Both sides get the
@@ -138,12 +139,18 @@ def random_init(module, device: str, dtype) -> None:
 
 
 def random_model(model_dir, device: str, dtype):
+    """Seeded random weights holding bfloat16 values, as a backbone saved in bfloat16 (published 7B ones are) loads:
+    under bf16-mixed its frozen weights are then stored in bfloat16 on both sides (see run_trl)."""
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     torch.manual_seed(0)
     with torch.device(device):
-        return AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model_dir), dtype=dtype)
+        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model_dir), dtype=dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16))
+    return model
 
 
 # ---------------------------------------------------------------------------------------------- workers
@@ -258,6 +265,7 @@ def run_trl(args) -> dict:
         LoraSettings,
         freeze_parts,
         freeze_unused_vision_layers,
+        store_frozen_in,
     )
 
     if args.random_init:
@@ -279,6 +287,11 @@ def run_trl(args) -> dict:
     timer, reference = Timer(), ReferenceClock()
     trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=processor,
                          peft_config=peft_config, callbacks=[timer])
+    if args.precision == "bf16":  # the frozen weights stored as ours stores them under bf16-mixed (the same values;
+        # what a TRL user gets from a bf16-saved model loaded in bfloat16, peft keeping its adapters in float32)
+        store_frozen_in(trainer.model, torch.bfloat16)
+        if trainer.ref_model is not None:
+            store_frozen_in(trainer.ref_model, torch.bfloat16, exact_only=False)
     losses = []
     trainer.add_callback(type("L", (TrainerCallback,), {"on_log": lambda self, a, s, c, logs=None, **k: losses.append(logs)})())
     if trainer.ref_model is not None:  # full fine-tuning: the reference is its own model; under LoRA it is not apart

@@ -377,11 +377,12 @@ class Planner:
                           "none": "no reference model"}[self.reference])
         if not self.vision_modelled:
             notes.append("the vision tower trains: its activations are not in this plan (freeze it, as the paper does)")
+        low = str(self.low).removeprefix("torch.")
         if self.stored:
-            notes.append(f"frozen linear weights in {self.low} (the backbone is saved in it): {self.stored:,} values")
+            notes.append(f"frozen linear weights in {low} (the backbone is saved in it): {self.stored:,} values")
         elif self.low is not None and self.parameters > self.trainable:
-            notes.append(f"frozen weights kept in float32: the backbone is not saved in {self.low} (autocast casts them "
-                         "each step; saved in it, they would take a third of the memory)")
+            notes.append(f"frozen weights kept in float32: the backbone is not saved in {low} (or say so: --saved_dtype; "
+                         "autocast casts them each step, stored in it they take a third of the memory)")
         low_bytes = torch.finfo(self.low).bits // 8 if self.low is not None else w_bytes
         weights = ((self.parameters - self.stored) * w_bytes + self.stored * low_bytes) // shards
         reference = ((self.parameters - self.reference_stored) * w_bytes + self.reference_stored * low_bytes) // shards

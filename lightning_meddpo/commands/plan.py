@@ -48,6 +48,9 @@ def build_parser() -> ArgumentParser:
                    help=f"prompt tokens per pair, image included (default: the image's + {DEFAULT_PROMPT_TEXT})")
     p.add_argument("--response_tokens", type=int, default=DEFAULT_RESPONSE, help="tokens per response")
     p.add_argument("--image_tokens", type=int | None, default=None, help="tokens per image (default: the config's)")
+    p.add_argument("--saved_dtype", type=str | None, default=None, help="the dtype the backbone's weights are saved in "
+                   "(default: its config.json's; unknown for --shape): under bf16-mixed, frozen weights saved in "
+                   "bfloat16 are kept in it")
     p.add_argument("--gpu_gib", type=float, default=80.0, help="memory of one device, GiB")
     p.add_argument("--json", type=bool, default=False, help="print the plan as JSON")
     return p
@@ -165,6 +168,7 @@ def run(args) -> dict:
                                                                   ("projector", "freeze_projector")) if init.get(k)],
         gradient_checkpointing=False,
         logp_chunk=init.get("logp_chunk", 1024),
+        saved_dtype=args.saved_dtype,
     )
     views = planned_views(cls, init)
     packed = (init.get("scoring") or "packed") == "packed"

@@ -190,8 +190,12 @@ class PreferenceModule(StepGuards, GenerationSteps, L.LightningModule):
         done = store_frozen_in(self.policy.model, dtype)
         if self.policy.reference is not None:
             store_frozen_in(self.policy.reference, dtype, exact_only=bool(self.hparams.save_reference))
-        log.info("frozen weights stored in %s: %d values%s", dtype, done.stored, f"; {done.kept} kept as they are (not "
-                 "exact in it: the backbone is saved in another dtype), autocast casts them each step" if done.kept else "")
+        name = str(dtype).removeprefix("torch.")
+        log.info("frozen linear weights stored in %s: %d values", name, done.stored)
+        if done.kept:
+            log.warning("%d frozen weight values are not exact in %s (the backbone is saved in another dtype): kept in "
+                        "float32, which autocast casts at every step (%.2f GiB more than stored in %s)", done.kept, name,
+                        done.kept * 4 / 2**30, name)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         hparams = checkpoint.get("hyper_parameters")
