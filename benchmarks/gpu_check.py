@@ -5,8 +5,9 @@
     python benchmarks/gpu_check.py --cases lora_fsdp2,full_fsdp2_ckpt --steps 8 --out results.json
 
 The model has LLaVA-Med v1.5's architecture and dimensions (Mistral-7B text model, CLIP ViT-L/14 at 336 px,
-576 image tokens: lightning_meddpo.plan.published_config("llava_med_7b")) with random weights, built directly on
-the device (`from_config` under the device, seeded) in place of `from_pretrained`; everything else is the
+576 image tokens: lightning_meddpo.plan.published_config("llava_med_7b")) with random weights holding bfloat16
+values (as a backbone saved in bf16 loads), built directly on the device (`from_config` under the device, seeded)
+in place of `from_pretrained`; everything else is the
 real `fit`: the CLI, the demo preference data (its images are resized to 336 px; its answers are short), the
 packed scoring, the copy or adapter reference, the strategy. Each case runs in a fresh process:
 
