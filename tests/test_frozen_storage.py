@@ -171,3 +171,16 @@ def test_bf16_mixed_run_stores_the_frozen_base_and_trains_the_same(bf16_backbone
 
     fp32, _, _ = fit(bf16_backbone, demo_dir, tmp_path / "c", "32-true", True, monkeypatch, steps=1)
     assert all(p.dtype == torch.float32 for p in fp32.policy.model.parameters())
+
+
+def test_the_benchmark_measures_less_memory_with_the_frozen_base_in_bf16():
+    """benchmarks/frozen_storage.py runs (a small shape): LoRA's peak is lower with the base stored in bf16."""
+    import sys
+
+    from tests.conftest import REPO
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from frozen_storage import main
+
+    (row,) = main(["--hidden", "64", "--layers", "2"])
+    assert 0 < row["stored_mib"] < row["kept_mib"] and row["planned_mib"] > 0
