@@ -8,8 +8,8 @@ Every measurement runs in a fresh process (`--worker`); ours and TRL's alternate
 a machine that slows down slows both. Each process trains `--steps` optimizer steps on the same pairs in
 file order (ours: data `shuffle: false`; TRL: `train_sampling_strategy="sequential"`), same batch size,
 fp32 (or `--precision bf16`: float32 trainable weights under bf16 autocast, and on both sides the frozen linear
-weights stored in bfloat16 as ours stores them, backbones/build.store_frozen_in), no gradient checkpointing (TRL turns it on by default; off on both sides
-here), no evaluation, no checkpoints, the same frozen parts (the CLIP layers after LLaVA's feature layer,
+weights stored in bfloat16 as ours stores them, backbones/build.store_frozen_in), no gradient checkpointing (TRL
+turns it on by default; off on both sides here), no evaluation, no checkpoints, the same frozen parts (the CLIP layers after LLaVA's feature layer,
 which get no gradient, on both sides) and for LoRA the same adapters: each side's trainable parameters are
 counted and a variant whose counts differ is reported as not comparable, with no ratio. Both sides get the
 same strings: the prompt as our chat template renders it and each response with its end-of-turn, so both

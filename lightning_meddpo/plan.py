@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from lightning_meddpo.backbones.build import AUTOCAST_DTYPES, store_frozen_in
+from lightning_meddpo.backbones.build import AUTOCAST_DTYPES, dtype_name, store_frozen_in
 
 # bytes per value: weights, gradients, each optimizer state, activations (autocast computes in bf16)
 PRECISION_BYTES = {
@@ -334,8 +334,8 @@ class Planner:
         # frozen linear weights in autocast's dtype (PreferenceModule.store_frozen_in_compute_dtype): the reference
         # copy's all, the policy's where the backbone is saved in that dtype (exact values)
         self.low = AUTOCAST_DTYPES.get(settings.precision) if settings.strategy != "fsdp" else None
-        saved = settings.saved_dtype or str(getattr(config, "dtype", None) or "").removeprefix("torch.")
-        self.store_policy = self.low is not None and saved == str(self.low).removeprefix("torch.")
+        saved = settings.saved_dtype or dtype_name(getattr(config, "dtype", None))
+        self.store_policy = self.low is not None and saved == dtype_name(self.low)
         self.stored = self.reference_stored = 0
         if self.low is not None and self.reference == "copy":
             self.reference_stored = store_frozen_in(copy.deepcopy(model).requires_grad_(False), self.low, False).stored
@@ -377,7 +377,7 @@ class Planner:
                           "none": "no reference model"}[self.reference])
         if not self.vision_modelled:
             notes.append("the vision tower trains: its activations are not in this plan (freeze it, as the paper does)")
-        low = str(self.low).removeprefix("torch.")
+        low = dtype_name(self.low)
         if self.stored:
             notes.append(f"frozen linear weights in {low} (the backbone is saved in it): {self.stored:,} values")
         elif self.low is not None and self.parameters > self.trainable:
@@ -459,4 +459,4 @@ def settings_of(module, trainer) -> Settings:
                     reference=module.reference_strategy, lora=lora, freeze=module.frozen_parts,
                     gradient_checkpointing=h.gradient_checkpointing, logp_chunk=h.logp_chunk,
                     on_gpu=trainer.strategy.root_device.type == "cuda",
-                    saved_dtype=str(low if stored else torch.float32).removeprefix("torch."))
+                    saved_dtype=dtype_name(low if stored else torch.float32))

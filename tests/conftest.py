@@ -41,6 +41,19 @@ def tiny_processor():
     return load_processor("tiny://llama")
 
 
+@pytest.fixture(scope="session")
+def bf16_backbone(tmp_path_factory) -> Path:
+    """The tiny backbone saved in bfloat16, as published 7B backbones are."""
+    import torch
+
+    from lightning_meddpo.backbones.loader import load_model, load_processor
+
+    out = tmp_path_factory.mktemp("bf16_backbone")
+    load_model("tiny://llama").to(torch.bfloat16).save_pretrained(out)
+    load_processor("tiny://llama").save_pretrained(out)
+    return out
+
+
 def image_token_count(processor) -> int:
     """Image tokens the tiny LLaVA processor expands `<image>` into: (image side / patch side)^2."""
     return (processor.image_processor.crop_size["height"] // processor.patch_size) ** 2

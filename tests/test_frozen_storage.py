@@ -122,17 +122,6 @@ def test_only_layers_wholly_frozen_and_unshared_are_stored():
     assert done.stored == 32 * 32 and done.kept > 0
 
 
-@pytest.fixture(scope="module")
-def bf16_backbone(tmp_path_factory):
-    """The tiny backbone saved in bfloat16, as published 7B backbones are."""
-    out = tmp_path_factory.mktemp("bf16_backbone")
-    from lightning_meddpo.backbones.loader import load_processor
-
-    load_model("tiny://llama").to(BF16).save_pretrained(out)
-    load_processor("tiny://llama").save_pretrained(out)
-    return out
-
-
 def fit(backbone, demo_dir, root, precision: str, store: bool, monkeypatch, steps: int = 2):
     if not store:
         monkeypatch.setattr(DPO, "store_frozen_in_compute_dtype", lambda self: None)

@@ -160,16 +160,12 @@ def test_bf16_mixed_plans_frozen_linear_weights_in_bf16_where_the_backbone_is_sa
     assert fsdp1.stored == 0  # FSDPStrategy flattens a layer's parameters into one dtype: nothing stored
 
 
-def test_the_plan_follows_a_bf16_saved_backbone_within_20_percent(demo_dir, tmp_path):
+def test_the_plan_follows_a_bf16_saved_backbone_within_20_percent(demo_dir, bf16_backbone):
     """A LoRA run under bf16-mixed on a backbone saved in bfloat16 (its frozen base stored so): planned as measured."""
     from plan_accuracy import measure
 
-    from lightning_meddpo.backbones.loader import load_model, load_processor
-
-    load_model("tiny://llama").to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
-    load_processor("tiny://llama").save_pretrained(tmp_path / "bf16")
     result = measure(["configs/formulations/dpo.yaml", "configs/backbones/demo.yaml"],
-                     [*data_args(demo_dir), "--data.init_args.batch_size=4", f"--model.init_args.backbone={tmp_path / 'bf16'}",
+                     [*data_args(demo_dir), "--data.init_args.batch_size=4", f"--model.init_args.backbone={bf16_backbone}",
                       '--model.init_args.lora={"r": 4, "alpha": 8}', "--trainer.precision=bf16-mixed"])
     assert result["measured_peak_mib"] > 0
     assert 0.8 <= result["ratio"] <= 1.2, result

@@ -70,6 +70,11 @@ AUTOCAST_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
+def dtype_name(dtype: torch.dtype | None) -> str:
+    """"bfloat16" for torch.bfloat16 (the name config.json and the command line use); "" for None."""
+    return str(dtype).removeprefix("torch.") if dtype is not None else ""
+
+
 @dataclass
 class FrozenStorage:
     """What `store_frozen_in` did: parameters (values) stored in the low precision, and those it left in theirs

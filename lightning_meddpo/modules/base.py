@@ -16,7 +16,13 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
-from lightning_meddpo.backbones.build import AUTOCAST_DTYPES, LoraSettings, build_policy_model, store_frozen_in
+from lightning_meddpo.backbones.build import (
+    AUTOCAST_DTYPES,
+    LoraSettings,
+    build_policy_model,
+    dtype_name,
+    store_frozen_in,
+)
 from lightning_meddpo.backbones.loader import load_processor
 from lightning_meddpo.checkpoints import restore_rng_state, rng_state
 from lightning_meddpo.data.batch import PreferenceBatch
@@ -190,7 +196,7 @@ class PreferenceModule(StepGuards, GenerationSteps, L.LightningModule):
         done = store_frozen_in(self.policy.model, dtype)
         if self.policy.reference is not None:
             store_frozen_in(self.policy.reference, dtype, exact_only=bool(self.hparams.save_reference))
-        name = str(dtype).removeprefix("torch.")
+        name = dtype_name(dtype)
         log.info("frozen linear weights stored in %s: %d values", name, done.stored)
         if done.kept:
             log.warning("%d frozen weight values are not exact in %s (the backbone is saved in another dtype): kept in "
