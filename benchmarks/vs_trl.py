@@ -18,10 +18,15 @@ fastest settings that work for image data in TRL 1.16: `padding_free` is disable
 unavailable after a refactor"), `precompute_ref_log_probs` is refused for vision datasets, and its DPOConfig has
 no logits-to-keep or Liger option for DPO, so it runs padded batches with the online reference.
 
+Data loading: both sides use the same number of DataLoader workers, by default ours' default (`default_workers`:
+none on the CPU, where a worker takes the step's cores; up to 4 with an accelerator), and the same torch threads
+(`--threads`, default all cores). `--threads 1 --num-workers 1` stands in for a GPU machine on a CPU: the step
+computes on one core, the data is prepared on the other, as workers prepare it beside a GPU.
+
 Reported per side, as medians over repeats: the step time after `--warmup` steps (pairs/s and tokens/s
 from it, tokens = prompt + response of chosen and rejected, as TRL counts them), the end-to-end rate over
 the same steps with everything between them (data loading, collation, logging: wall time from the start
-of the first timed step to the end of the last), and the process's peak memory (CUDA max allocated on a
+of the first timed step to the end of the last) and its ratio to the step rate (1.0: the step never waits), and the process's peak memory (CUDA max allocated on a
 GPU, else max RSS) and of it the training's own (on the CPU: less what the process held after its imports,
 before the model, the interpreter and libraries, which differ between the two sides), and of the step the
 seconds spent in the reference's log-probs (TRL's where the reference is a model of its own, i.e. not under
@@ -164,6 +169,7 @@ def run_ours(args) -> dict:
     from lightning_meddpo.modules.base import PreferenceModule
 
     start_mib = start_memory_mib()
+    _set_threads(args.threads)
 
     class Timer(L.Callback):
         def __init__(self):
@@ -197,6 +203,7 @@ def run_ours(args) -> dict:
         f"--trainer.default_root_dir={out}", "--trainer.enable_progress_bar=false",
         f"--trainer.precision={'bf16-mixed' if args.precision == 'bf16' else '32-true'}",
         f"--trainer.accelerator={'gpu' if _cuda() else 'cpu'}", "--trainer.devices=1",
+        f"--data.init_args.num_workers={args.num_workers}",
     ]
     if args.variant == "dpo_lora":
         cli_args += [f"--model.init_args.lora={json.dumps(LORA)}"]
@@ -236,6 +243,7 @@ def run_trl(args) -> dict:
     from lightning_meddpo.data.records import read_preference_file
 
     start_mib = start_memory_mib()
+    _set_threads(args.threads)
     processor = load_processor(str(args.model_dir))
     encoder = PairEncoder(processor)
     records, _ = read_preference_file(args.data_dir / "train.json")
@@ -281,7 +289,7 @@ def run_trl(args) -> dict:
         output_dir=out, per_device_train_batch_size=args.batch_size, max_steps=args.steps, learning_rate=1e-5,
         beta=0.1, loss_type=["sigmoid"], max_length=None, gradient_checkpointing=False, logging_steps=1,
         report_to=[], save_strategy="no", eval_strategy="no", train_sampling_strategy="sequential",
-        bf16=args.precision == "bf16", use_cpu=not _cuda(), seed=args.seed, dataloader_num_workers=0,
+        bf16=args.precision == "bf16", use_cpu=not _cuda(), seed=args.seed, dataloader_num_workers=args.num_workers,
         lr_scheduler_type="cosine", warmup_steps=0.03, disable_tqdm=True,
     )
     timer, reference = Timer(), ReferenceClock()
@@ -360,6 +368,25 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _set_threads(threads: int | None) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def default_num_workers() -> int:
+    """Ours' default for one training process on this machine (data.datamodule.default_workers), for both sides."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
+
+    from lightning_meddpo.data.datamodule import default_workers
+
+    accelerator = CUDAAccelerator() if _cuda() else CPUAccelerator()
+    return default_workers(SimpleNamespace(accelerator=accelerator, num_devices=1))
+
+
 def _sync() -> None:
     import torch
 
@@ -373,7 +400,8 @@ def _sync() -> None:
 def worker_command(side: str, variant: str, model_dir: Path, data_dir: Path, a, scoring: str | None = None) -> list[str]:
     cmd = [sys.executable, __file__, "--worker", side, "--variant", variant, "--model-dir", str(model_dir),
            "--data-dir", str(data_dir), "--steps", str(a.steps), "--warmup", str(a.warmup), "--batch-size",
-           str(a.batch_size), "--precision", a.precision, "--seed", str(a.seed)]
+           str(a.batch_size), "--precision", a.precision, "--seed", str(a.seed), "--num-workers", str(a.num_workers)]
+    cmd += ["--threads", str(a.threads)] if a.threads else []
     return cmd + (["--scoring", scoring] if scoring else [])
 
 
@@ -389,6 +417,11 @@ def run_worker(cmd: list[str]) -> dict:
 
 def _training_mib(result: dict) -> float:
     return result["peak_memory_mib"] - result["start_memory_mib"]
+
+
+def _of_step(result: dict) -> float:
+    """End-to-end rate over the step rate (both over the same steps): 1.0 where nothing between steps waits."""
+    return result["end_to_end_pairs_per_second"] / result["pairs_per_second"]
 
 
 def _seconds(value: float | None) -> str:
@@ -416,9 +449,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--repeats", type=int, default=2, help="fresh-process runs per side (medians reported)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads of each side's process (default: all cores)")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="DataLoader workers on both sides (default: ours' default on this machine, default_workers)")
     p.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "lightning_meddpo_vs_trl")
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     a = p.parse_args(argv)
+    if a.num_workers is None:
+        a.num_workers = default_num_workers()
     if a.worker:
         result = run_ours(a) if a.worker == "ours" else run_trl(a)
         print(json.dumps(result))
@@ -445,6 +483,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "ours": ours, "baseline_result": theirs,
                 "step_speedup": theirs["step_seconds_median"] / ours["step_seconds_median"],
                 "end_to_end_speedup": ours["end_to_end_pairs_per_second"] / theirs["end_to_end_pairs_per_second"],
+                "end_to_end_of_step": (_of_step(ours), _of_step(theirs)),
                 "memory_ratio": ours["peak_memory_mib"] / theirs["peak_memory_mib"],
                 "training_memory_ratio": _training_mib(ours) / _training_mib(theirs),
                 "first_loss": (ours.get("first_loss"), theirs.get("first_loss")),
@@ -452,16 +491,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows.append(row)
             print(json.dumps(row), flush=True)
     print()
+    print(f"torch threads: {a.threads or 'all cores'}; DataLoader workers (both sides): {a.num_workers}; precision: {a.precision}")
     print("| shape | variant | baseline | trainable params (both) | step s (ours / base) | of it reference s (ours / base) "
-          "| step speed-up | end-to-end speed-up | peak MiB (ours / base) | of it training MiB (ours / base) "
+          "| step speed-up | end-to-end speed-up | end to end / step rate (ours / base) | peak MiB (ours / base) | of it training MiB (ours / base) "
           "| first loss (ours / base) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         o, b = r["ours"], r["baseline_result"]
         print(f"| {r['shape']} | {r['variant']} | {r['baseline']} | {o['trainable_parameters']:,} "
               f"| {o['step_seconds_median']:.3f} / {b['step_seconds_median']:.3f} "
               f"| {_seconds(o.get('reference_seconds_median'))} / {_seconds(b.get('reference_seconds_median'))} "
-              f"| {r['step_speedup']:.2f}x | {r['end_to_end_speedup']:.2f}x | {o['peak_memory_mib']:.0f} / {b['peak_memory_mib']:.0f} "
+              f"| {r['step_speedup']:.2f}x | {r['end_to_end_speedup']:.2f}x "
+              f"| {r['end_to_end_of_step'][0]:.2f} / {r['end_to_end_of_step'][1]:.2f} | {o['peak_memory_mib']:.0f} / {b['peak_memory_mib']:.0f} "
               f"| {_training_mib(o):.0f} / {_training_mib(b):.0f} "
               f"| {r['first_loss'][0]:.4f} / {r['first_loss'][1]:.4f} |")
     if a.out:
