@@ -11,6 +11,9 @@
   naming the path and the cause, with the partial file removed; `write_text_atomic` for small text outputs.
 - `rng_state()` / `restore_rng_state()`: the torch (CPU and CUDA), numpy and python generators, as plain
   lists so a checkpoint still loads with `weights_only=True`.
+- `left_out_record(...)` / `restore_left_out(...)`: frozen weights a checkpoint leaves out (they equal the
+  backbone's, which the model is built from on every load), each with a digest of its values; on load they are
+  taken from the freshly built model after checking their digests, so a changed backbone is an error.
 """
 
 from __future__ import annotations
@@ -150,6 +153,58 @@ def commit(tmp: Path, path: Path) -> None:
     else:
         os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+_DIGEST_CHUNK = 1 << 22
+_DIGEST_WEIGHTS: dict[Any, Any] = {}  # device -> int32 position weights 1..2**14 of a chunk
+
+
+def values_digest(tensor: Any) -> int:
+    """A checksum of a tensor's values, not of its dtype (a weight stored in bfloat16 and its float32 original
+    agree): the float32 bit patterns, as two 16-bit halves, weighted by position within a chunk and by the chunk's
+    index (so a permutation counts), summed exactly in integers (products < 2**31, sums in int64, the total modulo
+    2**64): independent of the summation order, so CPU and GPU agree. ~1 s a GiB of float32 on 2 CPU cores."""
+    import torch
+
+    flat = tensor.detach().reshape(-1)
+    weights = _DIGEST_WEIGHTS.get(flat.device)
+    if weights is None:
+        weights = _DIGEST_WEIGHTS[flat.device] = (torch.arange(_DIGEST_CHUNK, device=flat.device) % (2**14 - 3) + 1).int()
+    total = 0
+    for index, start in enumerate(range(0, flat.numel(), _DIGEST_CHUNK)):
+        bits = flat[start : start + _DIGEST_CHUNK].float().view(torch.int32)
+        w = weights[: bits.numel()]
+        chunk = int(((bits >> 16) * w).sum()) * 65537 + int(((bits & 0xFFFF) * w).sum())
+        total += (index + 1) * chunk
+    return total % 2**64
+
+
+def left_out_record(weights: dict[str, Any]) -> dict[str, list[Any]]:
+    """{state-dict key: [shape, values digest]} of the weights a checkpoint leaves out."""
+    return {key: [list(t.shape), values_digest(t)] for key, t in weights.items()}
+
+
+def restore_left_out(state_dict: dict[str, Any], record: dict[str, list[Any]], built: Callable[[str], Any],
+                     where: str) -> None:
+    """Put the weights `record` says were left out of `state_dict` back in, from the model just built (`built(key)`:
+    its tensor for a state-dict key, or None), each checked against the digest the checkpoint kept: the model
+    must have been built from the backbone (and `init_from`) the run was trained from."""
+    changed = []
+    for key, (shape, digest) in record.items():
+        tensor = built(key)
+        if tensor is None or list(tensor.shape) != shape:
+            raise CheckpointError(f"{where}: the frozen weight {key} {shape} was left out of the checkpoint (it is "
+                                  "rebuilt from the backbone), but the model built now has "
+                                  f"{'no such weight' if tensor is None else list(tensor.shape)}: build it from "
+                                  "the backbone and init_from the run was trained from")
+        if values_digest(tensor) != digest:
+            changed.append(key)
+        state_dict[key] = tensor
+    if changed:
+        raise CheckpointError(f"{where}: {len(changed)} of the {len(record)} frozen weights left out of the checkpoint "
+                              f"(rebuilt from the backbone on load) differ from the backbone's now, e.g. {changed[0]}: "
+                              "the backbone (or init_from) is not the one the run was trained from; point "
+                              "model.backbone at that one")
 
 
 def rng_state() -> dict[str, Any]:

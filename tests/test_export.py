@@ -75,10 +75,15 @@ def test_export_full_finetune_same_logits(tmp_path, data):
     assert not [k for k in state["state_dict"] if k.startswith("policy.reference.")]
     meddpo = state["meddpo"]
     assert meddpo["module_class"] == "lightning_meddpo.modules.dpo.DPO" and meddpo["reference_saved"] is False
-    assert set(meddpo) == {"module_class", "reference_saved", "rng", "nonfinite_skipped"}
-    # ... and a fresh module loads it strictly, with the reference rebuilt from the backbone
+    assert set(meddpo) == {"module_class", "reference_saved", "rng", "nonfinite_skipped", "left_out"}
+    # ... and the policy's frozen weights (the CLIP layers after the feature layer): only their digests are kept
+    frozen = {f"policy.model.{n}" for n, p in module.policy.model.named_parameters(remove_duplicate=False)
+              if not p.requires_grad}
+    assert frozen and set(meddpo["left_out"]) == frozen and not frozen & set(state["state_dict"])
+    # ... and a fresh module loads it strictly, with the reference and the frozen weights rebuilt from the backbone
     fresh = DPO(beta=0.5, lr=1e-2)
     fresh.configure_model()
+    fresh.on_load_checkpoint(state)  # as Lightning (and load_from_checkpoint) does before it loads the weights
     fresh.load_state_dict(state["state_dict"], strict=True)
     assert torch.allclose(logits(fresh.policy.model, inputs), trained, atol=1e-6)
     assert torch.allclose(logits(fresh.policy.reference, inputs), logits(base.policy.model, inputs), atol=1e-6)

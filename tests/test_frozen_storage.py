@@ -14,6 +14,7 @@ from torch import nn
 
 from lightning_meddpo.backbones.build import LoraSettings, prepare_policy_model, store_frozen_in
 from lightning_meddpo.backbones.loader import load_model
+from lightning_meddpo.checkpoints import values_digest
 from lightning_meddpo.data.collate import PairEncoder, PreferenceCollator
 from lightning_meddpo.data.datamodule import PreferenceDataModule, PreferenceDataset
 from lightning_meddpo.data.records import read_preference_file
@@ -153,6 +154,12 @@ def test_bf16_mixed_run_stores_the_frozen_base_and_trains_the_same(bf16_backbone
         assert torch.equal(p.float(), plain_params[name].float()), name
 
     ckpt = tmp_path / "stored.ckpt"
+    trainer.save_checkpoint(ckpt)  # by default the frozen base is left out: its digests equal the float32 values'
+    left_out = torch.load(ckpt, map_location="cpu", weights_only=True)["meddpo"]["left_out"]
+    frozen = {n: p for n, p in plain.policy.model.named_parameters() if not p.requires_grad}
+    assert set(left_out) == {f"policy.model.{n}" for n in frozen}
+    assert all(left_out[f"policy.model.{n}"][1] == values_digest(p) for n, p in frozen.items())
+    stored.hparams["save_frozen_weights"] = True  # kept, the checkpoint holds the same values
     trainer.save_checkpoint(ckpt)
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     for name, p in plain.policy.model.named_parameters():

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from jsonargparse import ArgumentParser
 
-from lightning_meddpo.checkpoints import atomic_write, remove_partial
+from lightning_meddpo.checkpoints import atomic_write, remove_partial, restore_left_out
 
 if TYPE_CHECKING:  # torch is imported where it is used: --help starts without it (entry.py)
     import torch
@@ -98,13 +98,14 @@ def module_spec(checkpoint: dict[str, Any], config: str | None) -> tuple[str, di
     return class_path, args
 
 
-def build_module(class_path: str, init_args: dict[str, Any]):
-    """The module with its policy model built (no reference: only the policy is exported)."""
+def build_module(class_path: str, init_args: dict[str, Any], complete: bool = True):
+    """The module with its policy model built (no reference: only the policy is exported). `complete`: the
+    checkpoint holds every policy weight, so a .ckpt start point (init_from) need not be read."""
     module_name, _, cls_name = class_path.rpartition(".")
     cls = getattr(importlib.import_module(module_name), cls_name)
     args = dict(init_args)
     args["reference"] = "none"
-    if args.get("init_from") and not Path(args["init_from"]).is_dir():
+    if complete and args.get("init_from") and not Path(args["init_from"]).is_dir():
         args["init_from"] = None  # a .ckpt start point: its weights are overwritten by this checkpoint anyway
     module = cls(**args)
     module.configure_model()
@@ -163,7 +164,11 @@ def export(ckpt_path: str, out: str, *, config: str | None = None, merge: bool =
     class_path, init_args = module_spec(checkpoint, config)
     if trust_remote_code:
         init_args["trust_remote_code"] = True
-    module = build_module(class_path, init_args)
+    left_out = (checkpoint.get("meddpo") or {}).get("left_out")
+    module = build_module(class_path, init_args, complete=not left_out)
+    if left_out:  # frozen weights the checkpoint left out: the backbone's, checked against their digests
+        restore_left_out(checkpoint["state_dict"], left_out, dict(module.named_parameters(remove_duplicate=False)).get,
+                         str(ckpt_path))
     model = module.policy.model
     missing, unexpected = model.load_state_dict(policy_state_dict(checkpoint["state_dict"]), strict=False)
     if missing or unexpected:

@@ -24,7 +24,7 @@ from lightning_meddpo.backbones.build import (
     store_frozen_in,
 )
 from lightning_meddpo.backbones.loader import load_processor
-from lightning_meddpo.checkpoints import restore_rng_state, rng_state
+from lightning_meddpo.checkpoints import left_out_record, restore_left_out, restore_rng_state, rng_state
 from lightning_meddpo.data.batch import PreferenceBatch
 from lightning_meddpo.data.needs import PairNeeds
 from lightning_meddpo.modules.generation import GenerationSteps
@@ -84,6 +84,11 @@ class PreferenceModule(StepGuards, GenerationSteps, L.LightningModule):
         save_reference: keep the `copy` reference in checkpoints. By default it is left out (it would
             double the checkpoint) and rebuilt from `backbone` / `init_from` on load: it equals the
             starting weights.
+        save_frozen_weights: keep the policy's frozen weights (LoRA's base model, frozen parts) in checkpoints. By
+            default they are left out (a 7B LoRA checkpoint: ~14 GB -> the adapters and their optimizer state) and
+            taken from the model every load builds from `backbone` / `init_from`, after checking them against the
+            digests the checkpoint keeps (checkpoints.restore_left_out): a changed backbone is an error. Kept
+            under sharded strategies (FSDP / FSDP2), where each rank saves its shards.
         scoring: how views go through the model (policy.py): `packed` (default: the prompt forwarded
             once per image with both responses, images encoded once, LM head on responses only),
             `rows` (one row per view, same economies), `logits` (the model's own forward per view,
@@ -132,6 +137,7 @@ class PreferenceModule(StepGuards, GenerationSteps, L.LightningModule):
         freeze_projector: bool = False,
         gradient_checkpointing: bool = False,
         save_reference: bool = False,
+        save_frozen_weights: bool = False,
         scoring: Mode = "packed",
         reference_cache_dir: str | None = None,
         lr_schedule: Literal["cosine", "linear", "constant"] = "cosine",
@@ -146,6 +152,7 @@ class PreferenceModule(StepGuards, GenerationSteps, L.LightningModule):
         if not save_reference:
             self.register_state_dict_post_hook(_drop_reference_keys)
             self.register_load_state_dict_post_hook(_allow_missing_reference_keys)
+        self._left_out_record: dict[str, list] | None = None  # digests of the left-out weights (frozen: computed once)
         self.processor = load_processor(backbone, chat_template=chat_template, trust_remote_code=trust_remote_code)
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.policy: PreferencePolicy | None = None
@@ -203,6 +210,19 @@ class PreferenceModule(StepGuards, GenerationSteps, L.LightningModule):
                         "float32, which autocast casts at every step (%.2f GiB more than stored in %s)", done.kept, name,
                         done.kept * 4 / 2**30, name)
 
+    def left_out_weights(self) -> dict[str, Tensor]:
+        """The policy's frozen weights checkpoints leave out, by state-dict key (tied weights under each name): none
+        under `save_frozen_weights`, before the model is built, or where a strategy other than one device or DDP
+        saves (FSDP's ranks each save shards, which would need a digest across ranks)."""
+        from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if self.hparams.get("save_frozen_weights") or self.policy is None or (
+                strategy is not None and not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy))):
+            return {}
+        return {f"policy.model.{name}": p for name, p in self.policy.model.named_parameters(remove_duplicate=False)
+                if not p.requires_grad}
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         hparams = checkpoint.get("hyper_parameters")
         if hparams is not None and isinstance(hparams.get("lora"), LoraSettings):
@@ -216,12 +236,23 @@ class PreferenceModule(StepGuards, GenerationSteps, L.LightningModule):
             "rng": rng_state(),  # a resumed run continues every generator where it stopped
             "nonfinite_skipped": self._nonfinite_skipped,
         }
+        left_out = self.left_out_weights() if isinstance(checkpoint.get("state_dict"), dict) else {}
+        if left_out:  # the frozen weights equal the backbone's: the checkpoint keeps their digests only
+            if self._left_out_record is None:
+                self._left_out_record = left_out_record(left_out)
+            for key in left_out:
+                checkpoint["state_dict"].pop(key, None)
+            checkpoint["meddpo"]["left_out"] = self._left_out_record
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("meddpo") or {}
         if saved.get("rng"):
             restore_rng_state(saved["rng"])
         self._nonfinite_skipped = int(saved.get("nonfinite_skipped", 0))
+        if saved.get("left_out") and "state_dict" in checkpoint:
+            built = dict(self.named_parameters(remove_duplicate=False))
+            where = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
+            restore_left_out(checkpoint["state_dict"], saved["left_out"], built.get, where)
 
     # -- the family's part -------------------------------------------------------------------
     def compute_loss(self, batch: PreferenceBatch) -> tuple[Tensor, dict[str, Tensor]]:
