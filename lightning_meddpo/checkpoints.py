@@ -156,7 +156,7 @@ def commit(tmp: Path, path: Path) -> None:
 
 
 _DIGEST_CHUNK = 1 << 22
-_DIGEST_WEIGHTS: dict[Any, Any] = {}  # device -> int32 position weights 1..2**14 of a chunk
+_DIGEST_WEIGHTS: dict[Any, Any] = {}  # (device, chunk) -> int32 position weights 1..2**14 of a chunk
 
 
 def values_digest(tensor: Any) -> int:
@@ -167,9 +167,10 @@ def values_digest(tensor: Any) -> int:
     import torch
 
     flat = tensor.detach().reshape(-1)
-    weights = _DIGEST_WEIGHTS.get(flat.device)
+    weights = _DIGEST_WEIGHTS.get((flat.device, _DIGEST_CHUNK))
     if weights is None:
-        weights = _DIGEST_WEIGHTS[flat.device] = (torch.arange(_DIGEST_CHUNK, device=flat.device) % (2**14 - 3) + 1).int()
+        weights = torch.arange(_DIGEST_CHUNK, device=flat.device) % (2**14 - 3) + 1
+        weights = _DIGEST_WEIGHTS[(flat.device, _DIGEST_CHUNK)] = weights.int()
     total = 0
     for index, start in enumerate(range(0, flat.numel(), _DIGEST_CHUNK)):
         bits = flat[start : start + _DIGEST_CHUNK].float().view(torch.int32)

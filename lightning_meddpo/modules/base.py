@@ -214,11 +214,12 @@ class PreferenceModule(StepGuards, GenerationSteps, L.LightningModule):
         """The policy's frozen weights checkpoints leave out, by state-dict key (tied weights under each name): none
         under `save_frozen_weights`, before the model is built, or where a strategy other than one device or DDP
         saves (FSDP's ranks each save shards, which would need a digest across ranks)."""
-        from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+        from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 
         strategy = self._trainer.strategy if self._trainer is not None else None
-        if self.hparams.get("save_frozen_weights") or self.policy is None or (
-                strategy is not None and not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy))):
+        whole = strategy is None or (isinstance(strategy, (SingleDeviceStrategy, DDPStrategy))
+                                     and not isinstance(strategy, DeepSpeedStrategy))  # DeepSpeed saves the weights itself
+        if self.hparams.get("save_frozen_weights") or self.policy is None or not whole:
             return {}
         return {f"policy.model.{name}": p for name, p in self.policy.model.named_parameters(remove_duplicate=False)
                 if not p.requires_grad}

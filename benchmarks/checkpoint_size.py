@@ -1,0 +1,80 @@
+"""What leaving the frozen weights out of checkpoints saves (PreferenceModule.left_out_weights), measured.
+
+    python benchmarks/checkpoint_size.py                       # LoRA, a ~110M LLaVA saved in bfloat16
+    python benchmarks/checkpoint_size.py --hidden 512 --layers 4 --full   # also full fine-tuning
+
+Builds a LLaVA-shaped model (CLIP + Mistral, saved in bfloat16 as published backbones are: benchmarks/
+frozen_storage.py), trains DPO one step under bf16-mixed and saves its checkpoint twice: as by default (the
+policy's frozen weights left out, their digests kept) and with `save_frozen_weights: true`. Prints per case the
+file size, the seconds to save and the seconds to load it (`load_from_checkpoint`, which builds the model from the
+backbone either way and, for the default, checks the digests). That a resume from either is the same run is
+tested (tests/test_left_out_weights.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from frozen_storage import backbone  # noqa: E402
+
+
+def measure(model_dir: Path, data: Path, root: Path, lora: dict | None) -> dict:
+    import lightning as L
+
+    from lightning_meddpo.data.datamodule import PreferenceDataModule
+    from lightning_meddpo.modules import DPO
+
+    module = DPO(backbone=str(model_dir), lora=lora)
+    datamodule = PreferenceDataModule(str(data / "train.json"), str(data / "val.json"), batch_size=2,
+                                      processor=module.processor)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", precision="bf16-mixed", logger=False, limit_val_batches=0,
+                        num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, default_root_dir=str(root))
+    trainer.fit(module, datamodule=datamodule)
+    row: dict = {"case": "lora" if lora else "full fine-tuning",
+                 "frozen_parameters": sum(p.numel() for p in module.policy.model.parameters() if not p.requires_grad)}
+    for name, keep in (("default", False), ("save_frozen_weights", True)):
+        module.hparams["save_frozen_weights"] = keep
+        path = root / f"{name}.ckpt"
+        start = time.perf_counter()
+        trainer.save_checkpoint(path)
+        saved = time.perf_counter() - start
+        start = time.perf_counter()
+        DPO.load_from_checkpoint(path, map_location="cpu")
+        row[name] = {"mib": path.stat().st_size / 2**20, "save_s": saved, "load_s": time.perf_counter() - start}
+    return row
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--full", action="store_true", help="also full fine-tuning (only never-trained CLIP layers are frozen)")
+    a = p.parse_args(argv)
+    from lightning_meddpo.demo.synthetic import generate_demo_dataset
+
+    root = Path(tempfile.mkdtemp(prefix="checkpoint_size-"))
+    model_dir = backbone(root, a.hidden, a.layers)
+    generate_demo_dataset(root / "data", n_train=4, n_val=2, n_test=2, seed=0)
+    cases = [{"r": 8, "alpha": 16}] + ([None] if a.full else [])
+    rows = [measure(model_dir, root / "data", root, lora) for lora in cases]
+    print(json.dumps(rows, indent=1))
+    print("| case | frozen parameters | checkpoint MiB (default / kept) | save s | load s |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        d, k = r["default"], r["save_frozen_weights"]
+        print(f"| {r['case']} | {r['frozen_parameters']:,} | {d['mib']:.1f} / {k['mib']:.1f} | {d['save_s']:.2f} / "
+              f"{k['save_s']:.2f} | {d['load_s']:.2f} / {k['load_s']:.2f} |")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
