@@ -166,3 +166,12 @@ def test_resume_with_a_changed_backbone_is_one_line_naming_the_checkpoint(backbo
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     (line,) = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert str(last) in line and "differ from the backbone's now" in line
+
+
+def test_the_benchmark_measures_a_smaller_lora_checkpoint():
+    """benchmarks/checkpoint_size.py runs (a small shape): the default LoRA checkpoint is the smaller one."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from checkpoint_size import main
+
+    (row,) = main(["--hidden", "64", "--layers", "2"])
+    assert 0 < row["default"]["mib"] < row["save_frozen_weights"]["mib"] / 2 and row["frozen_parameters"] > 0
