@@ -13,17 +13,15 @@ tested (tests/test_left_out_weights.py).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from frozen_storage import backbone  # noqa: E402
+from frozen_storage import model_and_data  # noqa: E402
 
 
 def measure(model_dir: Path, data: Path, root: Path, lora: dict | None, repeats: int = 3) -> dict:
@@ -59,18 +57,10 @@ def measure(model_dir: Path, data: Path, root: Path, lora: dict | None, repeats:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--full", action="store_true", help="also full fine-tuning (only never-trained CLIP layers are frozen)")
-    a = p.parse_args(argv)
-    from lightning_meddpo.demo.synthetic import generate_demo_dataset
-
-    root = Path(tempfile.mkdtemp(prefix="checkpoint_size-"))
-    model_dir = backbone(root, a.hidden, a.layers)
-    generate_demo_dataset(root / "data", n_train=4, n_val=2, n_test=2, seed=0)
+    a, model_dir, data = model_and_data(__doc__.split("\n\n")[0], "also full fine-tuning (only never-trained CLIP "
+                                        "layers are frozen)", argv)
     cases = [{"r": 8, "alpha": 16}] + ([None] if a.full else [])
-    rows = [measure(model_dir, root / "data", root, lora) for lora in cases]
+    rows = [measure(model_dir, data, model_dir.parent, lora) for lora in cases]
     print(json.dumps(rows, indent=1))
     print("| case | frozen parameters | checkpoint MiB (default / kept) | save s | load s |")
     print("|---|---|---|---|---|")

@@ -54,17 +54,22 @@ def run(model_dir: Path, data: Path, extra: list[str], store: bool) -> dict:
         PreferenceModule.store_frozen_in_compute_dtype = original
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--full", action="store_true", help="also full fine-tuning with the copy reference")
-    args = p.parse_args(argv)
+def model_and_data(description: str, full: str, argv: list[str] | None) -> tuple[argparse.Namespace, Path, Path]:
+    """The command line (--hidden, --layers, --full: `full`) and, in a new temporary folder, the bf16-saved model
+    of that shape and a small demo dataset: (arguments, model directory, data directory)."""
     from lightning_meddpo.demo.synthetic import generate_demo_dataset
 
-    root = Path(tempfile.mkdtemp(prefix="frozen_storage-"))
-    model_dir = backbone(root, args.hidden, args.layers)
-    data = generate_demo_dataset(root / "data", n_train=16, n_val=4, n_test=4)["root"]
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--full", action="store_true", help=full)
+    args = p.parse_args(argv)
+    root = Path(tempfile.mkdtemp(prefix="lightning_meddpo-bench-"))
+    return args, backbone(root, args.hidden, args.layers), generate_demo_dataset(root / "data", n_train=16, n_val=4, n_test=4)["root"]
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args, model_dir, data = model_and_data(__doc__.split("\n\n")[0], "also full fine-tuning with the copy reference", argv)
     cases = {"LoRA r=8": ['--model.init_args.lora={"r": 8, "alpha": 16}']}
     if args.full:
         cases["full fine-tuning"] = []
