@@ -26,9 +26,10 @@ computes on one core, the data is prepared on the other, as workers prepare it b
 Reported per side, as medians over repeats: the step time after `--warmup` steps (pairs/s and tokens/s
 from it, tokens = prompt + response of chosen and rejected, as TRL counts them), the end-to-end rate over
 the same steps with everything between them (data loading, collation, logging: wall time from the start
-of the first timed step to the end of the last) and its ratio to the step rate (1.0: the step never waits), and the process's peak memory (CUDA max allocated on a
-GPU, else max RSS) and of it the training's own (on the CPU: less what the process held after its imports,
-before the model, the interpreter and libraries, which differ between the two sides), and of the step the
+of the first timed step to the end of the last) and its ratio to the step rate (1.0: the step never waits), and
+the process's peak memory (CUDA max allocated on a GPU, else max RSS) and of it the training's own (on the
+CPU: less what the process held after its imports, before the model, the interpreter and libraries, which
+differ between the two sides), and of the step the
 seconds spent in the reference's log-probs (TRL's where the reference is a model of its own, i.e. not under
 LoRA). The warmup steps are left out of all: the first step pays one-off costs (Lightning creates its logged
 metrics there, ~0.25 s) that do not recur. Variants:
@@ -493,8 +494,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print()
     print(f"torch threads: {a.threads or 'all cores'}; DataLoader workers (both sides): {a.num_workers}; precision: {a.precision}")
     print("| shape | variant | baseline | trainable params (both) | step s (ours / base) | of it reference s (ours / base) "
-          "| step speed-up | end-to-end speed-up | end to end / step rate (ours / base) | peak MiB (ours / base) | of it training MiB (ours / base) "
-          "| first loss (ours / base) |")
+          "| step speed-up | end-to-end speed-up | end to end / step rate (ours / base) | peak MiB (ours / base) "
+          "| of it training MiB (ours / base) | first loss (ours / base) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         o, b = r["ours"], r["baseline_result"]
