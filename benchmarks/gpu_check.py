@@ -25,7 +25,8 @@ For each: the median step time after `--warmup` steps, pairs/s and tokens/s (pro
 padding excluded), the peak memory (CUDA max allocated; on the CPU the process's peak RSS) and `plan`'s
 prediction for the same settings and the largest batch the run saw. With `trl` installed (and not --tiny),
 benchmarks/vs_trl.py's workers then run TRL's DPOTrainer and ours on the same randomly initialised model, LoRA,
-batch and bf16 autocast, each in its own process.
+batch and bf16 autocast, each in its own process. On a GPU it also checks that the digests a checkpoint keeps of
+the weights it leaves out (checkpoints.values_digest) come out the same on the GPU as on the CPU.
 """
 
 from __future__ import annotations
@@ -259,7 +260,8 @@ def main(argv: list[str] | None = None) -> dict:
     model_dir, data_dir = prepare(args.work_dir, args.tiny, max(16, args.steps * args.batch_size))
     names = args.cases.split(",") if args.cases else [n for n in DEFAULT_CASES if cuda or CASES[n]["strategy"] != "fsdp"]
     results = {"device": torch.cuda.get_device_name() if cuda else f"cpu x{os.cpu_count()}",
-               "shape": "tiny" if args.tiny else "llava_med_7b", "torch": torch.__version__, "cases": []}
+               "shape": "tiny" if args.tiny else "llava_med_7b", "torch": torch.__version__, "cases": [],
+               "digest_cpu_equals_gpu": digests_agree() if cuda else None}
     for name in names:
         if name not in CASES:
             raise SystemExit(f"unknown case {name!r}; known: {', '.join(CASES)}")
@@ -279,8 +281,23 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
+def digests_agree() -> bool:
+    """Whether checkpoints.values_digest gives the same number on the GPU as on the CPU (a checkpoint's left-out
+    weights are digested where the model is when it saves, checked where it is when it loads), for float32 and
+    bfloat16 tensors of several chunks."""
+    import torch
+
+    from lightning_meddpo.checkpoints import values_digest
+
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(3, 1 << 22, generator=g), torch.randn(4096, 1000, generator=g).bfloat16()]
+    return all(values_digest(t) == values_digest(t.cuda()) for t in tensors)
+
+
 def render(results: dict) -> str:
-    lines = [f"{results['shape']} on {results['device']} (torch {results['torch']})",
+    lines = [f"{results['shape']} on {results['device']} (torch {results['torch']})"
+             + ("" if results.get("digest_cpu_equals_gpu") is None else
+                f"; weight digests CPU = GPU: {results['digest_cpu_equals_gpu']}"),
              f"{'case':18}{'step s':>8}{'pairs/s':>9}{'tokens/s':>10}{'peak GiB':>10}{'plan GiB':>10}"]
     for r in results["cases"]:
         if "error" in r:
