@@ -185,14 +185,18 @@ def left_out_record(weights: dict[str, Any]) -> dict[str, list[Any]]:
     return {key: [list(t.shape), values_digest(t)] for key, t in weights.items()}
 
 
-def restore_left_out(state_dict: dict[str, Any], record: dict[str, list[Any]], built: Callable[[str], Any],
-                     where: str) -> None:
-    """Put the weights `record` says were left out of `state_dict` back in, from the model just built (`built(key)`:
-    its tensor for a state-dict key, or None), each checked against the digest the checkpoint kept: the model
-    must have been built from the backbone (and `init_from`) the run was trained from."""
+def restore_left_out(checkpoint: dict[str, Any], model: Any, where: str, strip: str = "") -> None:
+    """Put the weights the checkpoint's record (`meddpo.left_out`) says were left out of its `state_dict` back in,
+    from `model` just built (its parameter named as the key less `strip`), each checked against the digest the
+    checkpoint kept: the model must have been built from the backbone (and `init_from`) the run was trained from.
+    A checkpoint that left nothing out is left as it is."""
+    record = (checkpoint.get("meddpo") or {}).get("left_out")
+    if not record or "state_dict" not in checkpoint:
+        return
+    state_dict, built = checkpoint["state_dict"], dict(model.named_parameters(remove_duplicate=False))
     changed = []
     for key, (shape, digest) in record.items():
-        tensor = built(key)
+        tensor = built.get(key.removeprefix(strip))
         if tensor is None or list(tensor.shape) != shape:
             raise CheckpointError(f"{where}: the frozen weight {key} {shape} was left out of the checkpoint (it is "
                                   "rebuilt from the backbone), but the model built now has "

@@ -128,7 +128,6 @@ def largest_layer_bytes(model: nn.Module, precision_bytes: tuple[int, int, int, 
     """(weights, gradients) of the largest decoder layer: what FSDP gathers while it computes. A weight stored in a
     lower precision than the precision's (store_frozen_in) counts its own bytes."""
     w_bytes, g_bytes = precision_bytes[:2]
-
     layers = [(sum(p.numel() * min(w_bytes, p.element_size()) for p in layer.parameters()),
                sum(p.numel() * g_bytes for p in layer.parameters() if p.requires_grad)) for layer in decoder_layers(model)]
     return max(layers)

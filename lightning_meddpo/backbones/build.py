@@ -137,10 +137,7 @@ def load_policy_weights(model: torch.nn.Module, ckpt_path: str) -> None:
     """Load the policy weights of a Lightning checkpoint (e.g. an SFT run) into `model`."""
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     state, prefix = checkpoint["state_dict"], "policy.model."
-    left_out = (checkpoint.get("meddpo") or {}).get("left_out")
-    if left_out:  # frozen weights the run left out of its checkpoint: the backbone's (this model's), checked
-        params = dict(model.named_parameters(remove_duplicate=False))
-        restore_left_out(state, left_out, lambda key: params.get(key.removeprefix(prefix)), ckpt_path)
+    restore_left_out(checkpoint, model, ckpt_path, strip=prefix)  # frozen weights it left out: this model's, checked
     weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if not weights:
         raise ValueError(f"{ckpt_path}: no '{prefix}*' weights in this checkpoint")

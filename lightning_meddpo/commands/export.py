@@ -166,9 +166,7 @@ def export(ckpt_path: str, out: str, *, config: str | None = None, merge: bool =
         init_args["trust_remote_code"] = True
     left_out = (checkpoint.get("meddpo") or {}).get("left_out")
     module = build_module(class_path, init_args, complete=not left_out)
-    if left_out:  # frozen weights the checkpoint left out: the backbone's, checked against their digests
-        restore_left_out(checkpoint["state_dict"], left_out, dict(module.named_parameters(remove_duplicate=False)).get,
-                         str(ckpt_path))
+    restore_left_out(checkpoint, module, str(ckpt_path))  # frozen weights it left out: the backbone's, checked
     model = module.policy.model
     missing, unexpected = model.load_state_dict(policy_state_dict(checkpoint["state_dict"]), strict=False)
     if missing or unexpected:

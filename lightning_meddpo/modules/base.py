@@ -237,7 +237,7 @@ class PreferenceModule(StepGuards, GenerationSteps, L.LightningModule):
             "rng": rng_state(),  # a resumed run continues every generator where it stopped
             "nonfinite_skipped": self._nonfinite_skipped,
         }
-        left_out = self.left_out_weights() if isinstance(checkpoint.get("state_dict"), dict) else {}
+        left_out = self.left_out_weights()
         if left_out:  # the frozen weights equal the backbone's: the checkpoint keeps their digests only
             if self._left_out_record is None or self._left_out_record.keys() != left_out.keys():
                 self._left_out_record = left_out_record(left_out)
@@ -250,10 +250,7 @@ class PreferenceModule(StepGuards, GenerationSteps, L.LightningModule):
         if saved.get("rng"):
             restore_rng_state(saved["rng"])
         self._nonfinite_skipped = int(saved.get("nonfinite_skipped", 0))
-        if saved.get("left_out") and "state_dict" in checkpoint:
-            built = dict(self.named_parameters(remove_duplicate=False))
-            where = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
-            restore_left_out(checkpoint["state_dict"], saved["left_out"], built.get, where)
+        restore_left_out(checkpoint, self, getattr(self._trainer, "ckpt_path", None) or "the checkpoint")
 
     # -- the family's part -------------------------------------------------------------------
     def compute_loss(self, batch: PreferenceBatch) -> tuple[Tensor, dict[str, Tensor]]:
