@@ -8,7 +8,8 @@ The model has LLaVA-Med v1.5's architecture and dimensions (Mistral-7B text mode
 576 image tokens: lightning_meddpo.plan.published_config("llava_med_7b")) with random weights holding bfloat16
 values (as a backbone saved in bf16 loads), built directly on the device (`from_config` under the device, seeded)
 in place of `from_pretrained`; everything else is the real `fit`: the CLI, the demo preference data (its images are
-resized to 336 px; its answers are short), the packed scoring, the copy or adapter reference, the strategy. Each case runs in a fresh process:
+resized to 336 px; its answers are short), the packed scoring, the copy or adapter reference, the strategy. Each
+case runs in a fresh process:
 
   lora_fsdp2 / lora_fsdp2_ckpt  LoRA r=8 on every projection of the language model (adapter reference), bf16-mixed
                                 (float32 weights, bf16 autocast), FSDP2 (ModelParallelStrategy) on 1 GPU,
