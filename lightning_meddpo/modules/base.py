@@ -237,7 +237,7 @@ class PreferenceModule(StepGuards, GenerationSteps, L.LightningModule):
             "rng": rng_state(),  # a resumed run continues every generator where it stopped
             "nonfinite_skipped": self._nonfinite_skipped,
         }
-        left_out = self.left_out_weights()
+        left_out = self.left_out_weights() if isinstance(checkpoint.get("state_dict"), dict) else {}
         if left_out:  # the frozen weights equal the backbone's: the checkpoint keeps their digests only
             if self._left_out_record is None or self._left_out_record.keys() != left_out.keys():
                 self._left_out_record = left_out_record(left_out)
